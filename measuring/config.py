@@ -1,0 +1,206 @@
+"""
+The server's settings: defaults, overridden by a TOML file (``--config``), overridden by flags.
+
+Every setting is validated here and a bad one raises ``usage.UsageError`` with one line that names
+the setting and where it came from. Nothing here starts anything; the only side effect is creating
+the state directory, so that an unusable one stops the start instead of the first job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.python.usage import UsageError
+
+DEFAULT_PORT = "tcp:8765:interface=127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings; paths are absolute and real (symlinks resolved)."""
+
+    ports: tuple[str, ...]
+    data_roots: tuple[str, ...]
+    state_dir: str
+    workers: int
+    job_timeout: float
+    max_request_bytes: int
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_UNITS = {"": 1, "b": 1}
+for _exponent, _letter in enumerate("kmgt", start=1):
+    _UNITS[_letter] = _UNITS[_letter + "b"] = 1000**_exponent
+    _UNITS[_letter + "i"] = _UNITS[_letter + "ib"] = 1024**_exponent
+
+
+def parse_size(value: object) -> int:
+    """
+    Bytes from a number or a string such as ``"1MiB"``, ``"512 kB"`` or ``"4GB"``.
+
+    Units follow Dask's convention: kB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a size, not true/false")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(str(value))
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError("a size such as 1048576, 512KiB or 4GB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _whole(minimum: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"a whole number of at least {minimum}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"a whole number of at least {minimum}") from None
+        if number < minimum:
+            raise ValueError(f"a whole number of at least {minimum}")
+        return number
+
+    return parse
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("a number of seconds greater than 0")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("a number of seconds greater than 0") from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError("a number of seconds greater than 0")
+    return seconds
+
+
+def _request_bytes(value: object) -> int:
+    size = parse_size(value)
+    if size < 1024:
+        raise ValueError("at least 1024 bytes")
+    return size
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError("a non-empty string")
+    return value
+
+
+def _texts(value: object) -> list[str]:
+    """A repeatable setting: one string or a list of them."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ValueError("at least one value")
+    return [_text(one) for one in values]
+
+
+_PARSERS: dict[str, Callable[[object], Any]] = {
+    "port": _texts,
+    "data-root": _texts,
+    "state-dir": _text,
+    "workers": _whole(1),
+    "job-timeout": _seconds,
+    "max-request-bytes": _request_bytes,
+}
+
+SETTINGS = tuple(_PARSERS)
+
+
+def _defaults(environ: Mapping[str, str], cwd: str) -> dict[str, Any]:
+    return {
+        "port": [DEFAULT_PORT],
+        "data-root": [cwd],
+        "state-dir": environ.get("STATE_DIRECTORY", "").split(":")[0]
+        or os.path.join(cwd, ".measuring"),
+        "workers": 2,
+        "job-timeout": 3600.0,
+        "max-request-bytes": 1024 * 1024,
+    }
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML: {e}") from None
+    unknown = sorted(set(table) - set(_PARSERS))
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(_PARSERS))})"
+        )
+    return table
+
+
+def _parsed(raw: Mapping[str, object], where: Callable[[str], str]) -> dict[str, Any]:
+    values = {}
+    for name, value in raw.items():
+        try:
+            values[name] = _PARSERS[name](value)
+        except ValueError as e:
+            raise UsageError(f"{where(name)} must be {e}, not {value!r}") from None
+    return values
+
+
+def _data_root(path: str, cwd: str) -> str:
+    real = os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
+    if not os.path.isdir(real):
+        raise UsageError(f"--data-root {path!r} is not an existing folder")
+    return real
+
+
+def _state_dir(path: str, cwd: str) -> str:
+    real = os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
+    try:
+        os.makedirs(os.path.join(real, "tmp"), exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--state-dir: cannot create {path!r}: {e.strerror}") from None
+    if not os.access(real, os.W_OK | os.X_OK):
+        raise UsageError(f"--state-dir {path!r} is not writable by this user")
+    return real
+
+
+def load(
+    flags: Mapping[str, object],
+    config_file: str | None,
+    check_endpoint: Callable[[str], object],
+    environ: Mapping[str, str] = os.environ,
+    cwd: str | None = None,
+) -> Config:
+    """
+    Settle the settings: defaults, then ``config_file``, then ``flags`` (only those given).
+
+    ``check_endpoint`` parses one endpoint description and raises on a bad one.
+    """
+    cwd = os.getcwd() if cwd is None else cwd
+    settings = _defaults(environ, cwd)
+    if config_file is not None:
+        settings.update(_parsed(_read_file(config_file), lambda name: f"{config_file}: {name}"))
+    settings.update(_parsed(flags, lambda name: f"--{name}"))
+
+    for description in settings["port"]:
+        try:
+            check_endpoint(description)
+        except Exception as e:
+            raise UsageError(f"--port {description!r} is not a usable endpoint: {e}") from None
+
+    roots = [_data_root(path, cwd) for path in settings["data-root"]]
+    return Config(
+        ports=tuple(settings["port"]),
+        data_roots=tuple(dict.fromkeys(roots)),
+        state_dir=_state_dir(settings["state-dir"], cwd),
+        workers=settings["workers"],
+        job_timeout=settings["job-timeout"],
+        max_request_bytes=settings["max-request-bytes"],
+    )

@@ -1,0 +1,247 @@
+"""
+Framing: bytes on a TCP connection to JSON request objects and answers back to one line each.
+
+A request is one JSON object, on one line or spread over several (the server reads on until the
+object closes). Nothing here knows what a request means: objects go to the dispatcher, which
+returns a Deferred answer; whatever cannot be read goes to the dispatcher as an error to answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from measuring.errors import BadRequest, Internal, MeasuringError, TooLarge
+
+MAX_DEPTH = 32
+
+Answer = dict[str, Any]
+Notify = Callable[[Answer], None]
+
+
+class Dispatcher(Protocol):
+    """What the framing hands requests to (``measuring.dispatch.Dispatcher``)."""
+
+    def handle(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]: ...
+
+    def refuse(self, error: MeasuringError) -> Answer: ...
+
+
+def _no_constants(name: str) -> Any:
+    raise BadRequest(f"the request contains {name}, which is not valid JSON; send null instead")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise BadRequest(f"the request has the key {duplicate!r} more than once")
+    return obj
+
+
+def parse(text: str) -> dict[str, Any]:
+    """One request object from its text; raises BadRequest naming what is wrong."""
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except json.JSONDecodeError as e:
+        raise BadRequest(
+            f"the request is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    if not isinstance(value, dict):
+        raise BadRequest(
+            f"a request must be a JSON object such as "
+            f'{{"Header":"Info","Request":"Status"}}, not a {type(value).__name__}'
+        )
+    return value
+
+
+class Framer:
+    """
+    Collects lines until they hold one complete JSON value, tracking bracket depth outside strings.
+
+    ``feed`` returns the text of a complete request, or None while one is still open; it raises
+    TooLarge past ``max_bytes`` and BadRequest past ``MAX_DEPTH`` nested brackets.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parts: list[str] = []
+        self._size = 0
+        self._depth = 0
+        self._started = False
+
+    @property
+    def pending(self) -> bool:
+        """True while part of a request has arrived."""
+        return self._started
+
+    def feed(self, line: str) -> str | None:
+        self._size += len(line.encode("utf-8")) + 1
+        if self._size > self._max_bytes:
+            self._reset()
+            raise TooLarge(f"the request is longer than the limit of {self._max_bytes} bytes")
+        self._parts.append(line)
+        in_string = escaped = False
+        for char in line:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char in "{[":
+                self._depth += 1
+                if self._depth > MAX_DEPTH:
+                    self._reset()
+                    raise BadRequest(f"the request nests deeper than {MAX_DEPTH} levels")
+            elif char in "}]":
+                self._depth -= 1
+            if not char.isspace():
+                self._started = True
+        if not self._started:
+            self._parts = []
+            self._size = 0
+            return None
+        if self._depth > 0 and not in_string:
+            return None
+        text = "\n".join(self._parts)
+        self._reset()
+        return text
+
+
+class RequestProtocol(LineReceiver):
+    """One client connection: lines in, one answer line out per request (with its ``Id``)."""
+
+    delimiter = b"\n"
+    _log = Logger()
+
+    def __init__(self, dispatcher: Dispatcher, max_request_bytes: int) -> None:
+        self._dispatcher = dispatcher
+        self._framer = Framer(max_request_bytes)
+        self.MAX_LENGTH = max_request_bytes
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            text = self._framer.feed(line.decode("utf-8").removesuffix("\r"))
+            if text is None:
+                return
+            request = parse(text)
+        except UnicodeDecodeError:
+            self._refuse(BadRequest("the request is not valid UTF-8"))
+        except MeasuringError as e:
+            self._refuse(e)
+        else:
+            self._handle(request)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(TooLarge(f"the request is longer than the limit of {self.MAX_LENGTH} bytes"))
+
+    def _refuse(self, error: MeasuringError) -> None:
+        self._send(self._dispatcher.refuse(error))
+        if isinstance(error, TooLarge) and self.transport is not None:
+            self.transport.loseConnection()
+
+    def _handle(self, request: dict[str, Any]) -> None:
+        request_id = request.get("Id")
+
+        def send(answer: Answer) -> None:
+            if request_id is not None:
+                answer = {**answer, "Id": request_id}
+            self._send(answer)
+
+        self._dispatcher.handle(request, send).addCallback(send)
+
+    def _send(self, answer: Answer) -> None:
+        try:
+            data = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except ValueError:
+            self._log.failure("answer could not be encoded: {answer!r}", answer=answer)
+            data = json.dumps(
+                self._dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
+            )
+        if self.transport is not None and self.connected:
+            self.sendLine(data.encode("utf-8"))
+
+
+class RequestFactory(Factory):
+    """Builds a RequestProtocol per connection, all sharing one dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher, max_request_bytes: int) -> None:
+        self._dispatcher = dispatcher
+        self._max_request_bytes = max_request_bytes
+
+    def buildProtocol(self, addr: object) -> RequestProtocol:
+        protocol = RequestProtocol(self._dispatcher, self._max_request_bytes)
+        protocol.factory = self
+        return protocol
+
+
+def describe(port: IListeningPort) -> str:
+    """Where a listening port listens, as a user would type it."""
+    host = port.getHost()
+    if hasattr(host, "port"):
+        return f"{getattr(host, 'host', '')}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+class ListeningService(Service):
+    """
+    Listens on every endpoint when the server starts and logs each real address.
+
+    A failure to listen (port in use, permission denied) stops the start with one line and a
+    non-zero exit, before any worker process is started.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, endpoints: list[tuple[str, IStreamServerEndpoint]], factory: Factory
+    ) -> None:
+        self._endpoints = endpoints
+        self._factory = factory
+        self.ports: list[IListeningPort] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        for description, endpoint in self._endpoints:
+            outcome: list[IListeningPort | Failure] = []
+            endpoint.listen(self._factory).addBoth(outcome.append)
+            if not outcome:
+                raise SystemExit(f"measuring: {description} did not start listening at once")
+            if isinstance(outcome[0], Failure):
+                raise SystemExit(
+                    f"measuring: cannot listen on {description}: {outcome[0].getErrorMessage()}"
+                )
+            self.ports.append(outcome[0])
+            self._log.info(
+                "measuring listening on {address} ({description})",
+                address=describe(outcome[0]),
+                description=description,
+            )
+
+    def startService(self) -> None:
+        if not self.ports:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        ports, self.ports = self.ports, []
+        stopping = [defer.maybeDeferred(port.stopListening) for port in ports]
+        return defer.gatherResults(stopping).addCallback(lambda _: None)

@@ -1,0 +1,1 @@
+"""Tests for measuring; run them with ``python -m twisted.trial measuring``."""

@@ -1,0 +1,285 @@
+"""
+Runs inside a worker process: one job, then exit.
+
+``python -m measuring.worker PARENT_PID`` imports Dask, pandas and pyarrow, warms them up with a
+tiny computation, says Ready and waits for one job (see ``messages``). It then imports the
+formula file, calls every formula on the dataset, computes them all in one ``dask.compute`` call,
+writes the results (``loader``) and reports back. Everything the formulas print goes to stdout and
+stderr, which the server keeps as the job's log. This module never imports the reactor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import inspect
+import json
+import os
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from measuring import loader
+from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
+from measuring.messages import JOB_FD, REPLY_FD, Message, encode
+
+PREVIEW_ROWS = 20
+PREVIEW_BYTES = 64 * 1024
+Formula = Callable[[Any], Any]
+
+
+def _where(error: BaseException, path: str) -> str:
+    """`` (work.py line 12)`` for the deepest frame of ``error`` in the formula file, or ``""``."""
+    line = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if frame.filename == path:
+            line = frame.lineno
+    return f" ({os.path.basename(path)} line {line})" if line is not None else ""
+
+
+def describe(error: BaseException, path: str) -> str:
+    """What a formula's exception says, in one line, with where in the formula file it arose."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({error.code!r}){_where(error, path)}"
+    message = str(error)
+    name = type(error).__name__
+    return f"{name}: {message}{_where(error, path)}" if message else f"{name}{_where(error, path)}"
+
+
+def _print_traceback(error: BaseException) -> None:
+    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+
+
+def import_formulas(path: str) -> ModuleType:
+    """Import the formula file as a module; JobFailed says what went wrong and on which line."""
+    name = "measuring_formulas"
+    filename = os.path.basename(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise JobFailed(f"{filename} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        _print_traceback(e)
+        raise JobFailed(f"{filename} line {e.lineno}: {type(e).__name__}: {e.msg}") from None
+    except BaseException as e:
+        _print_traceback(e)
+        raise JobFailed(f"importing {filename} raised {describe(e, path)}") from None
+    return module
+
+
+def find_formulas(module: ModuleType, path: str, wanted: list[str] | None) -> dict[str, Formula]:
+    """
+    The formulas of a module, in the order they are defined (or the order ``wanted`` names them).
+
+    A formula is a public top-level function defined in the file itself, narrowed by ``__all__``
+    and then by ``wanted``.
+    """
+    filename = os.path.basename(path)
+    public: dict[str, Formula] = {
+        name: value
+        for name, value in vars(module).items()
+        if inspect.isfunction(value)
+        and value.__module__ == module.__name__
+        and not name.startswith("_")
+    }
+    exported = getattr(module, "__all__", None)
+    if exported is not None:
+        public = {name: value for name, value in public.items() if name in exported}
+    if wanted is None:
+        if not public:
+            raise JobFailed(
+                f"{filename} defines no formulas: a formula is a public top-level function "
+                f"that takes the dataset"
+            )
+        return public
+    missing = [name for name in wanted if name not in public]
+    if missing:
+        raise NotFound(
+            f"{filename} has no formula named {missing[0]!r} "
+            f"(its formulas: {', '.join(public) or 'none'})"
+        )
+    return {name: public[name] for name in wanted}
+
+
+def compute(formulas: dict[str, Formula], dataset: Any, path: str) -> dict[str, Any]:
+    """Call every formula on the dataset, then compute all their results in one Dask call."""
+    import dask
+
+    lazy = {}
+    for name, formula in formulas.items():
+        try:
+            lazy[name] = formula(dataset.copy())
+        except BaseException as e:
+            _print_traceback(e)
+            raise JobFailed(f"formula {name!r} raised {describe(e, path)}") from None
+    try:
+        values = dask.compute(*lazy.values(), scheduler="threads")
+    except BaseException as e:
+        _print_traceback(e)
+        raise JobFailed(
+            f"computing the formulas ({', '.join(lazy)}) raised {describe(e, path)}"
+        ) from None
+    return dict(zip(lazy, values, strict=True))
+
+
+def as_frame(name: str, value: Any) -> tuple[str, Any]:
+    """
+    The kind of a computed result and, for tables, the frame to write (``None`` for a scalar).
+
+    Column names become strings; a column of several levels becomes ``level1_level2``.
+    """
+    import pandas as pd
+
+    if isinstance(value, pd.Index):
+        value = value.to_series(index=pd.RangeIndex(len(value)))
+    if isinstance(value, pd.Series):
+        return "Series", value.to_frame(name=name if value.name is None else value.name)
+    if isinstance(value, pd.DataFrame):
+        frame = value.copy(deep=False)
+        if isinstance(frame.columns, pd.MultiIndex):
+            frame.columns = [
+                "_".join(str(level) for level in col if level != "") for col in frame.columns
+            ]
+        frame.columns = [str(column) for column in frame.columns]
+        return "DataFrame", frame
+    if pd.api.types.is_scalar(value):
+        return "Scalar", None
+    raise JobFailed(
+        f"formula {name!r} returned a {type(value).__name__}; a formula must return a DataFrame, "
+        f"a Series or a single value (number, string, bool, time)"
+    )
+
+
+def preview(frame: Any) -> list[dict[str, Any]]:
+    """The first rows as JSON records, as many of the first 20 as fit in 64 KiB."""
+    rows = loader.records(frame.head(PREVIEW_ROWS))
+    while rows and len(json.dumps(rows)) > PREVIEW_BYTES:
+        rows = rows[: len(rows) // 2]
+    return rows
+
+
+def summarize(values: dict[str, Any], job: str, directory: str, output: str) -> dict[str, Any]:
+    """Write the tables among ``values`` and describe every result for the answer."""
+    results: dict[str, Any] = {}
+    frames = {}
+    for name, value in values.items():
+        kind, frame = as_frame(name, value)
+        if frame is None:
+            results[name] = {"Kind": kind, "Value": loader.json_value(value)}
+            continue
+        frames[name] = frame
+        results[name] = {
+            "Kind": kind,
+            "File": None,
+            "Rows": len(frame),
+            "Columns": list(frame.columns),
+            "Index": [str(level) for level in frame.index.names]
+            if loader.has_own_index(frame)
+            else [],
+            "Preview": preview(frame),
+        }
+    try:
+        files = loader.write_results(directory, job, frames, output)
+    except MeasuringError:
+        raise
+    except Exception as e:
+        _print_traceback(e)
+        raise JobFailed(
+            f"writing the results to {directory}/results failed: {type(e).__name__}: {e}"
+        ) from None
+    for name, file in files.items():
+        results[name]["File"] = file
+    return results
+
+
+def run_job(message: Message) -> Message:
+    """Run one job message; the answer is a Done or an Error message, never an exception."""
+    path = message["File"]
+    try:
+        os.chdir(message["Directory"])
+        module = import_formulas(path)
+        formulas = find_formulas(module, path, message.get("Functions"))
+        try:
+            dataset = loader.read_dataset(message["Base"], message.get("Engine", "pyarrow"))
+        except Exception as e:
+            _print_traceback(e)
+            base = os.path.basename(message["Base"])
+            raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
+        values = compute(formulas, dataset, path)
+        results = summarize(
+            values, message["Job"], message["Directory"], message.get("Output", "parquet")
+        )
+    except MeasuringError as e:
+        return {"Type": "Error", "Error": e.to_json()}
+    except BaseException as e:
+        _print_traceback(e)
+        return {
+            "Type": "Error",
+            "Error": Internal(f"the worker failed: {type(e).__name__}: {e}").to_json(),
+        }
+    return {"Type": "Done", "Results": results}
+
+
+def warm_up() -> None:
+    """Import and exercise what a job uses, so that the first job does not pay for it."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
+        path = os.path.join(folder, "warm.parquet")
+        pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]}).to_parquet(path)
+        for engine in loader.ENGINES:
+            dataset = loader.read_dataset(path, engine)
+            compute({"mean": lambda data: data.groupby("sensor").value.mean()}, dataset, path)
+
+
+def _die_with(parent: int) -> None:
+    """Become the leader of a new process group, and end when the server process ends."""
+    if os.getpgid(0) != os.getpid():
+        os.setsid()
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def main(argv: list[str]) -> None:
+    """The worker process: warm up, say Ready, run one job, report, exit."""
+    _die_with(int(argv[1]))
+    os.set_inheritable(JOB_FD, False)
+    os.set_inheritable(REPLY_FD, False)
+    replies = os.fdopen(REPLY_FD, "wb", buffering=0)
+    warm_up()
+    replies.write(encode({"Type": "Ready"}))
+    with os.fdopen(JOB_FD, "rb") as jobs:
+        line = jobs.readline()
+    if not line:
+        os._exit(0)
+    answer = run_job(json.loads(line))
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    try:
+        reply = encode(answer)
+    except ValueError as e:
+        reply = encode(
+            {"Type": "Error", "Error": Internal(f"the answer could not be sent: {e}").to_json()}
+        )
+    replies.write(reply)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

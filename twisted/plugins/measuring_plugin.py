@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+measuring = ServiceMaker(
+    "measuring",
+    "measuring.tap",
+    "Run Dask formulas over Parquet data for TCP clients.",
+    "measuring",
+)

@@ -9,6 +9,7 @@ returns a Deferred answer; whatever cannot be read goes to the dispatcher as an 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,6 +24,8 @@ from twisted.python.failure import Failure
 from measuring.errors import BadRequest, Internal, MeasuringError, TooLarge
 
 MAX_DEPTH = 32
+# What moves the framer: an escape (two characters, skipped whole), a quote, a bracket.
+_TOKENS = re.compile(r'\\.|["{}\[\]]')
 
 Answer = dict[str, Any]
 Notify = Callable[[Answer], None]
@@ -94,26 +97,20 @@ class Framer:
             self._reset()
             raise TooLarge(f"the request is longer than the limit of {self._max_bytes} bytes")
         self._parts.append(line)
-        in_string = escaped = False
-        for char in line:
+        self._started = self._started or not line.isspace() and line != ""
+        in_string = False
+        for token in _TOKENS.findall(line):
             if in_string:
-                if escaped:
-                    escaped = False
-                elif char == "\\":
-                    escaped = True
-                elif char == '"':
-                    in_string = False
-            elif char == '"':
+                in_string = token != '"'
+            elif token == '"':
                 in_string = True
-            elif char in "{[":
+            elif token in "{[":
                 self._depth += 1
                 if self._depth > MAX_DEPTH:
                     self._reset()
                     raise BadRequest(f"the request nests deeper than {MAX_DEPTH} levels")
-            elif char in "}]":
+            elif token in "}]":
                 self._depth -= 1
-            if not char.isspace():
-                self._started = True
         if not self._started:
             self._parts = []
             self._size = 0
@@ -216,14 +213,19 @@ class ListeningService(Service):
         self._endpoints = endpoints
         self._factory = factory
         self.ports: list[IListeningPort] = []
+        self._listening = False
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        self._listening = True
         for description, endpoint in self._endpoints:
             outcome: list[IListeningPort | Failure] = []
             endpoint.listen(self._factory).addBoth(outcome.append)
             if not outcome:
-                raise SystemExit(f"measuring: {description} did not start listening at once")
+                raise SystemExit(
+                    f"measuring: {description} did not listen at once; "
+                    f"endpoints that listen later are not supported"
+                )
             if isinstance(outcome[0], Failure):
                 raise SystemExit(
                     f"measuring: cannot listen on {description}: {outcome[0].getErrorMessage()}"
@@ -236,12 +238,13 @@ class ListeningService(Service):
             )
 
     def startService(self) -> None:
-        if not self.ports:
+        if not self._listening:
             self.privilegedStartService()
         super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self._listening = False
         ports, self.ports = self.ports, []
         stopping = [defer.maybeDeferred(port.stopListening) for port in ports]
         return defer.gatherResults(stopping).addCallback(lambda _: None)

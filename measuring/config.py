@@ -143,31 +143,36 @@ def _read_file(path: str) -> dict[str, Any]:
     return table
 
 
-def _parsed(raw: Mapping[str, object], where: Callable[[str], str]) -> dict[str, Any]:
-    values = {}
+def _parsed(
+    raw: Mapping[str, object],
+    where: Callable[[str], str],
+    settings: dict[str, Any],
+    sources: dict[str, str],
+) -> None:
+    """Parse ``raw`` into ``settings``, noting in ``sources`` where each value came from."""
     for name, value in raw.items():
         try:
-            values[name] = _PARSERS[name](value)
+            settings[name] = _PARSERS[name](value)
         except ValueError as e:
             raise UsageError(f"{where(name)} must be {e}, not {value!r}") from None
-    return values
+        sources[name] = where(name)
 
 
-def _data_root(path: str, cwd: str) -> str:
+def _data_root(path: str, cwd: str, source: str) -> str:
     real = os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
     if not os.path.isdir(real):
-        raise UsageError(f"--data-root {path!r} is not an existing folder")
+        raise UsageError(f"{source} {path!r} is not an existing folder")
     return real
 
 
-def _state_dir(path: str, cwd: str) -> str:
+def _state_dir(path: str, cwd: str, source: str) -> str:
     real = os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
     try:
         os.makedirs(os.path.join(real, "tmp"), exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--state-dir: cannot create {path!r}: {e.strerror}") from None
+        raise UsageError(f"{source}: cannot create {path!r}: {e.strerror}") from None
     if not os.access(real, os.W_OK | os.X_OK):
-        raise UsageError(f"--state-dir {path!r} is not writable by this user")
+        raise UsageError(f"{source} {path!r} is not writable by this user")
     return real
 
 
@@ -181,25 +186,32 @@ def load(
     """
     Settle the settings: defaults, then ``config_file``, then ``flags`` (only those given).
 
-    ``check_endpoint`` parses one endpoint description and raises on a bad one.
+    ``check_endpoint`` parses one endpoint description and raises on a bad one. Every error
+    names where the bad value came from: the flag, the file and key, or the environment.
     """
     cwd = os.getcwd() if cwd is None else cwd
     settings = _defaults(environ, cwd)
+    sources = {name: f"--{name}" for name in settings}
+    if environ.get("STATE_DIRECTORY"):
+        sources["state-dir"] = "$STATE_DIRECTORY"
     if config_file is not None:
-        settings.update(_parsed(_read_file(config_file), lambda name: f"{config_file}: {name}"))
-    settings.update(_parsed(flags, lambda name: f"--{name}"))
+        file_settings = _read_file(config_file)
+        _parsed(file_settings, lambda name: f"{config_file}: {name}", settings, sources)
+    _parsed(flags, lambda name: f"--{name}", settings, sources)
 
     for description in settings["port"]:
         try:
             check_endpoint(description)
         except Exception as e:
-            raise UsageError(f"--port {description!r} is not a usable endpoint: {e}") from None
+            raise UsageError(
+                f"{sources['port']} {description!r} is not a usable endpoint: {e}"
+            ) from None
 
-    roots = [_data_root(path, cwd) for path in settings["data-root"]]
+    roots = [_data_root(path, cwd, sources["data-root"]) for path in settings["data-root"]]
     return Config(
         ports=tuple(settings["port"]),
         data_roots=tuple(dict.fromkeys(roots)),
-        state_dir=_state_dir(settings["state-dir"], cwd),
+        state_dir=_state_dir(settings["state-dir"], cwd, sources["state-dir"]),
         workers=settings["workers"],
         job_timeout=settings["job-timeout"],
         max_request_bytes=settings["max-request-bytes"],

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Writing a day of readings from three sensors and work.py into {folder}")
     write_sample(folder)
-    print("Starting the server: twistd -n measuring --port tcp:0:interface=127.0.0.1 ...", flush=True)
+    print("Starting the server: twistd -n measuring --port tcp:0 ...", flush=True)
     server = LocalServer(folder, "--data-root", folder)
     try:
         print(f"Listening on 127.0.0.1:{server.port}\n")

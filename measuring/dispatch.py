@@ -9,7 +9,7 @@ answer. ``_error_answer`` is the one place where an error becomes an answer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -17,25 +17,14 @@ from twisted.python.failure import Failure
 
 from measuring import loader
 from measuring.errors import BadRequest, Internal, MeasuringError
-from measuring.info import REQUESTS, InfoService
-from measuring.jobs import JobManager, JobSpec
-from measuring.protocol import Answer, Notify
+from measuring.info import REQUESTS
+from measuring.jobs import Job, JobSpec
+from measuring.protocol import Answer, Notify, json_type
 from measuring.stats import Stats
 
 TOP_LEVEL = ("Header", "Request", "Id")
 DASK_FIELDS = ("Directory", "Base", "File", "Functions", "Output", "Engine")
 PATH_FIELDS = ("Directory", "Base", "File")
-
-
-def json_type(value: object) -> str:
-    """The JSON name of a value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _one_of(values: tuple[str, ...] | list[str]) -> str:
@@ -67,14 +56,24 @@ def _functions(value: object) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+class Info(Protocol):
+    """What answers Info requests (``measuring.info.InfoService``)."""
+
+    def answer(self, request: str) -> defer.Deferred[dict[str, Any]]: ...
+
+
+class Jobs(Protocol):
+    """What runs jobs (``measuring.jobs.JobManager``)."""
+
+    def submit(self, spec: JobSpec) -> Job: ...
+
+
 class Dispatcher:
     """Validates requests, routes them to Info or the jobs, and shapes every answer."""
 
     _log = Logger()
 
-    def __init__(
-        self, info: InfoService, jobs: JobManager, stats: Stats, data_roots: tuple[str, ...]
-    ) -> None:
+    def __init__(self, info: Info, jobs: Jobs, stats: Stats, data_roots: tuple[str, ...]) -> None:
         self._info = info
         self._jobs = jobs
         self._stats = stats
@@ -155,11 +154,10 @@ class Dispatcher:
                 raise BadRequest(f'the Dask Request has no "{name}"')
             if not isinstance(fields[name], str):
                 raise BadRequest(f'"{name}" must be a string, not {json_type(fields[name])}')
-        return JobSpec(
-            paths=loader.resolve_job(
-                self._data_roots, fields["Directory"], fields["Base"], fields["File"]
-            ),
-            functions=_functions(fields.get("Functions")),
-            output=_choice(fields, "Output", tuple(loader.OUTPUTS), "parquet"),
-            engine=_choice(fields, "Engine", loader.ENGINES, "pyarrow"),
+        functions = _functions(fields.get("Functions"))
+        output = _choice(fields, "Output", tuple(loader.OUTPUTS), "parquet")
+        engine = _choice(fields, "Engine", loader.ENGINES, "pyarrow")
+        paths = loader.resolve_job(
+            self._data_roots, fields["Directory"], fields["Base"], fields["File"]
         )
+        return JobSpec(paths=paths, functions=functions, output=output, engine=engine)

@@ -132,6 +132,12 @@ class JobManager(Service):
         self._queue: deque[Job] = deque()
         self._running: dict[str, RunningJob] = {}
 
+    def stopService(self) -> None:
+        super().stopService()
+        while self._queue:
+            job = self._queue.popleft()
+            job.settle("cancelled", None, Cancelled("the server is stopping", Job=job.id))
+
     def counts(self) -> dict[str, int]:
         """How many jobs run and how many wait."""
         return {"Running": len(self._running), "Queued": len(self._queue)}

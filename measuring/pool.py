@@ -290,7 +290,10 @@ class WorkerPool(Service):
             self._waiting.popleft().fail(Cancelled("the server is stopping"))
         workers = list(self._workers)
         for worker in workers:
-            worker.kill()
+            if worker.job is not None:
+                worker.job.kill(Cancelled("the server is stopping"))
+            else:
+                worker.kill()
         return defer.gatherResults([worker.ended for worker in workers]).addCallback(lambda _: None)
 
     def _fill(self) -> None:

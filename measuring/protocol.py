@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -24,6 +24,8 @@ from twisted.python.failure import Failure
 from measuring.errors import BadRequest, Internal, MeasuringError, TooLarge
 
 MAX_DEPTH = 32
+PREFIX_CHECKS = 200
+PREFIX_CHECK_BYTES = 64 * 1024
 # What moves the framer: an escape (two characters, skipped whole), a quote, a bracket.
 _TOKENS = re.compile(r'\\.|["{}\[\]]')
 
@@ -39,6 +41,22 @@ class Dispatcher(Protocol):
     def refuse(self, error: MeasuringError) -> Answer: ...
 
 
+def json_type(value: object) -> str:
+    """The JSON name of a value's type, for messages: ``an array``, ``a string``, ``null``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
 def _no_constants(name: str) -> Any:
     raise BadRequest(f"the request contains {name}, which is not valid JSON; send null instead")
 
@@ -52,18 +70,26 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def too_large(limit: int) -> TooLarge:
+    return TooLarge(f"the request is longer than the limit of {limit} bytes")
+
+
+def _invalid(error: json.JSONDecodeError) -> BadRequest:
+    return BadRequest(
+        f"the request is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    )
+
+
 def parse(text: str) -> dict[str, Any]:
     """One request object from its text; raises BadRequest naming what is wrong."""
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except json.JSONDecodeError as e:
-        raise BadRequest(
-            f"the request is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-        ) from None
+        raise _invalid(e) from None
     if not isinstance(value, dict):
         raise BadRequest(
             f"a request must be a JSON object such as "
-            f'{{"Header":"Info","Request":"Status"}}, not a {type(value).__name__}'
+            f'{{"Header":"Info","Request":"Status"}}, not {json_type(value)}'
         )
     return value
 
@@ -78,9 +104,10 @@ class Framer:
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget the request under way."""
         self._parts: list[str] = []
         self._size = 0
         self._depth = 0
@@ -94,10 +121,10 @@ class Framer:
     def feed(self, line: str) -> str | None:
         self._size += len(line.encode("utf-8")) + 1
         if self._size > self._max_bytes:
-            self._reset()
-            raise TooLarge(f"the request is longer than the limit of {self._max_bytes} bytes")
+            self.reset()
+            raise too_large(self._max_bytes)
         self._parts.append(line)
-        self._started = self._started or not line.isspace() and line != ""
+        self._started = self._started or (line != "" and not line.isspace())
         in_string = False
         for token in _TOKENS.findall(line):
             if in_string:
@@ -107,7 +134,7 @@ class Framer:
             elif token in "{[":
                 self._depth += 1
                 if self._depth > MAX_DEPTH:
-                    self._reset()
+                    self.reset()
                     raise BadRequest(f"the request nests deeper than {MAX_DEPTH} levels")
             elif token in "}]":
                 self._depth -= 1
@@ -115,11 +142,29 @@ class Framer:
             self._parts = []
             self._size = 0
             return None
-        if self._depth > 0 and not in_string:
-            return None
         text = "\n".join(self._parts)
-        self._reset()
+        if self._depth > 0 and not in_string:
+            self._check_prefix(text)
+            return None
+        self.reset()
         return text
+
+    def _check_prefix(self, text: str) -> None:
+        """
+        Raise BadRequest now when an open request can no longer become valid JSON.
+
+        The decoder stops at the first character that cannot continue valid JSON; when that is
+        before the end of what has arrived, more lines cannot help. Checked for the first lines
+        only, so that a request of many lines costs no more than reading it.
+        """
+        if len(self._parts) > PREFIX_CHECKS or self._size > PREFIX_CHECK_BYTES:
+            return
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.pos < len(text.rstrip()):
+                self.reset()
+                raise _invalid(e) from None
 
 
 class RequestProtocol(LineReceiver):
@@ -131,7 +176,13 @@ class RequestProtocol(LineReceiver):
     def __init__(self, dispatcher: Dispatcher, max_request_bytes: int) -> None:
         self._dispatcher = dispatcher
         self._framer = Framer(max_request_bytes)
-        self.MAX_LENGTH = max_request_bytes
+        self._max_request_bytes = max_request_bytes
+        # LineReceiver's limit is on a line without its "\n"; ours counts the "\n" too.
+        self.MAX_LENGTH = max_request_bytes - 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = False
+        super().connectionLost(reason)
 
     def lineReceived(self, line: bytes) -> None:
         try:
@@ -140,6 +191,7 @@ class RequestProtocol(LineReceiver):
                 return
             request = parse(text)
         except UnicodeDecodeError:
+            self._framer.reset()
             self._refuse(BadRequest("the request is not valid UTF-8"))
         except MeasuringError as e:
             self._refuse(e)
@@ -147,7 +199,7 @@ class RequestProtocol(LineReceiver):
             self._handle(request)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse(TooLarge(f"the request is longer than the limit of {self.MAX_LENGTH} bytes"))
+        self._refuse(too_large(self._max_request_bytes))
 
     def _refuse(self, error: MeasuringError) -> None:
         self._send(self._dispatcher.refuse(error))
@@ -169,9 +221,9 @@ class RequestProtocol(LineReceiver):
             data = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         except ValueError:
             self._log.failure("answer could not be encoded: {answer!r}", answer=answer)
-            data = json.dumps(
-                self._dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
-            )
+            refusal = self._dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
+            kept = {key: answer[key] for key in ("Header", "Id", "Job") if key in answer}
+            data = json.dumps({**refusal, **kept}, ensure_ascii=False, separators=(",", ":"))
         if self.transport is not None and self.connected:
             self.sendLine(data.encode("utf-8"))
 

@@ -137,28 +137,51 @@ def as_frame(name: str, value: Any) -> tuple[str, Any]:
     """
     The kind of a computed result and, for tables, the frame to write (``None`` for a scalar).
 
-    Column names become strings; a column of several levels becomes ``level1_level2``.
+    Column names become strings; a column of several levels becomes ``level1_level2``. The
+    index is made plain (``plain_index``).
     """
     import pandas as pd
 
     if isinstance(value, pd.Index):
         value = value.to_series(index=pd.RangeIndex(len(value)))
     if isinstance(value, pd.Series):
-        return "Series", value.to_frame(name=name if value.name is None else value.name)
-    if isinstance(value, pd.DataFrame):
-        frame = value.copy(deep=False)
+        kind, frame = "Series", value.to_frame(name=str(name if value.name is None else value.name))
+    elif isinstance(value, pd.DataFrame):
+        kind, frame = "DataFrame", value.copy(deep=False)
         if isinstance(frame.columns, pd.MultiIndex):
             frame.columns = [
                 "_".join(str(level) for level in col if level != "") for col in frame.columns
             ]
         frame.columns = [str(column) for column in frame.columns]
-        return "DataFrame", frame
-    if pd.api.types.is_scalar(value):
+    elif pd.api.types.is_scalar(value):
         return "Scalar", None
-    raise JobFailed(
-        f"formula {name!r} returned a {type(value).__name__}; a formula must return a DataFrame, "
-        f"a Series or a single value (number, string, bool, time)"
-    )
+    else:
+        raise JobFailed(
+            f"formula {name!r} returned a {type(value).__name__}; a formula must return a "
+            f"DataFrame, a Series or a single value (number, string, bool, time)"
+        )
+    return kind, plain_index(frame)
+
+
+def plain_index(frame: Any) -> Any:
+    """
+    ``frame`` with an index every output format names the same way.
+
+    An unnamed whole-number index holds row numbers from the dataset's partitions (so it differs
+    between engines) and is dropped; other unnamed levels are called what pandas calls them as
+    columns: ``index``, or ``level_0``, ``level_1``...
+    """
+    import pandas as pd
+
+    index = frame.index
+    if index.nlevels == 1 and index.name is None and pd.api.types.is_integer_dtype(index.dtype):
+        return frame.reset_index(drop=True)
+    if index.nlevels == 1:
+        names = ["index" if index.name is None else str(index.name)]
+    else:
+        names = [f"level_{i}" if n is None else str(n) for i, n in enumerate(index.names)]
+    frame.index = index.set_names(names)
+    return frame
 
 
 def preview(frame: Any) -> list[dict[str, Any]]:

@@ -1,0 +1,47 @@
+"""``python -m measuring.demo``: the README's first command, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import psutil
+from twisted.trial.unittest import SynchronousTestCase
+
+from measuring.test.support import environment
+
+
+class DemoTests(SynchronousTestCase):
+    """The demo runs the product's main job end to end and cleans up after itself."""
+
+    def test_demo(self) -> None:
+        """It prints results that match the sample data, keeps the files and stops the server."""
+        folder = os.path.realpath(self.mktemp())
+        result = subprocess.run(
+            [sys.executable, "-m", "measuring.demo", "--folder", folder],
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        data = pd.read_parquet(os.path.join(folder, "time_series.parquet"))
+        self.assertEqual(len(data), 3 * 86_400)
+        self.assertIn(
+            f"peak                     Scalar     {float(data.value.max())!r}", result.stdout
+        )
+        [job] = os.listdir(os.path.join(folder, "results"))
+        means = pd.read_parquet(os.path.join(folder, "results", job, "mean_by_sensor.parquet"))
+        pd.testing.assert_series_equal(
+            means["value"], data.groupby("sensor").value.mean(), check_index_type=False
+        )
+        self.assertIn("Server stopped.", result.stdout)
+        self.assertIn(f"The data, the formulas and the results are in {folder}", result.stdout)
+        left = [
+            process.pid
+            for process in psutil.process_iter(["cmdline"])
+            if folder in " ".join(process.info["cmdline"] or [])
+        ]
+        self.assertEqual(left, [], "the demo left its server or workers running")

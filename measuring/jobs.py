@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from measuring import loader
-from measuring.errors import Cancelled, Internal, MeasuringError, Timeout
+from measuring.errors import Busy, Cancelled, Internal, MeasuringError, Timeout
 from measuring.loader import JobPaths
 from measuring.messages import Message
 from measuring.stats import Stats
@@ -131,9 +131,11 @@ class JobManager(Service):
         self._blocking = blocking
         self._queue: deque[Job] = deque()
         self._running: dict[str, RunningJob] = {}
+        self._stopping = False
 
     def stopService(self) -> None:
         super().stopService()
+        self._stopping = True
         while self._queue:
             job = self._queue.popleft()
             job.settle("cancelled", None, Cancelled("the server is stopping", Job=job.id))
@@ -144,6 +146,8 @@ class JobManager(Service):
 
     def submit(self, spec: JobSpec) -> Job:
         """Queue a job; it starts as soon as fewer than ``workers`` jobs run."""
+        if self._stopping:
+            raise Busy("the server is stopping; send the job again once it is back")
         job = Job(id=new_job_id(self._clock.seconds()), spec=spec, submitted=self._clock.seconds())
         self._queue.append(job)
         self._log.info(

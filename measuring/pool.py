@@ -219,9 +219,10 @@ class WorkerProcess(ProcessProtocol):
         self._timers.append(self._clock.callLater(PIPE_GRACE, self._close_pipes))
 
     def _close_pipes(self) -> None:
-        # A descendant that left the process group may still hold stdout open.
+        # A descendant that left the process group may still hold the pipes open.
         if self.transport is not None:
-            self.transport.loseConnection()
+            for fd in (0, 1, 2, JOB_FD, REPLY_FD):
+                self.transport.closeChildFD(fd)
 
     def processEnded(self, reason: Failure) -> None:
         for timer in self._timers:

@@ -79,7 +79,6 @@ class Harness:
         self.info = FakeInfo() if info is None else info
         self.pool = FakePool()
         jobs = JobManager(self.pool, self.clock, 1, job_timeout, self.stats, Synchronous())
-        # Dispatcher names the concrete InfoService; FakeInfo has the one method it calls.
         self.dispatcher = Dispatcher(self.info, jobs, self.stats, roots)
 
 

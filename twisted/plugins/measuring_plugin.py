@@ -1,8 +1,3 @@
 from twisted.application.service import ServiceMaker
 
-measuring = ServiceMaker(
-    "measuring",
-    "measuring.tap",
-    "Run Dask formulas over Parquet data for TCP clients.",
-    "measuring",
-)
+measuring = ServiceMaker("measuring", "measuring.tap", "Run Dask formulas over Parquet data for TCP clients.", "measuring")  # fmt: skip

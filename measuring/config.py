@@ -30,6 +30,11 @@ class Config:
     workers: int
     job_timeout: float
     max_request_bytes: int
+    job_memory: int | None = None
+    max_queued: int = 100
+    keep_jobs: float = 30.0
+    keep_results: float | None = None
+    stop_grace: float = 30.0
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
@@ -55,31 +60,54 @@ def parse_size(value: object) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def _whole(minimum: int) -> Callable[[object], int]:
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
+    what = f"a whole number of at least {minimum}" + (
+        f" and at most {maximum}" if maximum is not None else ""
+    )
+
     def parse(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ValueError(f"a whole number of at least {minimum}")
+            raise ValueError(what)
         try:
             number = int(value)
         except ValueError:
-            raise ValueError(f"a whole number of at least {minimum}") from None
-        if number < minimum:
-            raise ValueError(f"a whole number of at least {minimum}")
+            raise ValueError(what) from None
+        if number < minimum or (maximum is not None and number > maximum):
+            raise ValueError(what)
         return number
 
     return parse
 
 
-def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError("a number of seconds greater than 0")
+def _amount(unit: str, zero: bool = False) -> Callable[[object], float]:
+    """A number of ``unit`` (seconds, days): more than 0, or at least 0 with ``zero``."""
+    what = f"a number of {unit} {'of at least 0' if zero else 'greater than 0'}"
+
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(what)
+        try:
+            amount = float(value)
+        except ValueError:
+            raise ValueError(what) from None
+        if not (amount >= 0 if zero else amount > 0) or amount == float("inf"):
+            raise ValueError(what)
+        return amount
+
+    return parse
+
+
+def _memory(value: object) -> int | str | None:
+    """``auto``, ``none``, or a size of at least 64 MiB."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "none"):
+        return None if value.strip().lower() == "none" else "auto"
     try:
-        seconds = float(value)
+        size = parse_size(value)
     except ValueError:
-        raise ValueError("a number of seconds greater than 0") from None
-    if not 0 < seconds < float("inf"):
-        raise ValueError("a number of seconds greater than 0")
-    return seconds
+        raise ValueError("a size such as 4GB, or auto, or none") from None
+    if size < 64 * 2**20:
+        raise ValueError("at least 64MiB (or auto, or none)")
+    return size
 
 
 def _request_bytes(value: object) -> int:
@@ -107,9 +135,14 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "port": _texts,
     "data-root": _texts,
     "state-dir": _text,
-    "workers": _whole(1),
-    "job-timeout": _seconds,
+    "workers": _whole(1, 256),
+    "job-timeout": _amount("seconds"),
     "max-request-bytes": _request_bytes,
+    "job-memory": _memory,
+    "max-queued": _whole(1),
+    "keep-jobs": _amount("days"),
+    "keep-results": _amount("days"),
+    "stop-grace": _amount("seconds", zero=True),
 }
 
 SETTINGS = tuple(_PARSERS)
@@ -124,6 +157,11 @@ def _defaults(environ: Mapping[str, str], cwd: str) -> dict[str, Any]:
         "workers": 2,
         "job-timeout": 3600.0,
         "max-request-bytes": 1024 * 1024,
+        "job-memory": "auto",
+        "max-queued": 100,
+        "keep-jobs": 30.0,
+        "keep-results": None,
+        "stop-grace": 30.0,
     }
 
 
@@ -158,15 +196,19 @@ def _parsed(
         sources[name] = where(name)
 
 
+def _real(path: str, cwd: str) -> str:
+    return os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
+
+
 def _data_root(path: str, cwd: str, source: str) -> str:
-    real = os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
+    real = _real(path, cwd)
     if not os.path.isdir(real):
         raise UsageError(f"{source} {path!r} is not an existing folder")
     return real
 
 
 def _state_dir(path: str, cwd: str, source: str) -> str:
-    real = os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
+    real = _real(path, cwd)
     try:
         os.makedirs(os.path.join(real, "tmp"), exist_ok=True)
     except OSError as e:
@@ -215,4 +257,18 @@ def load(
         workers=settings["workers"],
         job_timeout=settings["job-timeout"],
         max_request_bytes=settings["max-request-bytes"],
+        job_memory=_job_memory(settings["job-memory"], settings["workers"]),
+        max_queued=settings["max-queued"],
+        keep_jobs=settings["keep-jobs"],
+        keep_results=settings["keep-results"],
+        stop_grace=settings["stop-grace"],
     )
+
+
+def _job_memory(setting: int | str | None, workers: int) -> int | None:
+    """``auto``: an equal share, per running job, of 80 % of this machine's memory."""
+    if setting != "auto":
+        return setting if isinstance(setting, int) else None
+    import psutil
+
+    return int(psutil.virtual_memory().total * 0.8 / workers)

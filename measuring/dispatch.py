@@ -18,12 +18,21 @@ from twisted.python.failure import Failure
 from measuring import loader
 from measuring.errors import BadRequest, Internal, MeasuringError
 from measuring.info import REQUESTS
-from measuring.jobs import Job, JobSpec
 from measuring.protocol import Answer, Notify, json_type
+from measuring.records import STATES, Job, JobSpec
 from measuring.stats import Stats
 
-TOP_LEVEL = ("Header", "Request", "Id")
-DASK_FIELDS = ("Directory", "Base", "File", "Functions", "Output", "Engine")
+KEYS = {
+    "Info": ("Header", "Request", "Id"),
+    "Dask": ("Header", "Request", "Id"),
+    "Job": ("Header", "Request", "Id", "Job", "State", "Limit", "Name", "Offset"),
+}
+DASK_FIELDS = (
+    "Directory", "Base", "File", "Functions", "Output", "Engine", "Async", "Timeout", "Progress",
+)  # fmt: skip
+JOB_REQUESTS = ("Status", "Cancel", "List", "Log", "Result")
+DEFAULT_LIST, MAX_LIST = 100, 1000
+DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
 PATH_FIELDS = ("Directory", "Base", "File")
 
 
@@ -65,7 +74,51 @@ class Info(Protocol):
 class Jobs(Protocol):
     """What runs jobs (``measuring.jobs.JobManager``)."""
 
-    def submit(self, spec: JobSpec) -> Job: ...
+    def submit(self, spec: JobSpec) -> defer.Deferred[Job]: ...
+
+    def status(self, job: str) -> defer.Deferred[dict[str, Any]]: ...
+
+    def cancel(self, job: str) -> defer.Deferred[str]: ...
+
+    def log(self, job: str) -> defer.Deferred[str]: ...
+
+    def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
+
+    def result(self, job: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]: ...
+
+
+def _flag(fields: dict[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f'"{name}" must be true or false, not {json_type(value)}')
+    return value
+
+
+def _number(fields: dict[str, Any], name: str, low: float, high: float | None, default: Any) -> Any:
+    """
+    A number from ``low`` to ``high`` (no upper bound for None), whole when ``low`` is an int;
+    ``default`` when absent.
+    """
+    value = fields.get(name, default)
+    whole = isinstance(low, int)
+    if value is default:
+        return value
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if whole else int | float)
+        or not low <= value <= (high if high is not None else value)
+    ):
+        what = "a whole number" if whole else "a number"
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise BadRequest(f'"{name}" must be {what} {bounds}, not {value!r}')
+    return value
+
+
+def _text(fields: dict[str, Any], name: str, what: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f'{what} needs "{name}": a string, not {json_type(value)}')
+    return value
 
 
 class Dispatcher:
@@ -73,14 +126,23 @@ class Dispatcher:
 
     _log = Logger()
 
-    def __init__(self, info: Info, jobs: Jobs, stats: Stats, data_roots: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        info: Info,
+        jobs: Jobs,
+        stats: Stats,
+        data_roots: tuple[str, ...],
+        private: tuple[str, ...] = (),
+    ) -> None:
         self._info = info
         self._jobs = jobs
         self._stats = stats
         self._data_roots = data_roots
+        self._private = private
         self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Answer]]] = {
             "Info": self._info_request,
             "Dask": self._dask_request,
+            "Job": self._job_request,
         }
 
     def handle(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
@@ -103,7 +165,7 @@ class Dispatcher:
                 f"the request has {what}; it must be one of {_one_of(list(self._routes))}"
             )
         self._stats.request(header)
-        _only(request, TOP_LEVEL, "the request")
+        _only(request, KEYS[header], f"the {header} request")
         return self._routes[header](request, notify)
 
     def _failed(self, reason: Failure, header: object) -> Answer:
@@ -136,10 +198,36 @@ class Dispatcher:
         )
 
     def _dask_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
-        job = self._jobs.submit(self.dask_spec(request.get("Request")))
-        return job.when_finished().addCallback(
-            lambda response: {"Header": "Dask", "Status": "OK", "Job": job.id, "Response": response}
-        )
+        fields = request.get("Request")
+        spec = self.dask_spec(fields)
+        assert isinstance(fields, dict)
+        background, progress = _flag(fields, "Async"), _flag(fields, "Progress")
+
+        def submitted(job: Job) -> Answer | defer.Deferred[Answer]:
+            if progress:
+                job.listen(
+                    lambda done, total: notify(
+                        {"Header": "Progress", "Job": job.id, "Done": done, "Total": total}
+                    )
+                )
+            final = job.when_finished().addCallback(
+                lambda response: {
+                    "Header": "Dask",
+                    "Status": "OK",
+                    "Job": job.id,
+                    "Response": response,
+                }
+            )
+            if not background:
+                return final
+            # Async: answer now; with Progress, the job's own answer follows when it ends.
+            if progress:
+                final.addErrback(self._failed, "Dask").addCallback(notify)
+            else:
+                final.addErrback(lambda _: None)
+            return {"Header": "Dask", "Status": "Accepted", "Job": job.id}
+
+        return self._jobs.submit(spec).addCallback(submitted)
 
     def dask_spec(self, fields: object) -> JobSpec:
         """Check the ``Request`` object of a Dask request and resolve its paths."""
@@ -157,7 +245,48 @@ class Dispatcher:
         functions = _functions(fields.get("Functions"))
         output = _choice(fields, "Output", tuple(loader.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", loader.ENGINES, "pyarrow")
+        timeout = _number(fields, "Timeout", 0.001, None, None)
+        _flag(fields, "Async")
+        _flag(fields, "Progress")
         paths = loader.resolve_job(
-            self._data_roots, fields["Directory"], fields["Base"], fields["File"]
+            self._data_roots, fields["Directory"], fields["Base"], fields["File"], self._private
         )
-        return JobSpec(paths=paths, functions=functions, output=output, engine=engine)
+        return JobSpec(
+            paths=paths, functions=functions, output=output, engine=engine, timeout=timeout
+        )
+
+    def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
+        name = request.get("Request")
+        if not isinstance(name, str) or name not in JOB_REQUESTS:
+            raise BadRequest(
+                f'a Job "Request" must be one of {_one_of(JOB_REQUESTS)}, not {name!r}'
+            )
+
+        def answer(response: dict[str, Any], **extra: Any) -> Answer:
+            return {"Header": "Job", "Request": name, "Status": "OK", **extra, "Response": response}
+
+        if name == "List":
+            state = request.get("State")
+            if state is not None and state not in STATES:
+                raise BadRequest(f'"State" must be one of {_one_of(STATES)}, not {state!r}')
+            limit = _number(request, "Limit", 1, MAX_LIST, DEFAULT_LIST)
+            return self._jobs.recent(state, limit).addCallback(lambda jobs: answer({"Jobs": jobs}))
+        job = _text(request, "Job", f"a Job {name} request")
+        if name == "Status":
+            found = self._jobs.status(job)
+        elif name == "Cancel":
+            found = self._jobs.cancel(job).addCallback(lambda state: {"State": state})
+        elif name == "Log":
+            found = self._jobs.log(job).addCallback(lambda log: {"Log": log})
+        else:
+            result = _text(request, "Name", "a Job Result request")
+            offset = _number(request, "Offset", 0, None, 0)
+            limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
+            found = self._jobs.result(job, result, offset, limit)
+
+        def failed(reason: Failure) -> Failure:
+            if isinstance(reason.value, MeasuringError):
+                reason.value.extra.setdefault("Job", job)
+            return reason
+
+        return found.addCallbacks(lambda response: answer(response, Job=job), failed)

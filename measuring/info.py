@@ -8,7 +8,6 @@ remember CPU times between calls live only there.
 
 from __future__ import annotations
 
-import datetime
 import importlib.metadata
 import os
 import platform
@@ -21,7 +20,9 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from measuring import __version__
+from measuring.jobs import Limits
 from measuring.pool import WorkerInfo
+from measuring.records import iso
 from measuring.stats import Stats
 from measuring.threads import Runner
 
@@ -33,6 +34,7 @@ class PoolView(Protocol):
     """What Info reads from the worker pool."""
 
     size: int
+    memory_limit: int | None
 
     def processes(self) -> list[WorkerInfo]: ...
 
@@ -43,14 +45,11 @@ class PoolView(Protocol):
 class JobsView(Protocol):
     """What Info reads from the job manager."""
 
+    limits: Limits
+
     def counts(self) -> dict[str, int]: ...
 
-
-def iso(seconds: float | None) -> str | None:
-    """Seconds since the epoch as an ISO 8601 UTC time."""
-    if seconds is None:
-        return None
-    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).isoformat(timespec="seconds")
+    def history(self) -> defer.Deferred[dict[str, Any]]: ...
 
 
 def _versions() -> dict[str, str]:
@@ -103,9 +102,10 @@ class ProcessSampler:
                     )
             except psutil.NoSuchProcess:
                 continue
+        self._forget_ended()
         return samples
 
-    def forget_ended(self) -> None:
+    def _forget_ended(self) -> None:
         """Drop the views of processes that have ended."""
         for pid, process in list(self._known.items()):
             if not process.is_running():
@@ -181,6 +181,11 @@ class InfoService(Service):
             "Pid": os.getpid(),
             "Jobs": self._jobs.counts(),
             "Workers": {"Size": self._pool.size, "Ready": self._pool.ready_count},
+            "Limits": {
+                "JobTimeout": self._jobs.limits.job_timeout,
+                "JobMemory": self._pool.memory_limit,
+                "MaxQueued": self._jobs.limits.max_queued,
+            },
             "DataRoots": list(self._data_roots),
             "Versions": self._versions,
         }
@@ -204,7 +209,6 @@ class InfoService(Service):
                         "Started": iso(worker.started),
                     }
                 )
-            self._sampler.forget_ended()
             return {"Count": len(processes), "Processes": processes}
 
         return self._blocking.run(sample)
@@ -239,10 +243,10 @@ class InfoService(Service):
 
     def all_statistics(self) -> defer.Deferred[dict[str, Any]]:
         counters = self._stats.snapshot()
-        counters["Jobs"] = {**self._jobs.counts(), **counters["Jobs"]}
+        live = self._jobs.counts()
         uptime = self._uptime()
 
-        def sample() -> dict[str, Any]:
+        def sample(history: dict[str, Any]) -> dict[str, Any]:
             net = psutil.net_io_counters()
             return {
                 "Cpu": {
@@ -255,8 +259,9 @@ class InfoService(Service):
                 "Disk": {root: _usage(psutil.disk_usage(root)) for root in self._data_roots},
                 "Load": [round(load, 2) for load in psutil.getloadavg()],
                 "Net": _usage(net) if net is not None else {},
+                "Jobs": {**live, **history},
                 **counters,
                 "Uptime": uptime,
             }
 
-        return self._blocking.run(sample)
+        return self._jobs.history().addCallback(lambda history: self._blocking.run(sample, history))

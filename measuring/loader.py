@@ -51,16 +51,22 @@ def _checked_text(field: str, value: str) -> str:
     return value
 
 
-def resolve_directory(roots: tuple[str, ...], directory: str) -> str:
-    """The real path of ``Directory``: absolute inside a root, or relative to the first root."""
+def resolve_directory(roots: tuple[str, ...], directory: str, private: tuple[str, ...] = ()) -> str:
+    """
+    The real path of ``Directory``: absolute inside a root, or relative to the first root; never
+    inside one of the server's ``private`` folders (its state directory), and writable.
+    """
     _checked_text("Directory", directory)
     real = os.path.realpath(os.path.join(roots[0], directory))
     if not any(inside(real, root) for root in roots):
         raise Forbidden(
             f"Directory {directory!r} is outside the data roots of this server ({', '.join(roots)})"
         )
+    _not_private("Directory", directory, real, private)
     if not os.path.isdir(real):
         raise NotFound(f"Directory {directory!r} does not exist (looked for {real})")
+    if not os.access(real, os.W_OK | os.X_OK):
+        raise Forbidden(f"Directory {directory!r} is not writable by the server")
     return real
 
 
@@ -80,21 +86,31 @@ def resolve_inside(directory: str, field: str, name: str, is_kind: Callable[[str
 _KINDS = {"Base": "Parquet file or folder", "File": "file"}
 
 
-def resolve_job(roots: tuple[str, ...], directory: str, base: str, file: str) -> JobPaths:
+def _not_private(field: str, name: str, real: str, private: tuple[str, ...]) -> None:
+    if any(inside(real, folder) for folder in private):
+        raise Forbidden(f"{field} {name!r} is in the server's own state directory")
+
+
+def resolve_job(
+    roots: tuple[str, ...], directory: str, base: str, file: str, private: tuple[str, ...] = ()
+) -> JobPaths:
     """Check a Dask request's paths; raises BadRequest, Forbidden or NotFound naming the field."""
-    real_directory = resolve_directory(roots, directory)
+    real_directory = resolve_directory(roots, directory, private)
     results = os.path.realpath(os.path.join(real_directory, RESULTS))
     if not inside(results, real_directory):
         raise Forbidden(f"{real_directory}/{RESULTS} leads outside its Directory")
     if os.path.exists(results) and not os.path.isdir(results):
         raise BadRequest(f"{real_directory}/{RESULTS} exists and is not a folder; results go there")
-    return JobPaths(
+    paths = JobPaths(
         directory=real_directory,
         base=resolve_inside(
             real_directory, "Base", base, lambda p: os.path.isfile(p) or os.path.isdir(p)
         ),
         file=resolve_inside(real_directory, "File", file, os.path.isfile),
     )
+    _not_private("Base", base, paths.base, private)
+    _not_private("File", file, paths.file, private)
+    return paths
 
 
 def read_dataset(path: str, engine: str) -> dd.DataFrame:
@@ -195,9 +211,14 @@ def result_dir(directory: str, job: str) -> str:
     return os.path.join(directory, RESULTS, job)
 
 
+def _old_dir(directory: str, job: str) -> str:
+    return os.path.join(directory, RESULTS, f".{job}.old")
+
+
 def remove_partial(directory: str, job: str) -> None:
-    """Remove what a job that did not finish left half-written."""
+    """Remove what a job that did not finish left half-written or half-replaced."""
     shutil.rmtree(partial_dir(directory, job), ignore_errors=True)
+    shutil.rmtree(_old_dir(directory, job), ignore_errors=True)
 
 
 def _fsync(path: str) -> None:
@@ -215,7 +236,8 @@ def write_results(
     Write each frame to ``results/<job>/<name>.<ext>`` and return the paths relative to directory.
 
     The folder appears complete or not at all: everything is written and synced in a partial
-    folder beside it, which is then renamed.
+    folder beside it, which is then renamed. A job run again replaces the folder its earlier run
+    wrote.
     """
     if not frames:
         return {}
@@ -234,7 +256,14 @@ def write_results(
             _fsync(os.path.join(partial, filename))
             names[name] = os.path.join(RESULTS, job, filename)
         _fsync(partial)
-        os.rename(partial, final)
+        if os.path.exists(final):
+            old = _old_dir(directory, job)
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(partial, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, final)
         _fsync(results)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -322,3 +351,58 @@ _WRITERS: dict[str, Callable[[Any, str], None]] = {
     "csv": _write_csv,
     "json": _write_json,
 }
+
+
+def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, Any]:
+    """
+    Rows ``offset`` to ``offset + limit`` of a result file, as JSON records, and how many in all.
+
+    Reads only the row groups it needs from Parquet and streams CSV and JSON, so a page of a big
+    result costs about the size of the page. ``file`` is relative to ``directory``.
+    """
+    import pandas as pd
+
+    path = resolve_inside(directory, "File", file, os.path.isfile)
+    if path.endswith(".parquet"):
+        total, frame = _parquet_rows(path, offset, limit)
+    elif path.endswith(".csv"):
+        with open(path, "rb") as f:
+            total = max(sum(1 for _ in f) - 1, 0)
+        frame = pd.read_csv(path, skiprows=range(1, offset + 1), nrows=limit)
+    else:
+        # _write_json puts one record on each line: "[{...},", "{...},", ..., "{...}]".
+        total, rows = 0, []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                text = line.strip().removeprefix("[").removesuffix("]").removesuffix(",")
+                if not text:
+                    continue
+                if offset <= total < offset + limit:
+                    rows.append(json.loads(text))
+                total += 1
+        frame = pd.DataFrame(rows)
+    return {
+        "File": file,
+        "Rows": total,
+        "Offset": offset,
+        "Columns": [str(column) for column in frame.columns],
+        "Records": records(frame),
+    }
+
+
+def _parquet_rows(path: str, offset: int, limit: int) -> tuple[int, pd.DataFrame]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    first, groups, start = None, [], 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if start + rows > offset and start < offset + limit:
+            first = start if first is None else first
+            groups.append(group)
+        start += rows
+    if not groups:
+        return start, parquet.schema_arrow.empty_table().to_pandas()
+    table = pa.concat_tables([parquet.read_row_group(group) for group in groups])
+    return start, table.slice(offset - (first or 0), limit).to_pandas()

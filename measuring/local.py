@@ -19,8 +19,7 @@ from typing import Any
 
 import measuring
 
-#: The folder holding the ``measuring`` package that is running (a checkout or site-packages).
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(measuring.__file__)))
+PACKAGE_ROOT = measuring.PACKAGE_ROOT
 LISTENING = "measuring listening on 127.0.0.1:"
 
 

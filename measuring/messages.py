@@ -17,13 +17,25 @@ Plain Python: both sides import it.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 JOB_FD = 3
 REPLY_FD = 4
+#: Environment variables marking a worker's processes: the server (its state directory), the
+#: worker process (a random token, in its environment from its start, so every process below it
+#: inherits it, forked or not), and the job (set when the job starts, for the formulas to read).
+SERVER_MARK = "MEASURING_SERVER"
+WORKER_MARK = "MEASURING_WORKER"
+JOB_MARK = "MEASURING_JOB"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 Message = dict[str, Any]
+
+
+def job_tmp(tmp: str, job: str) -> str:
+    """The temporary folder of a job inside the workers' one (``TMPDIR``); gone after the job."""
+    return os.path.join(tmp, f"job-{job}")
 
 
 def encode(message: Message) -> bytes:

@@ -9,13 +9,19 @@ returns a Deferred answer; whatever cannot be read goes to the dispatcher as an 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IPushProducer,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -24,6 +30,8 @@ from twisted.python.failure import Failure
 from measuring.errors import BadRequest, Internal, MeasuringError, TooLarge
 
 MAX_DEPTH = 32
+#: Requests a connection may have waiting for their answers before it is no longer read.
+MAX_PENDING = 64
 PREFIX_CHECKS = 200
 PREFIX_CHECK_BYTES = 64 * 1024
 # What moves the framer: an escape (two characters, skipped whole), a quote, a bracket.
@@ -61,6 +69,13 @@ def _no_constants(name: str) -> Any:
     raise BadRequest(f"the request contains {name}, which is not valid JSON; send null instead")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"the request contains the number {text[:40]}, too large for a float")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -83,9 +98,16 @@ def _invalid(error: json.JSONDecodeError) -> BadRequest:
 def parse(text: str) -> dict[str, Any]:
     """One request object from its text; raises BadRequest naming what is wrong."""
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_float=_finite,
+        )
     except json.JSONDecodeError as e:
         raise _invalid(e) from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise BadRequest(f"the request has a number that cannot be read: {e}") from None
     if not isinstance(value, dict):
         raise BadRequest(
             f"a request must be a JSON object such as "
@@ -142,14 +164,14 @@ class Framer:
             self._parts = []
             self._size = 0
             return None
-        text = "\n".join(self._parts)
         if self._depth > 0 and not in_string:
-            self._check_prefix(text)
+            self._check_prefix()
             return None
+        text = "\n".join(self._parts)
         self.reset()
         return text
 
-    def _check_prefix(self, text: str) -> None:
+    def _check_prefix(self) -> None:
         """
         Raise BadRequest now when an open request can no longer become valid JSON.
 
@@ -159,6 +181,7 @@ class Framer:
         """
         if len(self._parts) > PREFIX_CHECKS or self._size > PREFIX_CHECK_BYTES:
             return
+        text = "\n".join(self._parts)
         try:
             json.loads(text)
         except json.JSONDecodeError as e:
@@ -173,16 +196,30 @@ class RequestProtocol(LineReceiver):
     delimiter = b"\n"
     _log = Logger()
 
-    def __init__(self, dispatcher: Dispatcher, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        max_request_bytes: int,
+        connections: set[RequestProtocol] | None = None,
+    ) -> None:
         self._dispatcher = dispatcher
+        self._connections = set() if connections is None else connections
         self._framer = Framer(max_request_bytes)
         self._max_request_bytes = max_request_bytes
+        self._pending = 0
+        self.closed: defer.Deferred[None] = defer.Deferred()
         # LineReceiver's limit is on a line without its "\n"; ours counts the "\n" too.
         self.MAX_LENGTH = max_request_bytes - 1
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._connections.add(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         super().connectionLost(reason)
+        self._connections.discard(self)
+        self.closed.callback(None)
 
     def lineReceived(self, line: bytes) -> None:
         try:
@@ -207,14 +244,22 @@ class RequestProtocol(LineReceiver):
             self.transport.loseConnection()
 
     def _handle(self, request: dict[str, Any]) -> None:
-        request_id = request.get("Id")
+        marked = {"Id": request["Id"]} if "Id" in request else {}
 
         def send(answer: Answer) -> None:
-            if request_id is not None:
-                answer = {**answer, "Id": request_id}
-            self._send(answer)
+            self._send({**answer, **marked})
 
-        self._dispatcher.handle(request, send).addCallback(send)
+        # A client that sends requests without reading answers is not read from until it does.
+        self._pending += 1
+        if self._pending == MAX_PENDING and self.transport is not None:
+            cast(IPushProducer, self.transport).pauseProducing()
+        answered = self._dispatcher.handle(request, send).addCallback(send)
+        answered.addBoth(self._answered)
+
+    def _answered(self, _: object) -> None:
+        self._pending -= 1
+        if self._pending == MAX_PENDING // 2 and self.transport is not None and self.connected:
+            cast(IPushProducer, self.transport).resumeProducing()
 
     def _send(self, answer: Answer) -> None:
         try:
@@ -223,22 +268,56 @@ class RequestProtocol(LineReceiver):
             self._log.failure("answer could not be encoded: {answer!r}", answer=answer)
             refusal = self._dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
             kept = {key: answer[key] for key in ("Header", "Id", "Job") if key in answer}
-            data = json.dumps({**refusal, **kept}, ensure_ascii=False, separators=(",", ":"))
+            data = json.dumps(
+                {**refusal, **kept}, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+            )
         if self.transport is not None and self.connected:
             self.sendLine(data.encode("utf-8"))
 
 
 class RequestFactory(Factory):
-    """Builds a RequestProtocol per connection, all sharing one dispatcher."""
+    """Builds a RequestProtocol per connection, all sharing one dispatcher; knows them all."""
 
     def __init__(self, dispatcher: Dispatcher, max_request_bytes: int) -> None:
         self._dispatcher = dispatcher
         self._max_request_bytes = max_request_bytes
+        self.connections: set[RequestProtocol] = set()
+
+    def close_all(self, clock: IReactorTime, patience: float = 5.0) -> defer.Deferred[None]:
+        """
+        Close every connection once what was written to it is sent (within ``patience``
+        seconds, then at once); fires when all are closed.
+        """
+        connections = list(self.connections)
+        for connection in connections:
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+
+        def abort() -> None:
+            for connection in connections:
+                if connection.connected and connection.transport is not None:
+                    connection.transport.abortConnection()  # type: ignore[attr-defined]
+
+        timer = clock.callLater(patience, abort)
+        closed = defer.DeferredList([c.closed for c in connections])
+        return closed.addCallback(lambda _: timer.cancel() if timer.active() else None)
 
     def buildProtocol(self, addr: object) -> RequestProtocol:
-        protocol = RequestProtocol(self._dispatcher, self._max_request_bytes)
+        protocol = RequestProtocol(self._dispatcher, self._max_request_bytes, self.connections)
         protocol.factory = self
         return protocol
+
+
+class ClosingService(Service):
+    """On stop, closes the clients' connections once their last answers are sent."""
+
+    def __init__(self, factory: RequestFactory, clock: IReactorTime) -> None:
+        self._factory = factory
+        self._clock = clock
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self._factory.close_all(self._clock)
 
 
 def describe(port: IListeningPort) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.python import usage
 
@@ -33,6 +33,28 @@ class Options(usage.Options):
         ["workers", None, None, "Jobs running at once; more wait in order [default: 2]."],
         ["job-timeout", None, None, "Longest a job may run, in seconds [default: 3600]."],
         ["max-request-bytes", None, None, "Largest request accepted, e.g. 1MiB [default: 1MiB]."],
+        [
+            "job-memory",
+            None,
+            None,
+            "Most memory a job's processes may use, e.g. 4GB, or auto (80%% of RAM shared by "
+            "--workers), or none [default: auto].",
+        ],
+        ["max-queued", None, None, "Jobs that may wait; more are refused (Busy) [default: 100]."],
+        ["keep-jobs", None, None, "Days finished jobs and their logs are kept [default: 30]."],
+        [
+            "keep-results",
+            None,
+            None,
+            "Days after which finished jobs' result folders are removed [default: never].",
+        ],
+        [
+            "stop-grace",
+            None,
+            None,
+            "Seconds running jobs may go on after SIGTERM before they are stopped and queued "
+            "again [default: 30].",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -77,40 +99,70 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """The whole server: worker pool, jobs, info, and the listening endpoints."""
+    """The whole server: threads, job database, worker pool, jobs, info, listening endpoints."""
     from twisted.internet import reactor as installed
 
     reactor: Any = installed  # the installed reactor provides every interface used below
 
     from measuring.dispatch import Dispatcher
     from measuring.info import InfoService
-    from measuring.jobs import JobManager
+    from measuring.jobs import JobManager, Limits
     from measuring.pool import WorkerPool, worker_environment
-    from measuring.protocol import ListeningService, RequestFactory
+    from measuring.protocol import ClosingService, ListeningService, RequestFactory
+    from measuring.services import InOrder
     from measuring.stats import Stats
+    from measuring.store import JobDatabase, JobStore
     from measuring.threads import ThreadRunner
 
     settings = options.config
     assert settings is not None
-    top = MultiService()
     stats = Stats()
-    blocking = ThreadRunner(reactor, "measuring-blocking")
-    blocking.setServiceParent(top)
+    blocking = ThreadRunner(reactor, "measuring-blocking", size=2)
+    database = ThreadRunner(reactor, "measuring-database")
+    store = JobStore(
+        JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
+    )
+    environment = worker_environment(
+        os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir
+    )
     pool = WorkerPool(
         reactor,
         reactor,
         settings.workers,
         settings.state_dir,
-        worker_environment(os.environ, os.path.join(settings.state_dir, "tmp")),
+        environment,
+        blocking,
+        settings.job_memory,
     )
-    pool.setServiceParent(top)
-    jobs = JobManager(pool, reactor, settings.workers, settings.job_timeout, stats, blocking)
-    jobs.setServiceParent(top)
+    limits = Limits(
+        workers=settings.workers,
+        job_timeout=settings.job_timeout,
+        max_queued=settings.max_queued,
+        stop_grace=settings.stop_grace,
+        keep_jobs=settings.keep_jobs,
+        keep_results=settings.keep_results,
+    )
+    jobs = JobManager(pool, store, reactor, limits, blocking)
     info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking)
-    info.setServiceParent(top)
     factory = RequestFactory(
-        Dispatcher(info, jobs, stats, settings.data_roots), settings.max_request_bytes
+        Dispatcher(info, jobs, stats, settings.data_roots, (settings.state_dir,)),
+        settings.max_request_bytes,
     )
     listening = [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports]
-    ListeningService(listening, factory).setServiceParent(top)
+
+    # Started in this order; stopped in reverse, each in turn: stop listening, let running jobs
+    # end (or stop them), send the last answers and close connections, end the workers, close
+    # the job database, and only then stop the threads it runs in.
+    top = InOrder()
+    for service in (
+        blocking,
+        database,
+        store,
+        pool,
+        ClosingService(factory, reactor),
+        jobs,
+        info,
+        ListeningService(listening, factory),
+    ):
+        service.setServiceParent(top)
     return top

@@ -19,18 +19,22 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from dask.callbacks import Callback
+
 from measuring import loader
 from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
-from measuring.messages import JOB_FD, REPLY_FD, Message, encode
+from measuring.messages import JOB_FD, JOB_MARK, REPLY_FD, Message, encode, job_tmp
 
 PREVIEW_ROWS = 20
 PREVIEW_BYTES = 64 * 1024
 Formula = Callable[[Any], Any]
+Progress = Callable[[int, int], None]
 
 
 def _where(error: BaseException, path: str) -> str:
@@ -112,8 +116,39 @@ def find_formulas(module: ModuleType, path: str, wanted: list[str] | None) -> di
     return {name: public[name] for name in wanted}
 
 
-def compute(formulas: dict[str, Formula], dataset: Any, path: str) -> dict[str, Any]:
-    """Call every formula on the dataset, then compute all their results in one Dask call."""
+class ProgressReporter(Callback):
+    """A Dask callback reporting ``(tasks done, tasks in all)``, at most every ``every`` seconds."""
+
+    def __init__(self, report: Progress, every: float = 0.25) -> None:
+        super().__init__()
+        self._report = report
+        self._every = every
+        self._last = 0.0
+
+    def _send(self, state: dict[str, Any]) -> None:
+        done = len(state["finished"])
+        self._report(done, done + sum(len(state[k]) for k in ("ready", "waiting", "running")))
+        self._last = time.monotonic()
+
+    def _start_state(self, dsk: Any, state: dict[str, Any]) -> None:
+        self._send(state)
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if time.monotonic() - self._last >= self._every:
+            self._send(state)
+
+    def _finish(self, dsk: Any, state: dict[str, Any], errored: bool) -> None:
+        if not errored:
+            self._send(state)
+
+
+def compute(
+    formulas: dict[str, Formula], dataset: Any, path: str, progress: Progress | None = None
+) -> dict[str, Any]:
+    """
+    Call every formula on the dataset, then compute all their results in one Dask call,
+    reporting its tasks to ``progress(done, total)`` as they complete.
+    """
     import dask
 
     lazy = {}
@@ -124,7 +159,8 @@ def compute(formulas: dict[str, Formula], dataset: Any, path: str) -> dict[str, 
             _print_traceback(e)
             raise JobFailed(f"formula {name!r} raised {describe(e, path)}") from None
     try:
-        values = dask.compute(*lazy.values(), scheduler="threads")
+        with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
+            values = dask.compute(*lazy.values(), scheduler="threads")
     except BaseException as e:
         _print_traceback(e)
         raise JobFailed(
@@ -153,6 +189,8 @@ def as_frame(name: str, value: Any) -> tuple[str, Any]:
                 "_".join(str(level) for level in col if level != "") for col in frame.columns
             ]
         frame.columns = [str(column) for column in frame.columns]
+    elif value is None:
+        raise JobFailed(f"formula {name!r} returned None; does it miss a return statement?")
     elif pd.api.types.is_scalar(value):
         return "Scalar", None
     else:
@@ -226,9 +264,13 @@ def summarize(values: dict[str, Any], job: str, directory: str, output: str) -> 
     return results
 
 
-def run_job(message: Message) -> Message:
+def run_job(message: Message, progress: Progress | None = None) -> Message:
     """Run one job message; the answer is a Done or an Error message, never an exception."""
     path = message["File"]
+    os.environ[JOB_MARK] = message["Job"]
+    # A temporary folder of the job's own, which the server removes when the job has ended.
+    tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
+    os.makedirs(tempfile.tempdir, exist_ok=True)
     try:
         os.chdir(message["Directory"])
         module = import_formulas(path)
@@ -239,7 +281,7 @@ def run_job(message: Message) -> Message:
             _print_traceback(e)
             base = os.path.basename(message["Base"])
             raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
-        values = compute(formulas, dataset, path)
+        values = compute(formulas, dataset, path, progress)
         results = summarize(
             values, message["Job"], message["Directory"], message.get("Output", "parquet")
         )
@@ -266,21 +308,42 @@ def warm_up() -> None:
             compute({"mean": lambda data: data.groupby("sensor").value.mean()}, dataset, path)
 
 
-def _die_with(parent: int) -> None:
-    """Become the leader of a new process group, and end when the server process ends."""
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _settle_in(parent: int) -> None:
+    """
+    Lead a new process group; end when the server ends; keep every process the formulas start
+    below this one (as a subreaper); and be the process the kernel's out-of-memory killer picks
+    before the server.
+    """
     if os.getpgid(0) != os.getpid():
         os.setsid()
     if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
     if os.getppid() != parent:
         os._exit(1)
 
 
+def end_descendants() -> None:
+    """End every process the formulas started and left running (they are all below this one)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=2)
+
+
 def main(argv: list[str]) -> None:
     """The worker process: warm up, say Ready, run one job, report, exit."""
-    _die_with(int(argv[1]))
+    _settle_in(int(argv[1]))
     os.set_inheritable(JOB_FD, False)
     os.set_inheritable(REPLY_FD, False)
     replies = os.fdopen(REPLY_FD, "wb", buffering=0)
@@ -290,7 +353,12 @@ def main(argv: list[str]) -> None:
         line = jobs.readline()
     if not line:
         os._exit(0)
-    answer = run_job(json.loads(line))
+
+    def progress(done: int, total: int) -> None:
+        replies.write(encode({"Type": "Progress", "Done": done, "Total": total}))
+
+    answer = run_job(json.loads(line), progress)
+    end_descendants()
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()

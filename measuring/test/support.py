@@ -75,7 +75,15 @@ def write_formulas(folder: str, source: str = FORMULAS, name: str = "work.py") -
 
 
 class Server(LocalServer):
-    """The real server for a test, in ``folder``; ``descendants`` shows what it left running."""
+    """
+    The real server for a test, in ``folder``; ``descendants`` shows what it left running.
+
+    Jobs still running at the end of a test are given 2 s, not 30, to end when it stops (a test
+    may pass its own ``--stop-grace``; the last one given wins).
+    """
+
+    def __init__(self, folder: str, *arguments: str, patience: float = 60.0) -> None:
+        super().__init__(folder, "--stop-grace", "2", *arguments, patience=patience)
 
     def descendants(self) -> list[int]:
         """Pids of every process below the server."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import psutil
 from twisted.internet import endpoints
 from twisted.internet.testing import MemoryReactor
 from twisted.python.usage import UsageError
@@ -17,6 +18,12 @@ from measuring import config, tap
 from measuring.config import DEFAULT_PORT, Config, parse_size
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def auto_memory(workers: int) -> int:
+    """What ``job-memory = "auto"`` gives each job: an equal share of 80 % of this machine's RAM."""
+    return int(0.8 * psutil.virtual_memory().total / workers)
 
 
 def check_endpoint(description: str) -> object:
@@ -68,6 +75,11 @@ class LoadTests(SynchronousTestCase):
                 workers=2,
                 job_timeout=3600.0,
                 max_request_bytes=MiB,
+                job_memory=auto_memory(2),
+                max_queued=100,
+                keep_jobs=30.0,
+                keep_results=None,
+                stop_grace=30.0,
             ),
         )
 
@@ -81,6 +93,11 @@ class LoadTests(SynchronousTestCase):
                 "workers = 4\n"
                 "job-timeout = 90\n"
                 'max-request-bytes = "512KiB"\n'
+                'job-memory = "2GiB"\n'
+                "max-queued = 10\n"
+                "keep-jobs = 7\n"
+                "keep-results = 0.5\n"
+                "stop-grace = 0\n"
             )
         )
         self.assertEqual(
@@ -92,6 +109,11 @@ class LoadTests(SynchronousTestCase):
                 workers=4,
                 job_timeout=90.0,
                 max_request_bytes=512 * 1024,
+                job_memory=2 * GiB,
+                max_queued=10,
+                keep_jobs=7.0,
+                keep_results=0.5,
+                stop_grace=0.0,
             ),
         )
 
@@ -110,6 +132,18 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(
             (settings.workers, settings.ports, settings.job_timeout), (6, ("tcp:9001",), 12.5)
         )
+
+    def test_jobMemory(self) -> None:
+        """job-memory "auto" shares 80 % of RAM among the workers (as settled); "none": no limit."""
+        self.assertEqual(self.load({"workers": "4"}).job_memory, auto_memory(4))
+        self.assertEqual(
+            self.load(toml='workers = 3\njob-memory = "auto"\n').job_memory, auto_memory(3)
+        )
+        self.assertEqual(self.load({"workers": "2"}, "workers = 8\n").job_memory, auto_memory(2))
+        self.assertEqual(self.load({"job-memory": "none"}).job_memory, None)
+        self.assertEqual(self.load(toml='job-memory = "None"\n').job_memory, None)
+        self.assertEqual(self.load(toml="job-memory = 67108864\n").job_memory, 64 * MiB)
+        self.assertEqual(self.load({"job-memory": "1.5GB"}).job_memory, 1_500_000_000)
 
     def test_symlinkedDataRoot(self) -> None:
         """A data root is kept as its real path."""
@@ -153,6 +187,14 @@ class LoadTests(SynchronousTestCase):
             ({"data-root": ["nowhere"]}, ["--data-root 'nowhere' is not an existing folder"]),
             ({"data-root": ["afile"]}, ["--data-root 'afile' is not an existing folder"]),
             ({"state-dir": "afile/state"}, ["--state-dir", "cannot create 'afile/state'"]),
+            ({"job-memory": "lots"}, ["--job-memory must be a size such as 4GB, or auto, or none"]),
+            ({"job-memory": "32MiB"}, ["--job-memory must be at least 64MiB", "'32MiB'"]),
+            ({"max-queued": "0"}, ["--max-queued must be a whole number of at least 1", "'0'"]),
+            ({"keep-jobs": "0"}, ["--keep-jobs must be a number of days greater than 0", "'0'"]),
+            ({"keep-results": "-1"}, ["--keep-results must be a number of days greater than 0"]),
+            ({"keep-results": "never"}, ["--keep-results must be a number of days", "'never'"]),
+            ({"stop-grace": "-1"}, ["--stop-grace must be a number of seconds of at least 0"]),
+            ({"stop-grace": "inf"}, ["--stop-grace", "'inf'"]),
         ]
         for flags, words in cases:
             self.assertBad(words, flags=flags)
@@ -161,7 +203,7 @@ class LoadTests(SynchronousTestCase):
         """A bad config file stops the start with one line naming the file and the setting."""
         path = self.config_file
         cases: list[tuple[str, list[str]]] = [
-            ("workers = -1\n", [f"{path}: workers must be a whole number of at least 1, not -1"]),
+            ("workers = -1\n", [f"{path}: workers must be a whole number of at least 1", "not -1"]),
             ("workers = 2.5\n", [f"{path}: workers must be a whole number"]),
             ("job-timeout = true\n", [f"{path}: job-timeout must be a number of seconds"]),
             ('max-request-bytes = "1 parsec"\n', [f"{path}: max-request-bytes must be a size"]),
@@ -170,6 +212,12 @@ class LoadTests(SynchronousTestCase):
             ("wokers = 3\n", [f"{path}: unknown setting 'wokers'", "known:", "workers"]),
             ("workers = \n", [f"{path}: not valid TOML"]),
             ("[server]\nworkers = 3\n", [f"{path}: unknown setting 'server'"]),
+            ("job-memory = 1000\n", [f"{path}: job-memory must be at least 64MiB", "1000"]),
+            ("job-memory = true\n", [f"{path}: job-memory must be a size", "True"]),
+            ("max-queued = 0\n", [f"{path}: max-queued must be a whole number of at least 1"]),
+            ("keep-jobs = 0\n", [f"{path}: keep-jobs must be a number of days greater than 0"]),
+            ('keep-results = "soon"\n', [f"{path}: keep-results must be a number of days"]),
+            ("stop-grace = -0.5\n", [f"{path}: stop-grace must be a number of seconds"]),
         ]
         for toml, words in cases:
             self.assertBad(words, toml=toml)
@@ -246,6 +294,8 @@ class OptionsTests(SynchronousTestCase):
             *("--data-root", self.roots[1], "--state-dir", self.state),
             *("--port", "tcp:0:interface=127.0.0.1", "--port", "unix:/run/m.sock"),
             *("--workers", "3", "--job-timeout", "1.5", "--max-request-bytes", "64kB"),
+            *("--job-memory", "1GiB", "--max-queued", "5", "--keep-jobs", "2"),
+            *("--keep-results", "14", "--stop-grace", "0.5"),
         )
         self.assertEqual(
             options.config,
@@ -256,6 +306,11 @@ class OptionsTests(SynchronousTestCase):
                 workers=3,
                 job_timeout=1.5,
                 max_request_bytes=64_000,
+                job_memory=GiB,
+                max_queued=5,
+                keep_jobs=2.0,
+                keep_results=14.0,
+                stop_grace=0.5,
             ),
         )
         self.assertTrue(os.path.isdir(os.path.join(self.state, "tmp")))

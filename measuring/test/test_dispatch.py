@@ -18,9 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from measuring.dispatch import Dispatcher
 from measuring.errors import JobFailed, TooLarge
 from measuring.info import REQUESTS
-from measuring.jobs import JobManager
+from measuring.jobs import JobManager, Limits
 from measuring.stats import Stats
+from measuring.store import JobDatabase, JobStore
 from measuring.test.support import write_formulas
+from measuring.test.test_jobs import FakePool
 from measuring.threads import Synchronous
 
 
@@ -43,50 +45,41 @@ class FakeInfo:
         return defer.succeed({"Asked": request})
 
 
-class FakeRunningJob:
-    """A job the fake pool runs: the test fires ``result``; ``kill`` fails it like the pool does."""
-
-    def __init__(self, message: dict[str, Any]) -> None:
-        self.message = message
-        self.result: defer.Deferred[dict[str, Any]] = defer.Deferred()
-
-    def kill(self, reason: Exception) -> None:
-        self.result.errback(reason)
-
-
-class FakePool:
-    """A worker pool that starts nothing and remembers each job it was given."""
-
-    def __init__(self) -> None:
-        self.running: list[FakeRunningJob] = []
-
-    def run(self, message: dict[str, Any]) -> FakeRunningJob:
-        self.running.append(FakeRunningJob(message))
-        return self.running[-1]
-
-
 class Harness:
-    """A Dispatcher over FakeInfo and the real JobManager (one worker, fake pool, fake clock)."""
+    """
+    A Dispatcher over FakeInfo and the real JobManager: one worker, a fake pool, a fake clock,
+    and the real job database in a folder of the test's own, started (recovery done).
+    """
 
     def __init__(
         self,
+        case: SynchronousTestCase,
         roots: tuple[str, ...] = ("/",),
-        job_timeout: float = 60.0,
         info: FakeInfo | None = None,
+        **limits: Any,
     ) -> None:
         self.clock = Clock()
         self.stats = Stats()
         self.info = FakeInfo() if info is None else info
         self.pool = FakePool()
-        jobs = JobManager(self.pool, self.clock, 1, job_timeout, self.stats, Synchronous())
-        self.dispatcher = Dispatcher(self.info, jobs, self.stats, roots)
+        self.database = JobDatabase(os.path.abspath(case.mktemp()) + ".sqlite")
+        case.addCleanup(self.database.close)
+        self.jobs = JobManager(
+            self.pool,
+            JobStore(self.database, Synchronous()),
+            self.clock,
+            Limits(**{"workers": 1, "job_timeout": 60.0, **limits}),
+            Synchronous(),
+        )
+        self.jobs.startService()
+        self.dispatcher = Dispatcher(self.info, self.jobs, self.stats, roots)
 
 
 class DispatcherTests(SynchronousTestCase):
     """Info routing, answer shapes, Internal errors and the counters."""
 
     def setUp(self) -> None:
-        self.harness = Harness()
+        self.harness = Harness(self)
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.successResultOf(
@@ -153,6 +146,22 @@ class DispatcherTests(SynchronousTestCase):
             '"Header", "Request", "Id"',
         )
 
+    def test_keysPerHeader(self) -> None:
+        """Each Header takes only its own keys: a Job request's key elsewhere is BadRequest."""
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"Header": "Info", "Request": "Status", "Job": "20270115-080000-abcdef"}, "Job"),
+            ({"Header": "Dask", "Request": {}, "State": "queued"}, "State"),
+            ({"Header": "Job", "Request": "List", "Functions": ["peak"]}, "Functions"),
+        ]
+        for request, key in cases:
+            header = request["Header"]
+            self.assertError(
+                self.answer(request),
+                header,
+                "BadRequest",
+                f"the {header} request has an unknown key {key!r}",
+            )
+
     def test_refuse(self) -> None:
         """What could not be read as a request is answered under the Header "Error"."""
         self.assertEqual(
@@ -166,7 +175,7 @@ class DispatcherTests(SynchronousTestCase):
 
     def test_unexpectedErrorIsInternal(self) -> None:
         """An exception that is no protocol error is logged and answered as Internal."""
-        self.harness = Harness(info=FakeInfo(error=RuntimeError("psutil exploded")))
+        self.harness = Harness(self, info=FakeInfo(error=RuntimeError("psutil exploded")))
         answer = self.answer({"Header": "Info", "Request": "Status"})
         self.assertError(answer, "Info", "Internal", "log")
         self.assertNotIn("psutil", answer["Error"]["Message"])
@@ -199,7 +208,7 @@ class DaskTests(SynchronousTestCase):
         self.outside = os.path.realpath(self.mktemp())
         os.makedirs(self.outside)
         write_formulas(self.outside)
-        self.harness = Harness((self.root, self.other_root), job_timeout=30.0)
+        self.harness = Harness(self, (self.root, self.other_root), job_timeout=30.0)
 
     def dask(self, request: object) -> defer.Deferred[dict[str, Any]]:
         """The answer to a Dask request with this ``Request``."""
@@ -218,12 +227,12 @@ class DaskTests(SynchronousTestCase):
         self.assertEqual(answer["Error"]["Code"], code, answer)
         for word in words:
             self.assertIn(word, answer["Error"]["Message"], fields)
-        self.assertEqual(self.harness.pool.running, [])
+        self.assertEqual(self.harness.pool.runs, [])
 
     def test_jobStarted(self) -> None:
         """A valid request starts a job on the real, checked paths with the requested options."""
         self.answer(Functions=["peak", "count"], Output="csv", Engine="fastparquet")
-        [job] = self.harness.pool.running
+        [job] = self.harness.pool.runs
         self.assertEqual(
             job.message,
             {
@@ -241,7 +250,7 @@ class DaskTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """Without Functions, Output and Engine a job runs every formula to Parquet via pyarrow."""
         self.answer(Functions=None)
-        message = self.harness.pool.running[0].message
+        message = self.harness.pool.runs[0].message
         self.assertEqual(
             (message["Functions"], message["Output"], message["Engine"]),
             (None, "parquet", "pyarrow"),
@@ -250,42 +259,50 @@ class DaskTests(SynchronousTestCase):
     def test_directoryInAnyRoot(self) -> None:
         """An absolute Directory inside any data root is accepted."""
         self.answer(Directory=self.other_root)
-        self.assertEqual(self.harness.pool.running[0].message["Directory"], self.other_root)
+        self.assertEqual(self.harness.pool.runs[0].message["Directory"], self.other_root)
 
     def test_jobDone(self) -> None:
         """A finished job is an OK answer with its Job id and its Response, timed by the clock."""
         self.harness.clock.advance(1000)
         answer = self.answer()
-        job = self.harness.pool.running[0]
+        job = self.harness.pool.runs[0]
         self.assertNoResult(answer)
         self.harness.clock.advance(2.5)
-        job.result.callback({"Results": {"peak": "results/x/peak.parquet"}})
+        job.print("hello\n")
+        job.succeed({"peak": {"Kind": "Scalar", "Value": 41.5}})
         self.assertEqual(
             self.successResultOf(answer),
             {
                 "Header": "Dask",
                 "Status": "OK",
-                "Job": job.message["Job"],
-                "Response": {"Results": {"peak": "results/x/peak.parquet"}, "Elapsed": 2.5},
+                "Job": job.job,
+                "Response": {
+                    "Results": {"peak": {"Kind": "Scalar", "Value": 41.5}},
+                    "Log": "hello\n",
+                    "Elapsed": 2.5,
+                },
             },
         )
 
-    def test_jobErrorsCarryJob(self) -> None:
-        """A job that fails or runs out of time is an error answer that still names its Job."""
+    def test_jobErrorsCarryJobAndLog(self) -> None:
+        """A job that fails or runs out of time is an error answer with its Job and its Log."""
         failing, slow = self.answer(), self.answer()
-        self.harness.pool.running[0].result.errback(JobFailed("formula 'peak' raised KeyError"))
+        self.harness.pool.runs[0].print("Traceback ...\n")
+        self.harness.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"))
+        self.harness.pool.runs[1].print("started\n")
         self.harness.clock.advance(30)
-        for answer, code, words in [
-            (failing, "JobFailed", "formula 'peak' raised KeyError"),
-            (slow, "Timeout", "longer than its limit of 30 s"),
+        for answer, code, words, log in [
+            (failing, "JobFailed", "formula 'peak' raised KeyError", "Traceback ...\n"),
+            (slow, "Timeout", "longer than its limit of 30 s", "started\n"),
         ]:
-            job = self.harness.pool.running.pop(0).message["Job"]
+            job = self.harness.pool.runs.pop(0).job
             result = self.successResultOf(answer)
-            self.assertEqual(set(result), {"Header", "Status", "Job", "Error"})
+            self.assertEqual(set(result), {"Header", "Status", "Job", "Log", "Error"})
             self.assertEqual(
-                (result["Header"], result["Status"], result["Job"], result["Error"]["Code"]),
-                ("Dask", "Error", job, code),
+                (result["Header"], result["Status"], result["Job"], result["Log"]),
+                ("Dask", "Error", job, log),
             )
+            self.assertEqual(result["Error"]["Code"], code)
             self.assertIn(words, result["Error"]["Message"])
 
     def test_badFields(self) -> None:
@@ -304,6 +321,12 @@ class DaskTests(SynchronousTestCase):
             ({"Output": "xlsx"}, ['"Output" must be one of "parquet", "csv", "json"', "'xlsx'"]),
             ({"Output": 1}, ['"Output" must be one of']),
             ({"Engine": "polars"}, ['"Engine" must be one of "pyarrow", "fastparquet"']),
+            ({"Timeout": 0}, ['"Timeout" must be a number of at least 0.001', "not 0"]),
+            ({"Timeout": -5}, ['"Timeout" must be a number', "not -5"]),
+            ({"Timeout": "10"}, ['"Timeout" must be a number', "not '10'"]),
+            ({"Timeout": True}, ['"Timeout" must be a number']),
+            ({"Async": "yes"}, ['"Async" must be true or false', "not a string"]),
+            ({"Progress": 1}, ['"Progress" must be true or false', "not a number"]),
             ({"File": "data.parquet"}, ["File 'data.parquet'", "is not a file"]),
         ]
         for fields, words in cases:
@@ -321,7 +344,7 @@ class DaskTests(SynchronousTestCase):
             answer = self.successResultOf(self.dask(request))
             self.assertEqual(answer["Error"]["Code"], "BadRequest")
             self.assertIn('needs "Request": {"Directory"', answer["Error"]["Message"])
-        self.assertEqual(self.harness.pool.running, [])
+        self.assertEqual(self.harness.pool.runs, [])
 
     def test_resultsNotAFolder(self) -> None:
         """A file where the results folder should be is BadRequest naming it."""

@@ -16,25 +16,32 @@ import time
 from typing import Any
 
 import psutil
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring import __version__
 from measuring.info import REQUESTS, InfoService
+from measuring.jobs import Limits
 from measuring.pool import WorkerInfo
 from measuring.stats import Stats
 from measuring.threads import Synchronous
 
 STARTED = 1_800_000_000.0
 STARTED_ISO = "2027-01-15T08:00:00+00:00"
+#: The keys of the "All statistic" answer: the machine's figures, and the server's own.
+MACHINE_FIGURES = {"Cpu", "Memory", "Swap", "Disk", "Load", "Net"}
+SERVER_FIGURES = {"Jobs", "Requests", "Errors", "Uptime"}
 
 
 class FakePool:
-    """The pool as Info sees it: its size and its worker processes."""
+    """The pool as Info sees it: its size, its memory limit per job and its worker processes."""
 
-    def __init__(self, size: int, workers: list[WorkerInfo]) -> None:
+    def __init__(
+        self, size: int, workers: list[WorkerInfo], memory_limit: int | None = None
+    ) -> None:
         self.size = size
         self.workers = workers
+        self.memory_limit = memory_limit
 
     def processes(self) -> list[WorkerInfo]:
         return list(self.workers)
@@ -44,14 +51,36 @@ class FakePool:
         return sum(1 for worker in self.workers if worker.state == "ready")
 
 
-class FakeJobs:
-    """The job manager as Info sees it: how many jobs run and wait."""
+#: Finished jobs on record when there are none, as the job database counts them.
+NO_HISTORY: dict[str, Any] = {
+    "Total": {"Done": 0, "Failed": 0, "Cancelled": 0, "Timeout": 0},
+    "LastHour": {"Done": 0, "Failed": 0, "Cancelled": 0, "Timeout": 0},
+    "MeanSeconds": None,
+}
 
-    def __init__(self, running: int = 0, queued: int = 0) -> None:
-        self.running, self.queued = running, queued
+
+class FakeJobs:
+    """
+    The job manager as Info sees it: its limits, how many jobs run and wait, and the finished
+    jobs on record. ``history`` answers at once, or, with ``slow``, when the test fires it (the
+    real one reads its database in another thread).
+    """
+
+    def __init__(self) -> None:
+        self.limits = Limits()
+        self.running, self.queued = 0, 0
+        self.finished: dict[str, Any] = NO_HISTORY
+        self.slow = False
+        self.asked: list[defer.Deferred[dict[str, Any]]] = []
 
     def counts(self) -> dict[str, int]:
         return {"Running": self.running, "Queued": self.queued}
+
+    def history(self) -> defer.Deferred[dict[str, Any]]:
+        if not self.slow:
+            return defer.succeed(self.finished)
+        self.asked.append(defer.Deferred())
+        return self.asked[-1]
 
 
 class InfoTestCase(SynchronousTestCase):
@@ -112,6 +141,17 @@ class StatusTests(InfoTestCase):
         self.assertEqual(status["Workers"], {"Size": 2, "Ready": 1})
         self.assertEqual(status["DataRoots"], [self.root])
         self.assertEqual(status["Versions"]["measuring"], __version__)
+
+    def test_limits(self) -> None:
+        """Limits tells the job timeout, each job's memory limit (null: none) and the queue's."""
+        self.jobs.limits = Limits(job_timeout=90.0, max_queued=7)
+        self.pool.memory_limit = 512 * 2**20
+        self.assertEqual(
+            self.answer("Status")["Limits"],
+            {"JobTimeout": 90.0, "JobMemory": 512 * 2**20, "MaxQueued": 7},
+        )
+        self.pool.memory_limit = None
+        self.assertEqual(self.answer("Status")["Limits"]["JobMemory"], None)
 
     def test_stateFollowsTheService(self) -> None:
         """State is "starting" before the service starts, "stopping" once it stops."""
@@ -224,24 +264,50 @@ class AllStatisticTests(InfoTestCase):
         self.assertGreaterEqual(answer["Net"]["BytesSent"], 0)
 
     def test_counters(self) -> None:
-        """Jobs, Requests and Errors count what the server did; Uptime is since its start."""
+        """Requests and Errors count the server's answers; Uptime is since its start."""
         self.start()
-        self.jobs.running, self.jobs.queued = 1, 2
         self.stats.request("Info")
         self.stats.request("Info")
         self.stats.request("Dask")
         self.stats.error("BadRequest")
-        self.stats.job_finished("done", 2.0)
-        self.stats.job_finished("failed", 1.0)
         self.clock.advance(7)
         answer = self.answer("All statistic")
+        self.assertEqual(set(answer), MACHINE_FIGURES | SERVER_FIGURES)
         self.assertEqual(answer["Requests"], {"Total": 3, "Info": 2, "Dask": 1})
         self.assertEqual(answer["Errors"], {"Total": 1, "BadRequest": 1})
-        self.assertEqual(
-            answer["Jobs"],
-            {"Running": 1, "Queued": 2, "Finished": 2, "Done": 1, "Failed": 1, "MeanSeconds": 1.5},
-        )
         self.assertEqual(answer["Uptime"], 7.0)
+
+    def test_jobs(self) -> None:
+        """Jobs holds the jobs running and waiting now, and the finished ones on record."""
+        self.start()
+        self.jobs.running, self.jobs.queued = 1, 2
+        self.jobs.finished = {
+            "Total": {"Done": 5, "Failed": 2, "Cancelled": 1, "Timeout": 1},
+            "LastHour": {"Done": 1, "Failed": 0, "Cancelled": 0, "Timeout": 1},
+            "MeanSeconds": 12.25,
+        }
+        self.assertEqual(
+            self.answer("All statistic")["Jobs"],
+            {
+                "Running": 1,
+                "Queued": 2,
+                "Total": {"Done": 5, "Failed": 2, "Cancelled": 1, "Timeout": 1},
+                "LastHour": {"Done": 1, "Failed": 0, "Cancelled": 0, "Timeout": 1},
+                "MeanSeconds": 12.25,
+            },
+        )
+
+    def test_answerWaitsForTheJobRecords(self) -> None:
+        """The answer comes once the finished jobs are read from their records, and holds them."""
+        self.start()
+        self.jobs.slow = True
+        answering = self.info.answer("All statistic")
+        self.assertNoResult(answering)
+        [asked] = self.jobs.asked
+        history = {**NO_HISTORY, "Total": {**NO_HISTORY["Total"], "Done": 3}, "MeanSeconds": 2.0}
+        asked.callback(history)
+        jobs = self.successResultOf(answering)["Jobs"]
+        self.assertEqual((jobs["Total"]["Done"], jobs["MeanSeconds"]), (3, 2.0))
 
 
 class AnswerTests(InfoTestCase):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import select
 import subprocess
+import time
 from typing import Any
 
 import pandas as pd
@@ -97,6 +98,7 @@ class OriginalRequestsTests(ServerTestCase):
     def test_infoRequests(self) -> None:
         """The four Info requests answer OK with the server's own pid, jobs and machine figures."""
         server = self.start()
+        server.wait_until_ready()
         answers = {name: server.ask({"Header": "Info", "Request": name}) for name in INFO}
         for name, answer in answers.items():
             self.assertEqual(
@@ -149,10 +151,12 @@ class OriginalRequestsTests(ServerTestCase):
         server.wait_until_ready()
         with server.connect() as busy:
             busy.send({**self.dask("crash.py", Functions=["spin"]), "Id": "job"})
-            busy.send({"Header": "Info", "Request": "Dask process", "Id": "info"})
-            answer = busy.receive()
-            self.assertEqual(answer["Id"], "info")
-            processes = answer["Response"]["Processes"]
+            deadline = time.monotonic() + 60
+            processes: list[Any] = []
+            while not processes and time.monotonic() < deadline:
+                answer = busy.ask({"Header": "Info", "Request": "Dask process", "Id": "info"})
+                self.assertEqual(answer["Id"], "info")
+                processes = answer["Response"]["Processes"]
             self.assertEqual(len(processes), 1)
             with server.connect() as other:
                 status = other.ask({"Header": "Info", "Request": "Status"})
@@ -231,7 +235,8 @@ class StartTests(SynchronousTestCase):
         """A bad value is named on one line, with no traceback."""
         result = self.run_twistd("--workers", "-1")
         self.assertEqual(result.returncode, 1)
-        self.assertIn("--workers must be a whole number of at least 1, not '-1'", result.stdout)
+        self.assertIn("--workers must be a whole number of at least 1", result.stdout)
+        self.assertIn("not '-1'", result.stdout)
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
     def test_portInUse(self) -> None:

@@ -1,14 +1,18 @@
 """
-Tests for ``measuring.jobs``: the queue, the limit on running jobs, the time limit, the outcomes.
+Tests for ``measuring.jobs``: the queue, its limits, and how a job's end is written down before
+anyone is told. Here too the fakes that ``test_jobs_answers``, ``test_jobs_life`` and
+``test_dispatch`` share.
 
-The pool is an honest fake that behaves like ``measuring.pool.WorkerPool`` seen from outside: each
-``run`` gives a job whose ``result`` fires when the test says the job ended, and whose ``kill``
-fails it with the reason. Time is a ``task.Clock``.
+The job records live in the real job database (SQLite in a temporary folder, through the real
+``JobStore``); the tests read what is on disk with a connection of their own. The worker pool is
+an honest fake that behaves like ``measuring.pool.WorkerPool`` seen from outside: each ``run``
+gives a job whose ``result`` fires when the test says the job ended. Time is a ``task.Clock``.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -16,52 +20,90 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring import loader
-from measuring.errors import Busy, Cancelled, Internal, JobFailed, MeasuringError, Timeout
-from measuring.jobs import JobManager, JobSpec, new_job_id
+from measuring.errors import (
+    Busy,
+    Cancelled,
+    Internal,
+    JobFailed,
+    MeasuringError,
+    MemoryLimit,
+)
+from measuring.jobs import JobManager, Limits
 from measuring.loader import JobPaths
 from measuring.messages import Message
-from measuring.stats import Stats
+from measuring.records import Job, JobSpec, Progress, new_job_id
+from measuring.store import JobDatabase, JobStore
+from measuring.threads import Runner, Synchronous
 
+NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 TIMEOUT = 60.0
 
 
 class FakeRunningJob:
-    """A job handed to ``FakePool``; the test ends it with ``succeed`` or ``fail``."""
+    """A job handed to ``FakePool``; the test ends it with ``succeed``, ``fail`` or ``exited``."""
 
-    def __init__(self, message: Message) -> None:
+    def __init__(self, message: Message, in_worker: bool) -> None:
         self.message = message
+        self.in_worker = in_worker
         self.result: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.on_progress: Progress | None = None
         self.killed_with: MeasuringError | None = None
+        self.printed = ""
+
+    @property
+    def job(self) -> str:
+        return str(self.message["Job"])
 
     def kill(self, reason: MeasuringError) -> None:
-        """Like the real RunningJob: a job killed before its end fails with ``reason``."""
-        if self.result.called:
+        """
+        Like the real RunningJob: a job still waiting for a worker fails with ``reason`` at once;
+        one in a worker fails once its worker has exited (``exited``).
+        """
+        if self.result.called or self.killed_with is not None:
             return
         self.killed_with = reason
-        self.fail(reason)
+        if not self.in_worker:
+            self.fail(reason)
 
-    def succeed(self, results: dict[str, Any], log: str = "") -> None:
-        self.result.callback({"Results": results, "Log": log})
+    def exited(self) -> None:
+        """The worker of a killed job has exited: the job fails with the kill's reason."""
+        assert self.killed_with is not None, "the job was not killed"
+        self.fail(self.killed_with)
 
-    def fail(self, reason: MeasuringError, log: str = "") -> None:
-        reason.extra.setdefault("Log", log)
+    def print(self, text: str) -> None:
+        """The formulas print ``text``."""
+        self.printed += text
+
+    def log_text(self) -> str:
+        return self.printed
+
+    def progress(self, done: int, total: int) -> None:
+        """The worker reports that ``done`` of ``total`` Dask tasks are complete."""
+        if self.on_progress is not None:
+            self.on_progress(done, total)
+
+    def succeed(self, results: dict[str, Any] | None = None) -> None:
+        self.result.callback({"Results": results or {}, "Log": self.printed})
+
+    def fail(self, reason: MeasuringError) -> None:
+        reason.extra.setdefault("Log", self.printed)
         self.result.errback(reason)
 
 
 class FakePool:
-    """Records every job it is asked to run."""
+    """Records every job it is asked to run; ``in_worker`` says whether a worker takes it."""
 
     def __init__(self) -> None:
         self.runs: list[FakeRunningJob] = []
+        self.in_worker = False
 
     def run(self, message: Message) -> FakeRunningJob:
-        running = FakeRunningJob(message)
-        self.runs.append(running)
-        return running
+        self.runs.append(FakeRunningJob(message, self.in_worker))
+        return self.runs[-1]
 
     def started(self) -> list[str]:
         """The ids of the jobs run so far, in the order they were started."""
-        return [running.message["Job"] for running in self.runs]
+        return [running.job for running in self.runs]
 
 
 class RecordingRunner:
@@ -75,14 +117,35 @@ class RecordingRunner:
         return defer.maybeDeferred(f, *args)
 
 
-class JobManagerTestCase(SynchronousTestCase):
-    """A JobManager over a fake pool, a clock at a fixed time and a folder of its own."""
+class HeldRunner:
+    """Like the store's one thread: runs calls in the order given, but only when the test says."""
+
+    def __init__(self) -> None:
+        self.held: deque[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = deque()
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
+        self.held.append((f, args, done))
+        return done
+
+    def step(self) -> None:
+        """Run the oldest held call."""
+        f, args, done = self.held.popleft()
+        defer.maybeDeferred(f, *args).chainDeferred(done)
+
+    def release(self) -> None:
+        """Run every held call, and those they lead to."""
+        while self.held:
+            self.step()
+
+
+class JobsTestCase(SynchronousTestCase):
+    """JobManagers over a fake pool, a clock, and a job database in a folder of the test's own."""
 
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.clock.advance(1_800_000_000)
+        self.clock.advance(NOW)
         self.pool = FakePool()
-        self.stats = Stats()
         self.blocking = RecordingRunner()
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
@@ -93,19 +156,54 @@ class JobManagerTestCase(SynchronousTestCase):
                 os.path.join(self.directory, "work.py"),
             )
         )
+        self.path = os.path.abspath(self.mktemp()) + ".sqlite"
+        self.disk = JobDatabase(self.path)
+        self.addCleanup(self.disk.close)
 
-    def manager(self, workers: int = 1) -> JobManager:
-        return JobManager(self.pool, self.clock, workers, TIMEOUT, self.stats, self.blocking)
+    def manager(self, runner: Runner | None = None, **limits: Any) -> JobManager:
+        """A started JobManager (one worker, TIMEOUT unless told) on the test's database."""
+        database = JobDatabase(self.path)
+        self.addCleanup(database.close)
+        store = JobStore(database, Synchronous() if runner is None else runner)
+        manager = JobManager(
+            self.pool,
+            store,
+            self.clock,
+            Limits(**{"workers": 1, "job_timeout": TIMEOUT, **limits}),
+            self.blocking,
+        )
+        manager.startService()
+        return manager
+
+    def submit(self, manager: JobManager, spec: JobSpec | None = None) -> Job:
+        """Submit a job and return it, recorded."""
+        return self.successResultOf(manager.submit(self.spec if spec is None else spec))
+
+    def watch(self, job: Job) -> tuple[defer.Deferred[dict[str, Any]], list[dict[str, Any]]]:
+        """The job's end, and a list that gets its record as on disk when waiters are told."""
+        seen: list[dict[str, Any]] = []
+
+        def told(outcome: Any) -> Any:
+            seen.append(self.on_disk(job.id))
+            return outcome
+
+        return job.when_finished().addBoth(told), seen
+
+    def on_disk(self, job: str) -> dict[str, Any]:
+        """The job's record as the database holds it."""
+        record = self.disk.get(job)
+        self.assertIsNotNone(record, f"job {job} is not on disk")
+        assert record is not None
+        return record
 
 
-class QueueTests(JobManagerTestCase):
-    """Jobs start in the order they arrive, never more than ``workers`` at once."""
+class QueueTests(JobsTestCase):
+    """Jobs are recorded, then start in the order they arrive, never more than ``workers``."""
 
     def test_firstJobStartsAtOnce(self) -> None:
-        """A job submitted to an idle manager runs at once, with its Job message."""
-        job = self.manager().submit(self.spec)
-        self.assertEqual(job.state, "running")
-        self.assertEqual(job.started, self.clock.seconds())
+        """A job submitted to an idle manager runs at once, with its Job message, noted on disk."""
+        job = self.submit(self.manager())
+        self.assertEqual((job.state, job.started, job.attempts), ("running", NOW, 1))
         self.assertEqual(
             self.pool.runs[0].message,
             {
@@ -119,182 +217,159 @@ class QueueTests(JobManagerTestCase):
                 "Engine": "pyarrow",
             },
         )
+        record = self.on_disk(job.id)
+        self.assertEqual(
+            (record["state"], record["started"], record["attempts"]), ("running", NOW, 1)
+        )
+
+    def test_submitFiresOnceRecorded(self) -> None:
+        """submit fires only once the job's record is committed, and the job is queued on disk."""
+        runner = HeldRunner()
+        manager = self.manager(runner)
+        runner.release()
+        submitted = manager.submit(self.spec)
+        self.assertNoResult(submitted)
+        self.assertEqual(self.disk.recent(None, 10), [])
+        runner.step()
+        job = self.successResultOf(submitted)
+        record = self.on_disk(job.id)
+        self.assertEqual((record["state"], record["submitted"]), ("queued", NOW))
+        self.assertEqual(record["spec"], self.spec.to_json())
+        runner.release()
+        self.assertEqual(self.on_disk(job.id)["state"], "running")
 
     def test_atMostWorkersRun(self) -> None:
-        """With two workers, two of four jobs run and two wait."""
+        """With two workers, two of four jobs run and two wait, on disk too."""
         manager = self.manager(workers=2)
-        jobs = [manager.submit(self.spec) for _ in range(4)]
+        jobs = [self.submit(manager) for _ in range(4)]
         self.assertEqual(self.pool.started(), [jobs[0].id, jobs[1].id])
-        self.assertEqual([job.state for job in jobs], ["running", "running", "queued", "queued"])
+        self.assertEqual(
+            [self.on_disk(job.id)["state"] for job in jobs],
+            ["running", "running", "queued", "queued"],
+        )
         self.assertEqual(manager.counts(), {"Running": 2, "Queued": 2})
 
     def test_jobsRunInArrivalOrder(self) -> None:
         """Each job that ends lets the next one in arrival order start, one at a time."""
         manager = self.manager()
-        jobs = [manager.submit(self.spec) for _ in range(3)]
+        jobs = [self.submit(manager) for _ in range(3)]
         self.assertEqual(self.pool.started(), [jobs[0].id])
-        self.pool.runs[0].succeed({})
+        self.pool.runs[0].succeed()
         self.assertEqual(self.pool.started(), [jobs[0].id, jobs[1].id])
         self.pool.runs[1].fail(JobFailed("formula 'peak' raised ValueError"))
         self.assertEqual(self.pool.started(), [job.id for job in jobs])
         self.assertEqual(manager.counts(), {"Running": 1, "Queued": 0})
 
-    def test_jobIdsSortByTime(self) -> None:
-        """A job id is its UTC submission time and a random suffix."""
-        self.assertRegex(new_job_id(1_800_000_000), r"^20270115-080000-[0-9a-f]{6}$")
-        job = self.manager().submit(self.spec)
-        self.assertRegex(job.id, r"^20270115-080000-[0-9a-f]{6}$")
+    def test_busyAtMaxQueued(self) -> None:
+        """With max_queued jobs waiting, a new one is Busy at once and is not recorded."""
+        manager = self.manager(max_queued=2)
+        for _ in range(3):
+            self.submit(manager)
+        error = self.assertRaises(Busy, manager.submit, self.spec)
+        self.assertIn("2 jobs are waiting already", error.message)
+        self.assertIn("--max-queued 2", error.message)
+        self.assertEqual(len(self.disk.recent(None, 10)), 3)
+        self.pool.runs[0].succeed()
+        self.submit(manager)
+        self.assertEqual(manager.counts(), {"Running": 1, "Queued": 2})
 
-    def test_stopCancelsQueuedJobs(self) -> None:
-        """Stopping the manager cancels the jobs still waiting; the running one goes on."""
+    def test_busyWhenStopping(self) -> None:
+        """Once stopping, a new job is Busy instead of waiting forever, and is not recorded."""
         manager = self.manager()
-        manager.startService()
-        running, queued = manager.submit(self.spec), manager.submit(self.spec)
-        manager.stopService()
-        error = self.failureResultOf(queued.when_finished(), Cancelled).value
-        self.assertEqual((error.code, error.extra["Job"]), ("Cancelled", queued.id))
-        self.assertEqual(queued.state, "cancelled")
-        self.assertEqual(running.state, "running")
-        self.assertEqual(self.pool.started(), [running.id])
-
-    def test_stoppingRefusesNewJobs(self) -> None:
-        """Once stopping, a new job is refused with Busy instead of waiting forever."""
-        manager = self.manager()
-        manager.startService()
         manager.stopService()
         error = self.assertRaises(Busy, manager.submit, self.spec)
         self.assertIn("the server is stopping", error.message)
-        self.assertEqual(self.pool.started(), [])
+        self.assertEqual((self.pool.started(), self.disk.recent(None, 10)), ([], []))
+
+    def test_jobIdsSortByTime(self) -> None:
+        """A job id is its UTC submission time and a random suffix."""
+        self.assertRegex(new_job_id(NOW), r"^20270115-080000-[0-9a-f]{6}$")
+        self.assertRegex(self.submit(self.manager()).id, r"^20270115-080000-[0-9a-f]{6}$")
 
 
-class OutcomeTests(JobManagerTestCase):
-    """What a job's end makes of it: its state, its answer, its error."""
+class OutcomeTests(JobsTestCase):
+    """How a job ends is on disk before those waiting for it are told."""
 
-    def test_successAnswersResultsLogAndElapsed(self) -> None:
-        """A job that succeeds answers its Results, Log and the seconds it ran."""
-        job = self.manager().submit(self.spec)
-        finished = job.when_finished()
+    def test_successWrittenBeforeWaitersAreTold(self) -> None:
+        """A waiter told of success finds the job done on disk, its log in a column of its own."""
+        job = self.submit(self.manager())
+        finished, seen = self.watch(job)
         self.clock.advance(2.5)
-        self.pool.runs[0].succeed({"peak": {"Kind": "Scalar", "Value": 41.5}}, log="hello\n")
-        response = {"Results": {"peak": {"Kind": "Scalar", "Value": 41.5}}, "Log": "hello\n"}
-        self.assertEqual(self.successResultOf(finished), {**response, "Elapsed": 2.5})
-        self.assertEqual(self.successResultOf(job.when_finished()), {**response, "Elapsed": 2.5})
-        self.assertEqual((job.state, job.finished), ("done", self.clock.seconds()))
+        self.pool.runs[0].print("hello\n")
+        self.pool.runs[0].succeed({"peak": {"Kind": "Scalar", "Value": 41.5}})
+        results = {"peak": {"Kind": "Scalar", "Value": 41.5}}
+        self.assertEqual(
+            self.successResultOf(finished), {"Results": results, "Log": "hello\n", "Elapsed": 2.5}
+        )
+        [record] = seen
+        self.assertEqual(
+            (record["state"], record["finished"], record["response"], record["log"]),
+            ("done", NOW + 2.5, {"Results": results, "Elapsed": 2.5}, "hello\n"),
+        )
+        self.assertIsNone(record["error"])
+
+    def test_waitersToldOnlyOnceWritten(self) -> None:
+        """While the end of a job is being written, those waiting for it hear nothing yet."""
+        runner = HeldRunner()
+        manager = self.manager(runner)
+        submitted = manager.submit(self.spec)
+        runner.release()
+        job = self.successResultOf(submitted)
+        finished = job.when_finished()
+        self.pool.runs[0].succeed()
+        self.assertNoResult(finished)
+        self.assertEqual(self.on_disk(job.id)["state"], "running")
+        runner.release()
+        self.successResultOf(finished)
+        self.assertEqual(self.on_disk(job.id)["state"], "done")
+
+    def test_endStatesOnDisk(self) -> None:
+        """Each way a job fails gives its state and its error on disk, then to its waiters."""
+        manager = self.manager()
+        for error, state in [
+            (JobFailed("formula 'peak' raised KeyError"), "failed"),
+            (MemoryLimit("the job used 3.1 GB, more than --job-memory 2 GB"), "failed"),
+            (Cancelled("the job was cancelled"), "cancelled"),
+        ]:
+            job = self.submit(manager)
+            finished, seen = self.watch(job)
+            self.pool.runs[-1].print("Traceback ...\n")
+            self.pool.runs[-1].fail(error)
+            told = self.failureResultOf(finished, type(error)).value
+            self.assertEqual(told.extra, {"Job": job.id, "Log": "Traceback ...\n"})
+            [record] = seen
+            self.assertEqual(
+                (record["state"], record["error"], record["log"], record["response"]),
+                (state, error.to_json(), "Traceback ...\n", None),
+            )
+
+    def test_unexpectedFailureIsInternal(self) -> None:
+        """A failure that is not a protocol error is logged and becomes Internal, "failed"."""
+        job = self.submit(self.manager())
+        self.pool.runs[0].result.errback(RuntimeError("a bug in the pool"))
+        error = self.failureResultOf(job.when_finished(), Internal).value
+        self.assertEqual(error.extra["Job"], job.id)
+        self.assertNotIn("a bug in the pool", error.message)
+        self.assertEqual(self.on_disk(job.id)["error"], error.to_json())
+        self.assertEqual(self.on_disk(job.id)["state"], "failed")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_failureRemovesPartialResults(self) -> None:
+        """After a failed job, what it half-wrote is removed, through the blocking runner."""
+        job = self.submit(self.manager())
+        partial = loader.partial_dir(self.directory, job.id)
+        os.makedirs(partial)
+        self.pool.runs[0].fail(JobFailed("the worker process exited with code 3"))
+        self.assertIn((loader.remove_partial, (self.directory, job.id)), self.blocking.calls)
+        self.assertFalse(os.path.exists(partial))
 
     def test_elapsedCountsFromStart(self) -> None:
         """Elapsed is how long a job ran, not how long it also waited in the queue."""
         manager = self.manager()
-        first, second = manager.submit(self.spec), manager.submit(self.spec)
+        first, second = self.submit(manager), self.submit(manager)
         self.clock.advance(5)
-        self.pool.runs[0].succeed({})
+        self.pool.runs[0].succeed()
         self.clock.advance(3)
-        self.pool.runs[1].succeed({})
+        self.pool.runs[1].succeed()
         self.assertEqual(self.successResultOf(first.when_finished())["Elapsed"], 5.0)
         self.assertEqual(self.successResultOf(second.when_finished())["Elapsed"], 3.0)
-
-    def test_poolFailureFailsTheJob(self) -> None:
-        """A job the pool fails is "failed", its error carrying the Job id and the Log."""
-        job = self.manager().submit(self.spec)
-        finished = job.when_finished()
-        self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"), log="Traceback...")
-        error = self.failureResultOf(finished, JobFailed).value
-        self.assertEqual(job.state, "failed")
-        self.assertIs(job.error, error)
-        self.assertEqual(error.to_json(), {"Code": "JobFailed", "Message": error.message})
-        self.assertEqual(error.message, "formula 'peak' raised KeyError")
-        self.assertEqual(error.extra, {"Job": job.id, "Log": "Traceback..."})
-
-    def test_unexpectedFailureIsInternal(self) -> None:
-        """A failure that is not a protocol error becomes Internal, and is logged."""
-        job = self.manager().submit(self.spec)
-        self.pool.runs[0].result.errback(RuntimeError("a bug in the pool"))
-        error = self.failureResultOf(job.when_finished(), Internal).value
-        self.assertEqual(job.state, "failed")
-        self.assertEqual(error.extra["Job"], job.id)
-        self.assertNotIn("a bug in the pool", error.message)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-
-    def test_cancelledJob(self) -> None:
-        """A job that ends Cancelled is "cancelled"."""
-        job = self.manager().submit(self.spec)
-        self.pool.runs[0].kill(Cancelled("the job was cancelled"))
-        self.failureResultOf(job.when_finished(), Cancelled)
-        self.assertEqual(job.state, "cancelled")
-
-    def test_failureRemovesPartialResults(self) -> None:
-        """After a failed job, what it half-wrote is removed, through the blocking runner."""
-        job = self.manager().submit(self.spec)
-        partial = loader.partial_dir(self.directory, job.id)
-        os.makedirs(partial)
-        self.pool.runs[0].fail(JobFailed("the worker process exited with code 3"))
-        self.assertEqual(self.blocking.calls, [(loader.remove_partial, (self.directory, job.id))])
-        self.assertFalse(os.path.exists(partial))
-
-    def test_successLeavesResults(self) -> None:
-        """A job that succeeds runs no cleanup."""
-        self.manager().submit(self.spec)
-        self.pool.runs[0].succeed({})
-        self.assertEqual(self.blocking.calls, [])
-
-    def test_statsCountFinishedJobsByState(self) -> None:
-        """Stats count finished jobs by how they ended, and their mean duration."""
-        manager = self.manager(workers=3)
-        for _ in range(3):
-            manager.submit(self.spec)
-        done, failed, slow = self.pool.runs
-        self.clock.advance(1.0)
-        done.succeed({})
-        self.clock.advance(1.0)
-        failed.fail(JobFailed("formula 'peak' raised KeyError"))
-        self.clock.advance(TIMEOUT - 2.0)
-        self.assertIsInstance(slow.killed_with, Timeout)
-        self.assertEqual(dict(self.stats.jobs), {"done": 1, "failed": 1, "timeout": 1})
-        jobs = self.stats.snapshot()["Jobs"]
-        self.assertEqual(jobs["Finished"], 3)
-        self.assertEqual(jobs["MeanSeconds"], round((1.0 + 2.0 + TIMEOUT) / 3, 3))
-
-
-class TimeLimitTests(JobManagerTestCase):
-    """A running job is killed once it has run longer than ``job_timeout``."""
-
-    def test_jobPastItsLimitIsKilled(self) -> None:
-        """A job still running at its limit is killed with Timeout and ends "timeout"."""
-        job = self.manager().submit(self.spec)
-        self.clock.advance(TIMEOUT - 0.001)
-        self.assertIsNone(self.pool.runs[0].killed_with)
-        self.clock.advance(0.001)
-        error = self.failureResultOf(job.when_finished(), Timeout).value
-        self.assertIs(self.pool.runs[0].killed_with, error)
-        self.assertEqual(job.state, "timeout")
-        self.assertEqual(error.code, "Timeout")
-        self.assertIn("60 s", error.message)
-        self.assertEqual(error.extra["Job"], job.id)
-        self.assertEqual(self.stats.jobs["timeout"], 1)
-
-    def test_limitCountsFromStart(self) -> None:
-        """A job that waited in the queue gets its whole limit once it starts."""
-        manager = self.manager()
-        first, second = manager.submit(self.spec), manager.submit(self.spec)
-        self.clock.advance(TIMEOUT / 2)
-        self.pool.runs[0].succeed({})
-        self.clock.advance(TIMEOUT - 1)
-        self.assertEqual((first.state, second.state), ("done", "running"))
-        self.clock.advance(1)
-        self.assertEqual(second.state, "timeout")
-
-    def test_finishedJobIsNotKilled(self) -> None:
-        """A job that ends in time is not killed later, and leaves no timer behind."""
-        job = self.manager().submit(self.spec)
-        self.pool.runs[0].succeed({})
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.clock.advance(TIMEOUT * 2)
-        self.assertIsNone(self.pool.runs[0].killed_with)
-        self.assertEqual(job.state, "done")
-
-    def test_timeoutStartsTheNextJob(self) -> None:
-        """A job killed at its limit lets the next waiting job start."""
-        manager = self.manager()
-        first, second = manager.submit(self.spec), manager.submit(self.spec)
-        self.clock.advance(TIMEOUT)
-        self.assertEqual(self.pool.started(), [first.id, second.id])
-        self.assertEqual(manager.counts(), {"Running": 1, "Queued": 0})

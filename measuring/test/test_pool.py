@@ -3,16 +3,21 @@ Tests for ``measuring.pool``: the parent side of the warm worker processes.
 
 ``OutputLog``, ``describe_exit`` and ``worker_environment`` are plain unit tests. ``WorkerPool`` is
 tested with real ``python -m measuring.worker`` processes run by the real reactor (passed in, as
-the server passes it), one worker at a time, since a worker takes a second or two to warm up.
+the server passes it), one worker at a time, since a worker takes a second or two to warm up. Its
+blocking psutil calls run at once (``threads.Synchronous``). Every pool has a mark and every job an
+id of its own, so that the pool ends no process but its own (and a test's).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 import pandas as pd
@@ -23,15 +28,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SynchronousTestCase, TestCase
 
-from measuring.errors import Cancelled, Internal, JobFailed, MeasuringError, Timeout
-from measuring.messages import Message
+from measuring.errors import Cancelled, Internal, JobFailed, MeasuringError, MemoryLimit, Timeout
+from measuring.messages import SERVER_MARK, Message
 from measuring.pool import OutputLog, RunningJob, WorkerPool, describe_exit, worker_environment
 from measuring.test.support import FORMULAS, sample_frame, write_dataset, write_formulas
+from measuring.threads import Synchronous
 
 E = TypeVar("E", bound=MeasuringError)
 
 #: How long a test waits at most for a worker process to do something.
 PATIENCE = 30.0
+MiB = 2**20
 
 
 async def wait_until(
@@ -69,38 +76,48 @@ async def job_error(running: RunningJob, kind: type[E]) -> E:
 
 
 def start_pool(
-    case: TestCase, clock: IReactorTime = reactor, command: Sequence[str] | None = None
+    case: TestCase,
+    clock: IReactorTime = reactor,
+    command: Sequence[str] | None = None,
+    memory_limit: int | None = None,
+    mark: str | None = None,
 ) -> WorkerPool:
     """A started pool of one worker process, stopped (every process ended) after the test."""
     tmp = os.path.abspath(case.mktemp())
     workdir = os.path.abspath(case.mktemp())
     os.makedirs(tmp)
     os.makedirs(workdir)
-    pool = WorkerPool(reactor, clock, 1, workdir, worker_environment(os.environ, tmp), command)
+    environment = worker_environment(os.environ, tmp, mark or workdir)
+    pool = WorkerPool(reactor, clock, 1, workdir, environment, Synchronous(), memory_limit, command)
     pool.startService()
     case.addCleanup(pool.stopService)
     return pool
 
 
-def job_message(case: TestCase, source: str, job: str = "job-1") -> Message:
-    """A Job message running the formulas ``source`` on the sample dataset, in a new folder."""
+def job_message(
+    case: TestCase, source: str, engine: str = "pyarrow", row_group_size: int | None = None
+) -> Message:
+    """A Job message of its own id running ``source`` on the sample dataset, in a new folder."""
     folder = os.path.abspath(case.mktemp())
     os.makedirs(folder)
     return {
         "Type": "Job",
-        "Job": job,
+        "Job": f"job-{uuid.uuid4().hex[:12]}",
         "Directory": folder,
-        "Base": write_dataset(folder),
+        "Base": write_dataset(folder, row_group_size=row_group_size),
         "File": write_formulas(folder, source),
         "Functions": None,
         "Output": "parquet",
-        "Engine": "pyarrow",
+        "Engine": engine,
     }
 
 
-def busy_pid(pool: WorkerPool, job: str) -> int | None:
-    """The pid of the worker process running ``job``, if one does."""
-    return next((worker.pid for worker in pool.processes() if worker.job == job), None)
+def sleeper(case: TestCase, environment: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A process that sleeps with ``environment`` added to this one's, killed after the test."""
+    process = subprocess.Popen(["sleep", "600"], env={**os.environ, **environment})
+    case.addCleanup(process.wait)
+    case.addCleanup(process.kill)
+    return process
 
 
 NOISY_FORMULAS = (
@@ -114,8 +131,12 @@ def noisy(df):
 )
 
 
+#: A formula that ignores SIGTERM and loops forever.
 LOOPING_FORMULAS = """
+import signal
+
 def forever(df):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     open("started", "w").close()
     while True:
         pass
@@ -130,33 +151,60 @@ async def start_looping(pool: WorkerPool, message: Message) -> RunningJob:
     return running
 
 
-#: A formula that forks a process which sleeps; it returns once the process wrote its pid.
-FORKING_FORMULAS = """
+#: A formula that leaves three processes sleeping: one forked in the worker's process group, one
+#: program started in a session of its own, one forked that leaves the group (setsid); then
+#: ``{then}``.
+CHILDREN_FORMULAS = """
 import os
+import subprocess
 import time
 
-def forks(df):
-    if os.fork() == 0:
-        {leave_group}
-        with open("child.tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.rename("child.tmp", "child")
+def _fork(leave_group):
+    pid = os.fork()
+    if pid == 0:
+        if leave_group:
+            os.setsid()
         time.sleep(600)
         os._exit(0)
-    while not os.path.exists("child"):
-        time.sleep(0.01)
-    return 7
+    return pid
+
+def children(df):
+    started = subprocess.Popen(["sleep", "600"], start_new_session=True).pid
+    pids = [_fork(False), started, _fork(True)]
+    with open("children.tmp", "w") as f:
+        f.write(" ".join(map(str, pids)))
+    os.rename("children.tmp", "children")
+    {then}
+"""
+
+#: A formula that takes ever more memory.
+HOARDING_FORMULAS = """
+import time
+
+def hoard(df):
+    kept = []
+    while True:
+        kept.append(bytearray(20 * 2**20))
+        time.sleep(0.05)
 """
 
 
-async def forked_child(case: TestCase, message: Message) -> int:
-    """The pid of the process a job of ``FORKING_FORMULAS`` forked, killed after the test."""
-    path = os.path.join(message["Directory"], "child")
-    await wait_until(lambda: os.path.exists(path), "the start of the forked process")
+async def started_children(case: TestCase, message: Message) -> list[int]:
+    """The pids of the processes a job's formula started and wrote down; killed after the test."""
+    path = os.path.join(message["Directory"], "children")
+    await wait_until(lambda: os.path.exists(path), "the start of the formula's processes")
     with open(path) as f:
-        child = int(f.read())
-    case.addCleanup(end, child)
-    return child
+        children = [int(pid) for pid in f.read().split()]
+    for child in children:
+        case.addCleanup(end, child)
+    return children
+
+
+async def all_ended(children: list[int]) -> None:
+    """Wait for the end of the processes of ``CHILDREN_FORMULAS``; fail naming one that lives."""
+    kinds = ["forked", "started anew", "forked, left the group"]
+    for child, kind in zip(children, kinds, strict=True):
+        await wait_until(partial(gone, child), f"the end of process {child} ({kind})", 5)
 
 
 class OutputLogTests(SynchronousTestCase):
@@ -211,10 +259,16 @@ class WorkerEnvironmentTests(SynchronousTestCase):
 
     def test_onlyWhatPythonNeeds(self) -> None:
         """The server's own variables (secrets) are not passed on; TMPDIR is the worker's folder."""
-        env = worker_environment({"PATH": "/bin", "MEASURING_TOKEN": "secret", "TZ": "UTC"}, "/w")
+        environ = {"PATH": "/bin", "MEASURING_TOKEN": "secret", "TZ": "UTC"}
+        env = worker_environment(environ, "/w", "/srv/state")
         self.assertNotIn("MEASURING_TOKEN", env)
         self.assertNotIn("secret", env.values())
         self.assertEqual((env["PATH"], env["TMPDIR"], env["TZ"]), ("/bin", "/w", "UTC"))
+
+    def test_serverMark(self) -> None:
+        """Workers carry this server's mark in MEASURING_SERVER, not one the server inherited."""
+        env = worker_environment({SERVER_MARK: "another"}, "/w", "/srv/state")
+        self.assertEqual(env[SERVER_MARK], "/srv/state")
 
 
 class WorkerPoolJobTests(TestCase):
@@ -226,6 +280,7 @@ class WorkerPoolJobTests(TestCase):
         """A job answers every formula's result, right, and what the formulas printed as Log."""
         pool = start_pool(self)
         message = job_message(self, NOISY_FORMULAS)
+        job = message["Job"]
         answer = await pool.run(message).result
 
         frame = sample_frame()
@@ -238,7 +293,7 @@ class WorkerPoolJobTests(TestCase):
         means = results["mean_by_sensor"]
         self.assertEqual(
             (means["Kind"], means["File"], means["Rows"], means["Columns"], means["Index"]),
-            ("Series", "results/job-1/mean_by_sensor.parquet", 3, ["value"], ["sensor"]),
+            ("Series", f"results/{job}/mean_by_sensor.parquet", 3, ["value"], ["sensor"]),
         )
         written = pd.read_parquet(os.path.join(message["Directory"], means["File"]))
         pd.testing.assert_series_equal(
@@ -275,33 +330,33 @@ class WorkerPoolJobTests(TestCase):
         self.assertIn("SIGSEGV", error.message)
 
     async def test_processesTheFormulaStartedEndWithTheJob(self) -> None:
-        """A process a formula forks and leaves sleeping is killed when the job ends."""
+        """Processes a formula leaves running, in the worker's group or not, end with its job."""
         pool = start_pool(self)
-        message = job_message(self, FORKING_FORMULAS.format(leave_group="pass"))
+        message = job_message(self, CHILDREN_FORMULAS.format(then="return 7"))
         running = pool.run(message)
-        child = await forked_child(self, message)
-        await wait_until(lambda: running.result.called, "the job's answer")
+        children = await started_children(self, message)
         answer = await running.result
-        self.assertEqual(answer["Results"]["forks"], {"Kind": "Scalar", "Value": 7})
-        await wait_until(lambda: gone(child), f"the end of the forked process {child}")
+        self.assertEqual(answer["Results"]["children"], {"Kind": "Scalar", "Value": 7})
+        await all_ended(children)
 
     async def test_processThatLeavesTheGroupDoesNotHoldTheJob(self) -> None:
-        """A forked process that leaves the worker's process group does not keep its job open."""
+        """A killed job ends though processes left its group; they are swept with it."""
         pool = start_pool(self)
-        message = job_message(self, FORKING_FORMULAS.format(leave_group="os.setsid()"))
+        message = job_message(self, CHILDREN_FORMULAS.format(then="while True:\n        pass"))
         running = pool.run(message)
-        await forked_child(self, message)
-        await wait_until(lambda: running.result.called, "the job's answer", patience=10)
-        answer = await running.result
-        self.assertEqual(answer["Results"]["forks"], {"Kind": "Scalar", "Value": 7})
+        children = await started_children(self, message)
+        running.kill(Cancelled("the job was cancelled"))
+        await wait_until(lambda: running.result.called, "the job's end", patience=10)
+        await job_error(running, Cancelled)
+        await all_ended(children)
 
     async def test_killStopsTheJobWithTheReason(self) -> None:
-        """Killing a job that loops forever fails it with the reason and ends its process."""
+        """Killing a job that loops deaf to SIGTERM fails it with the reason and ends its worker."""
         pool = start_pool(self)
         message = job_message(self, LOOPING_FORMULAS)
         running = await start_looping(pool, message)
-        pid = busy_pid(pool, "job-1")
-        assert pid is not None
+        assert running.worker is not None and running.worker.pid is not None
+        pid = running.worker.pid
         reason = Timeout("the job ran longer than its limit of 5 s and was stopped")
         running.kill(reason)
         error = await job_error(running, Timeout)
@@ -327,16 +382,45 @@ class WorkerPoolJobTests(TestCase):
         self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
         self.assertTrue(gone(first.pid), f"worker process {first.pid} still runs")
 
-        second = await pool.run({**message, "Job": "job-2"}).result
+        again = job_message(self, FORMULAS)
+        second = await pool.run(again).result
         self.assertEqual(second["Results"]["count"]["Value"], 10_000)
-        self.assertTrue(os.path.isdir(os.path.join(message["Directory"], "results", "job-2")))
+        self.assertTrue(os.path.isdir(os.path.join(again["Directory"], "results", again["Job"])))
+
+    async def test_progressReachesTheJob(self) -> None:
+        """The worker's progress reaches on_progress, from (0, n) to (n, n), before the answer."""
+        pool = start_pool(self)
+        message = job_message(self, FORMULAS, engine="fastparquet", row_group_size=2500)
+        running = pool.run(message)
+        reports: list[tuple[int, int]] = []
+        running.on_progress = lambda done, total: reports.append((done, total))
+        answer = await running.result
+        self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
+        total = reports[-1][1]
+        self.assertGreater(total, 1)
+        self.assertEqual((reports[0], reports[-1]), ((0, total), (total, total)))
+        self.assertEqual(reports, sorted(reports))
+
+    async def test_jobOverItsMemoryLimitIsStopped(self) -> None:
+        """A job using more memory than the limit is stopped: MemoryLimit, saying what it used."""
+        pool = start_pool(self, memory_limit=300 * MiB)
+        running = pool.run(job_message(self, HOARDING_FORMULAS))
+        error = await job_error(running, MemoryLimit)
+        self.assertEqual(error.code, "MemoryLimit")
+        self.assertRegex(
+            error.message,
+            r"^the job's processes used [0-9.]+ [MG]iB of memory, more than its limit of 300 MiB",
+        )
+        self.assertGreater(running.peak_rss, 300 * MiB)
+        assert running.worker is not None and running.worker.pid is not None
+        self.assertTrue(gone(running.worker.pid), f"worker process {running.worker.pid} still runs")
 
     async def test_stopEndsEveryWorker(self) -> None:
         """Stopping the pool ends every worker process and cancels its running and waiting jobs."""
         pool = start_pool(self)
         message = job_message(self, LOOPING_FORMULAS)
         running = await start_looping(pool, message)
-        waiting = pool.run({**message, "Job": "job-2"})
+        waiting = pool.run(job_message(self, FORMULAS))
         pids = [worker.pid for worker in pool.processes()]
 
         await pool.stopService()
@@ -349,7 +433,7 @@ class WorkerPoolJobTests(TestCase):
 
 
 class WorkerPoolStartTests(TestCase):
-    """Worker processes that cannot start."""
+    """Starting the pool: what a previous server left running, workers that cannot start."""
 
     timeout = 60
 
@@ -368,3 +452,16 @@ class WorkerPoolStartTests(TestCase):
         error = await job_error(running, Internal)
         self.assertEqual(error.code, "Internal")
         self.assertIn("worker processes fail to start", error.message)
+
+    async def test_processesAPreviousServerLeftAreEnded(self) -> None:
+        """At start, what a previous server of the same mark left is killed before workers start."""
+        mark = os.path.abspath(self.mktemp())
+        left = sleeper(self, {SERVER_MARK: mark})
+        another = sleeper(self, {SERVER_MARK: mark + "-another"})
+        pool = start_pool(self, mark=mark)
+        [first] = pool.processes()
+        await wait_until(lambda: left.poll() is not None, "the end of what was left running")
+        self.assertEqual(left.returncode, -signal.SIGKILL)
+        await wait_until(lambda: pool.ready_count == 1, "a ready worker")
+        self.assertEqual([worker.pid for worker in pool.processes()], [first.pid])
+        self.assertIsNone(another.poll(), "another server's process was killed")

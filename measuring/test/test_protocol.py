@@ -8,6 +8,7 @@ Tests for ``measuring.protocol``: bytes on a connection to JSON requests, one an
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -17,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.errors import BadRequest, TooLarge
 from measuring.protocol import MAX_DEPTH, Framer, RequestProtocol
+from measuring.test.support import write_formulas
 from measuring.test.test_dispatch import Harness
 
 LIMIT = 1024
@@ -40,9 +42,9 @@ class RequestProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.connect()
 
-    def connect(self) -> None:
+    def connect(self, roots: tuple[str, ...] = ("/",)) -> None:
         """A fresh connection to a fresh dispatcher."""
-        self.harness = Harness()
+        self.harness = Harness(self, roots)
         self.info = self.harness.info
         self.protocol = RequestProtocol(self.harness.dispatcher, LIMIT)
         self.transport = StringTransport()
@@ -201,6 +203,25 @@ class RequestProtocolTests(SynchronousTestCase):
             [(answer["Id"], answer["Request"], answer["Response"]) for answer in self.answers()],
             [(2, "All statistic", {"Cpu": 3}), (1, "Status", {"State": "running"})],
         )
+
+    def test_progressLinesCarryId(self) -> None:
+        """Progress lines, and the job's answer after them, each carry the request's Id."""
+        root = os.path.realpath(self.mktemp())
+        os.makedirs(os.path.join(root, "data.parquet"))
+        write_formulas(root)
+        self.connect((root,))
+        fields = {"Directory": ".", "Base": "data.parquet", "File": "work.py", "Progress": True}
+        self.protocol.dataReceived(
+            json.dumps({"Header": "Dask", "Request": fields, "Id": 7}).encode() + b"\n"
+        )
+        [job] = self.harness.pool.runs
+        job.progress(1, 2)
+        job.succeed()
+        progress, answer = self.answers()
+        self.assertEqual(
+            progress, {"Header": "Progress", "Job": job.job, "Done": 1, "Total": 2, "Id": 7}
+        )
+        self.assertEqual((answer["Header"], answer["Status"], answer["Id"]), ("Dask", "OK", 7))
 
     def test_noWriteAfterConnectionLost(self) -> None:
         """An answer that is ready after its connection is gone is not written."""

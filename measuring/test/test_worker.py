@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import os
 import sys
+import tempfile
 from typing import Any
 
+import dask
 import pandas as pd
 from dask.callbacks import Callback
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,14 +37,25 @@ def forget_modules(folder: str) -> None:
             del sys.modules[name]
 
 
+def restore_environ(saved: dict[str, str]) -> None:
+    """Put back the environment ``saved`` (a job sets its mark in it)."""
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 class WorkerTestCase(SynchronousTestCase):
     """
-    A Directory with a small dataset, and cleanups that undo what a job changes in this process:
-    the working directory, ``sys.path``, ``sys.modules`` and what it prints on stderr.
+    A Directory with a small dataset (four row groups), and cleanups that undo what a job changes
+    in this process: the working directory, the environment and temporary folder, ``sys.path``,
+    ``sys.modules`` and what it prints on stderr.
     """
 
     def setUp(self) -> None:
         self.addCleanup(os.chdir, os.getcwd())
+        self.addCleanup(restore_environ, dict(os.environ))
+        tmp = os.path.abspath(self.mktemp())
+        os.makedirs(tmp)
+        self.patch(tempfile, "tempdir", tmp)
         self.addCleanup(sys.path.__setitem__, slice(None), list(sys.path))
         self.stderr = io.StringIO()
         self.patch(sys, "stderr", self.stderr)
@@ -186,6 +199,29 @@ class ComputeTests(WorkerTestCase):
         )
         self.assertEqual(values["readings"], 3995)
 
+    def test_progressFromFirstToLastTask(self) -> None:
+        """With ``progress``, (0, n) is reported as Dask starts and (n, n) when its n tasks end."""
+        reports: list[tuple[int, int]] = []
+        # fastparquet reads one partition per row group: several partitions, several tasks.
+        dataset = loader.read_dataset(self.base, "fastparquet")
+        formulas = {"readings": lambda df: df.value.count()}
+        values = worker.compute(formulas, dataset, self.base, lambda *done: reports.append(done))
+        self.assertEqual(values, {"readings": 3995})
+        total = reports[0][1]
+        self.assertGreater(total, 1)
+        self.assertEqual((reports[0], reports[-1]), ((0, total), (total, total)))
+        self.assertEqual(reports, sorted(reports))
+        self.assertEqual({reported for _, reported in reports}, {total})
+
+    def test_progressIsThrottled(self) -> None:
+        """No report comes sooner than ``every`` seconds after the one before, but the final one."""
+        reports: list[tuple[int, int]] = []
+        dataset = loader.read_dataset(self.base, "fastparquet")
+        with worker.ProgressReporter(lambda *done: reports.append(done), every=3600):
+            dask.compute(dataset.value.sum(), scheduler="threads")
+        total = reports[0][1]
+        self.assertEqual(reports, [(0, total), (total, total)])
+
 
 class RunJobTests(WorkerTestCase):
     """``run_job`` turns a Job message into result files and a Done answer, for both engines."""
@@ -307,6 +343,34 @@ class RunJobTests(WorkerTestCase):
             },
         )
         self.assertFalse(os.path.exists(os.path.join(self.directory, "results", "job")))
+
+    def test_processesCarryTheJobsMark(self) -> None:
+        """A process a formula starts sees the job's id in MEASURING_JOB."""
+        source = """
+            import subprocess
+            import sys
+
+            def mark(df):
+                code = "import os; print(os.environ['MEASURING_JOB'], end='')"
+                run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                return run.stdout
+        """
+        answer = self.run_job(source, job="job-7")
+        self.assertEqual(answer["Results"]["mark"], {"Kind": "Scalar", "Value": "job-7"})
+
+    def test_runAgainReplacesTheResults(self) -> None:
+        """A job run again replaces its results folder whole, and leaves no temporary folder."""
+        results = os.path.join(self.directory, "results")
+        self.run_job()
+        # What a run cut short while writing, or while replacing, leaves behind.
+        os.makedirs(os.path.join(results, ".job.partial", "half"))
+        os.makedirs(os.path.join(results, ".job.old", "stale"))
+        answer = self.run_job(functions=("mean_by_sensor",))
+        self.assertEqual(
+            answer["Results"]["mean_by_sensor"]["File"], "results/job/mean_by_sensor.parquet"
+        )
+        self.assertEqual(os.listdir(results), ["job"])
+        self.assertEqual(os.listdir(os.path.join(results, "job")), ["mean_by_sensor.parquet"])
 
     def test_functionsNarrowTheJob(self) -> None:
         """Only the formulas Functions names run, and only their results are written."""

@@ -1,0 +1,25 @@
+"""
+``InOrder``: a MultiService that stops its children one after another, last started first.
+
+Twisted's MultiService stops all children at once. The server needs an order: stop listening,
+then let running jobs end, then stop the worker pool, then close the job database, and only then
+stop the threads the database runs in.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IService, MultiService
+from twisted.internet import defer
+
+
+class InOrder(MultiService):
+    """Starts children in the order they were added; stops them in reverse, each in turn."""
+
+    async def _stop_all(self) -> None:
+        for child in reversed(list(self)):
+            await defer.maybeDeferred(IService(child).stopService)
+
+    def stopService(self) -> defer.Deferred[None]:
+        # Service.stopService only marks this service as stopped; the children stop below.
+        super(MultiService, self).stopService()
+        return defer.Deferred.fromCoroutine(self._stop_all())

@@ -43,7 +43,7 @@ __all__ = ["Job", "JobManager", "JobSpec", "Limits"]
 
 
 class RunningJob(Protocol):
-    """What the pool gives back for a job it runs (``measuring.pool.RunningJob``)."""
+    """What the pool gives back for a job it runs (``measuring.child.RunningJob``)."""
 
     result: defer.Deferred[dict[str, Any]]
     on_progress: Progress | None

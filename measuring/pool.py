@@ -1,66 +1,36 @@
 """
-Warm worker processes, parent side: start them, hand each one job, collect its answer and log.
+Warm worker processes, parent side: start them, hand each one job, watch their memory.
 
 The pool keeps ``size`` worker processes (``python -m measuring.worker``) started and warmed up in
-advance. Each runs one job and exits; a new one is started in its place at once. Each worker leads
-its own process group, so stopping a job kills everything it started. The pool never waits on a
-process: everything arrives through the reactor. See ``messages`` for what crosses the pipes.
+advance. Each runs one job and exits; a new one starts warming up as soon as one takes a job.
+Each worker leads its own process group, so stopping a job kills everything it started. The pool
+never waits on a process: everything arrives through the reactor. ``child`` is one worker process
+seen from here; ``messages`` is what crosses the pipes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import shutil
-import signal
 import sys
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import measuring
-from measuring.errors import Cancelled, Internal, JobFailed, MeasuringError, MemoryLimit, from_json
-from measuring.messages import JOB_FD, REPLY_FD, Message, MessageBuffer, encode, job_tmp
+from measuring.child import RunningJob, WorkerProcess, describe_exit
+from measuring.errors import Cancelled, Internal, MemoryLimit
+from measuring.messages import JOB_FD, REPLY_FD, Message, job_tmp
 from measuring.processes import SERVER_MARK, WORKER_MARK, kill_marked, tree_rss
 from measuring.threads import Runner
 
-LOG_BYTES = 64 * 1024
-KILL_GRACE = 1.0
-PIPE_GRACE = 1.0
 MEMORY_CHECK = 0.5
-
-
-class OutputLog:
-    """What a job printed, kept to ``limit`` bytes: the beginning and the end, with a cut mark."""
-
-    def __init__(self, limit: int = LOG_BYTES) -> None:
-        self._half = limit // 2
-        self._head = bytearray()
-        self._tail = bytearray()
-        self._cut = 0
-
-    def append(self, data: bytes) -> None:
-        room = self._half - len(self._head)
-        if room > 0:
-            self._head += data[:room]
-            data = data[room:]
-        self._tail += data
-        excess = len(self._tail) - self._half
-        if excess > 0:
-            del self._tail[:excess]
-            self._cut += excess
-
-    def text(self) -> str:
-        cut = f"\n[... {self._cut} bytes cut ...]\n" if self._cut else ""
-        return self._head.decode("utf-8", "replace") + cut + self._tail.decode("utf-8", "replace")
 
 
 def worker_environment(environ: Mapping[str, str], tmp: str, mark: str) -> dict[str, str]:
@@ -84,19 +54,6 @@ def worker_environment(environ: Mapping[str, str], tmp: str, mark: str) -> dict[
     return env
 
 
-def describe_exit(reason: Failure) -> str:
-    """How a process ended: ``exited with code 3``, ``was killed by signal 11 (SIGSEGV)``."""
-    value = reason.value
-    signal_number = getattr(value, "signal", None)
-    if signal_number is not None:
-        try:
-            name = signal.Signals(signal_number).name
-        except ValueError:
-            name = "unknown"
-        return f"was killed by signal {signal_number} ({name})"
-    return f"exited with code {getattr(value, 'exitCode', None)}"
-
-
 class WorkerInfo(NamedTuple):
     """What the pool says about one of its processes."""
 
@@ -104,183 +61,6 @@ class WorkerInfo(NamedTuple):
     state: str
     job: str | None
     started: float | None
-
-
-class RunningJob:
-    """
-    One job handed to the pool: waits for a ready worker, then runs in it.
-
-    ``result`` fires with ``{"Results": ..., "Log": ...}`` or fails with a MeasuringError whose
-    ``extra`` carries the ``Log``.
-    """
-
-    def __init__(self, pool: WorkerPool, message: Message) -> None:
-        self._pool = pool
-        self.message = message
-        self.result: defer.Deferred[dict[str, Any]] = defer.Deferred()
-        self.log = OutputLog()
-        self.worker: WorkerProcess | None = None
-        self.started: float | None = None
-        self.stop_error: MeasuringError | None = None
-        self.on_progress: Callable[[int, int], None] | None = None
-        self.peak_rss = 0
-
-    @property
-    def job(self) -> str:
-        return str(self.message["Job"])
-
-    def kill(self, reason: MeasuringError) -> None:
-        """Stop the job (its whole process group); ``result`` fails with ``reason``."""
-        if self.result.called or self.stop_error is not None:
-            return
-        self.stop_error = reason
-        if self.worker is None:
-            self._pool.forget(self)
-            self.fail(reason)
-        else:
-            self.worker.kill()
-
-    def log_text(self) -> str:
-        """What the job has printed so far."""
-        return self.log.text()
-
-    def succeed(self, results: dict[str, Any]) -> None:
-        self.result.callback({"Results": results, "Log": self.log.text()})
-
-    def fail(self, reason: MeasuringError) -> None:
-        reason.extra.setdefault("Log", self.log.text())
-        self.result.errback(reason)
-
-
-class WorkerProcess(ProcessProtocol):
-    """The parent side of one worker process: starting, then ready, then busy with one job."""
-
-    _log = Logger()
-
-    def __init__(self, pool: WorkerPool, clock: IReactorTime) -> None:
-        self._pool = pool
-        self._clock = clock
-        self._messages = MessageBuffer()
-        self._answer: Message | None = None
-        self._garbled: MeasuringError | None = None
-        self._timers: list[IDelayedCall] = []
-        self.pid: int | None = None
-        self.mark = secrets.token_hex(16)
-        self.state = "starting"
-        self.job: RunningJob | None = None
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
-        self.transport.closeChildFD(0)  # type: ignore[union-attr]
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == REPLY_FD and self._garbled is not None:
-            return
-        if childFD == REPLY_FD:
-            try:
-                messages = self._messages.feed(data)
-            except ValueError as e:
-                self._log.error("worker {pid} sent a bad message: {e}", pid=self.pid, e=e)
-                self._garbled = JobFailed(
-                    f"the job's process sent what the server cannot read: {e}"
-                )
-                self.kill()
-                return
-            for message in messages:
-                self._received(message)
-        elif self.job is not None:
-            self.job.log.append(data)
-        else:
-            self._log.warn(
-                "worker {pid}: {output}",
-                pid=self.pid,
-                output=data[:4096].decode("utf-8", "replace").rstrip(),
-            )
-
-    def _received(self, message: Message) -> None:
-        if message.get("Type") == "Ready" and self.state == "starting":
-            self.state = "ready"
-            self._pool.ready(self)
-        elif message.get("Type") == "Progress" and self.job is not None:
-            if self.job.on_progress is not None:
-                self.job.on_progress(int(message["Done"]), int(message["Total"]))
-        elif message.get("Type") in ("Done", "Error") and self.state == "busy":
-            self._answer = message
-
-    def start(self, job: RunningJob) -> None:
-        """Hand this ready worker its one job."""
-        self.state = "busy"
-        self.job = job
-        job.worker = self
-        job.started = self._clock.seconds()
-        self.transport.writeToChild(JOB_FD, encode(job.message))  # type: ignore[union-attr]
-        self.transport.closeChildFD(JOB_FD)  # type: ignore[union-attr]
-
-    def _signal_group(self, signal_number: int) -> None:
-        if self.pid is None:
-            return
-        try:
-            os.killpg(self.pid, signal_number)
-        except ProcessLookupError:
-            # Not yet the leader of its own group (still starting): signal the process itself.
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal_number)
-        except PermissionError:
-            self._log.warn("cannot signal process group {pid}", pid=self.pid)
-
-    def kill(self) -> None:
-        """Ask the whole process group to end (SIGTERM); force it after a grace (SIGKILL)."""
-        if self.state == "ended":
-            return
-        self._signal_group(signal.SIGTERM)
-        self._timers.append(self._clock.callLater(KILL_GRACE, self._signal_group, signal.SIGKILL))
-
-    def processExited(self, reason: Failure) -> None:
-        # Whatever the worker started and left behind in its group ends with it.
-        self._signal_group(signal.SIGKILL)
-        self._timers.append(self._clock.callLater(PIPE_GRACE, self._close_pipes))
-
-    def _close_pipes(self) -> None:
-        # A descendant that left the process group may still hold the pipes open.
-        if self.transport is not None:
-            for fd in (0, 1, 2, JOB_FD, REPLY_FD):
-                self.transport.closeChildFD(fd)
-
-    def processEnded(self, reason: Failure) -> None:
-        for timer in self._timers:
-            if timer.active():
-                timer.cancel()
-        was = self.state
-        self.state = "ended"
-        self._pool.ended(self, was, reason)
-        if self.job is None:
-            self.ended.callback(None)
-            return
-        # A process a formula started outside the group still carries this worker's mark.
-        job = self.job
-        swept = self._pool.sweep(self, job.job)
-        swept.addBoth(lambda _: self._settle(job, reason))
-        swept.addBoth(lambda _: self.ended.callback(None))
-
-    def _settle(self, job: RunningJob, reason: Failure) -> None:
-        answer = self._answer or {}
-        if self._garbled is not None:
-            job.fail(self._garbled)
-        elif answer.get("Type") == "Done":
-            job.succeed(answer["Results"])
-        elif job.stop_error is not None:
-            job.fail(job.stop_error)
-        elif answer.get("Type") == "Error":
-            job.fail(from_json(answer["Error"]))
-        else:
-            job.fail(
-                JobFailed(
-                    f"the worker process running the formulas {describe_exit(reason)} before it "
-                    f"finished (a crash in native code, os._exit, or the system's out-of-memory "
-                    f"killer can do this)"
-                )
-            )
 
 
 def _size(n: float) -> str:

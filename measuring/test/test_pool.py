@@ -28,9 +28,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SynchronousTestCase, TestCase
 
+from measuring.child import OutputLog, RunningJob, describe_exit
 from measuring.errors import Cancelled, Internal, JobFailed, MeasuringError, MemoryLimit, Timeout
 from measuring.messages import SERVER_MARK, Message
-from measuring.pool import OutputLog, RunningJob, WorkerPool, describe_exit, worker_environment
+from measuring.pool import WorkerPool, worker_environment
 from measuring.test.support import FORMULAS, sample_frame, write_dataset, write_formulas
 from measuring.threads import Synchronous
 
@@ -386,6 +387,15 @@ class WorkerPoolJobTests(TestCase):
         second = await pool.run(again).result
         self.assertEqual(second["Results"]["count"]["Value"], 10_000)
         self.assertTrue(os.path.isdir(os.path.join(again["Directory"], "results", again["Job"])))
+
+    async def test_warmWorkerStandsApart(self) -> None:
+        """A warm worker leads its own process group and is the OOM killer's first pick."""
+        pool = start_pool(self)
+        await wait_until(lambda: pool.ready_count == 1, "a ready worker")
+        [worker] = pool.processes()
+        self.assertEqual(os.getpgid(worker.pid), worker.pid)
+        with open(f"/proc/{worker.pid}/oom_score_adj") as f:
+            self.assertEqual(f.read().strip(), "1000")
 
     async def test_progressReachesTheJob(self) -> None:
         """The worker's progress reaches on_progress, from (0, n) to (n, n), before the answer."""

@@ -131,6 +131,8 @@ class WorkerProcess(ProcessProtocol):
         self._timers: list[IDelayedCall] = []
         self.pid: int | None = None
         self.mark = secrets.token_hex(16)
+        #: With a sandbox: the one folder the worker may write, where its results are written.
+        self.outbox: str | None = None
         self.state = "starting"
         self.job: RunningJob | None = None
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -173,13 +175,14 @@ class WorkerProcess(ProcessProtocol):
         elif message.get("Type") in ("Done", "Error") and self.state == "busy":
             self._answer = message
 
-    def start(self, job: RunningJob) -> None:
-        """Hand this ready worker its one job."""
+    def start(self, job: RunningJob, limits: dict[str, int]) -> None:
+        """Hand this ready worker its one job, with the job's ``limits`` and its outbox."""
         self.state = "busy"
         self.job = job
         job.worker = self
         job.started = self._clock.seconds()
-        self.transport.writeToChild(JOB_FD, encode(job.message))  # type: ignore[union-attr]
+        message = {**job.message, "Limits": limits, "Outbox": self.outbox}
+        self.transport.writeToChild(JOB_FD, encode(message))  # type: ignore[union-attr]
         self.transport.closeChildFD(JOB_FD)  # type: ignore[union-attr]
 
     def _signal_group(self, signal_number: int) -> None:
@@ -224,14 +227,17 @@ class WorkerProcess(ProcessProtocol):
             return
         # A process a formula started outside the group still carries this worker's mark.
         job = self.job
-        swept = self._pool.sweep(self, job.job)
-        swept.addBoth(lambda _: self._settle(job, reason))
-        swept.addBoth(lambda _: self.ended.callback(None))
+        done = self._garbled is None and (self._answer or {}).get("Type") == "Done"
+        finished = self._pool.finish(self, job, place=done and self.outbox is not None)
+        finished.addCallback(lambda problem: self._settle(job, reason, problem))
+        finished.addBoth(lambda _: self.ended.callback(None))
 
-    def _settle(self, job: RunningJob, reason: Failure) -> None:
+    def _settle(self, job: RunningJob, reason: Failure, problem: str | None) -> None:
         answer = self._answer or {}
         if self._garbled is not None:
             job.fail(self._garbled)
+        elif answer.get("Type") == "Done" and problem is not None:
+            job.fail(JobFailed(f"the results could not be put in their folder: {problem}"))
         elif answer.get("Type") == "Done":
             job.succeed(answer["Results"])
         elif job.stop_error is not None:

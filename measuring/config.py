@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.python.usage import UsageError
 
+from measuring.access import beyond_loopback, load_tokens
+
 DEFAULT_PORT = "tcp:8765:interface=127.0.0.1"
+SANDBOXES = ("none", "bwrap")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,14 @@ class Config:
     keep_jobs: float = 30.0
     keep_results: float | None = None
     stop_grace: float = 30.0
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    token_file: str | None = None
+    insecure_no_token: bool = False
+    idle_timeout: float = 300.0
+    max_connections: int = 1000
+    max_result_bytes: int = 10 * 2**30
+    max_job_processes: int = 256
+    sandbox: str = "none"
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
@@ -110,6 +122,27 @@ def _memory(value: object) -> int | str | None:
     return size
 
 
+def _flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    raise ValueError("true or false")
+
+
+def _result_bytes(value: object) -> int:
+    size = parse_size(value)
+    if size < 2**20:
+        raise ValueError("at least 1MiB")
+    return size
+
+
+def _sandbox(value: object) -> str:
+    if value not in SANDBOXES:
+        raise ValueError(f"one of {', '.join(SANDBOXES)}")
+    return str(value)
+
+
 def _request_bytes(value: object) -> int:
     size = parse_size(value)
     if size < 1024:
@@ -143,6 +176,13 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "keep-jobs": _amount("days"),
     "keep-results": _amount("days"),
     "stop-grace": _amount("seconds", zero=True),
+    "token-file": _text,
+    "insecure-no-token": _flag,
+    "idle-timeout": _amount("seconds"),
+    "max-connections": _whole(1),
+    "max-result-bytes": _result_bytes,
+    "max-job-processes": _whole(1),
+    "sandbox": _sandbox,
 }
 
 SETTINGS = tuple(_PARSERS)
@@ -162,6 +202,13 @@ def _defaults(environ: Mapping[str, str], cwd: str) -> dict[str, Any]:
         "keep-jobs": 30.0,
         "keep-results": None,
         "stop-grace": 30.0,
+        "token-file": None,
+        "insecure-no-token": False,
+        "idle-timeout": 300.0,
+        "max-connections": 1000,
+        "max-result-bytes": 10 * 2**30,
+        "max-job-processes": 256,
+        "sandbox": "none",
     }
 
 
@@ -241,13 +288,23 @@ def load(
         _parsed(file_settings, lambda name: f"{config_file}: {name}", settings, sources)
     _parsed(flags, lambda name: f"--{name}", settings, sources)
 
+    filenos: dict[str, int | None] = {}
     for description in settings["port"]:
         try:
-            check_endpoint(description)
+            endpoint = check_endpoint(description)
         except Exception as e:
             raise UsageError(
                 f"{sources['port']} {description!r} is not a usable endpoint: {e}"
             ) from None
+        # An adopted socket (systemd:) knows its descriptor: the one to check for exposure.
+        filenos[description] = getattr(endpoint, "fileno", None)
+
+    tokens = _tokens(settings, sources, cwd, filenos)
+    if settings["sandbox"] == "bwrap" and shutil.which("bwrap") is None:
+        raise UsageError(
+            f"{sources['sandbox']} bwrap needs bubblewrap, which is not installed "
+            f"(apt install bubblewrap)"
+        )
 
     roots = [_data_root(path, cwd, sources["data-root"]) for path in settings["data-root"]]
     return Config(
@@ -262,7 +319,36 @@ def load(
         keep_jobs=settings["keep-jobs"],
         keep_results=settings["keep-results"],
         stop_grace=settings["stop-grace"],
+        tokens=tokens,
+        token_file=_real(settings["token-file"], cwd) if settings["token-file"] else None,
+        insecure_no_token=settings["insecure-no-token"],
+        idle_timeout=settings["idle-timeout"],
+        max_connections=settings["max-connections"],
+        max_result_bytes=settings["max-result-bytes"],
+        max_job_processes=settings["max-job-processes"],
+        sandbox=settings["sandbox"],
     )
+
+
+def _tokens(
+    settings: dict[str, Any], sources: dict[str, str], cwd: str, filenos: dict[str, int | None]
+) -> tuple[str, ...]:
+    """The tokens of the token file; refuse to listen beyond loopback without any."""
+    tokens: tuple[str, ...] = ()
+    if settings["token-file"] is not None:
+        path = _real(settings["token-file"], cwd)
+        try:
+            tokens = load_tokens(path)
+        except ValueError as e:
+            raise UsageError(f"{sources['token-file']} {settings['token-file']!r}: {e}") from None
+    exposed = [port for port in settings["port"] if beyond_loopback(port, filenos.get(port))]
+    if exposed and not tokens and not settings["insecure-no-token"]:
+        raise UsageError(
+            f"{sources['port']} {exposed[0]!r} can be reached from other machines, and no "
+            f"--token-file is set: anyone reaching it could run code here. Set --token-file, "
+            f"listen on 127.0.0.1, or give --insecure-no-token if you really mean it"
+        )
+    return tokens
 
 
 def _job_memory(setting: int | str | None, workers: int) -> int | None:

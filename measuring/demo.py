@@ -1,9 +1,10 @@
 """
-``python -m measuring.demo``: the product's main job, end to end, on its defaults.
+``python -m measuring.demo`` (also ``measuring-client demo``): the product's main job, end to end.
 
-Writes a day of per-second readings from three sensors as Parquet and a formula file into a new
-temporary folder, starts the real server on a free loopback port, sends the Dask request over TCP,
-prints the answer and the result tables, and stops the server. The folder is kept, to look at.
+Writes a week of per-second readings from five sensors (about three million rows) as Parquet and a
+formula file into a new temporary folder, starts the real server on a free loopback port, runs the
+formulas through the client with a progress bar, prints the result tables and stops the server.
+The folder is kept, to look at.
 """
 
 from __future__ import annotations
@@ -16,114 +17,116 @@ import tempfile
 import textwrap
 from typing import Any
 
+from measuring.client import Client, JobError
 from measuring.local import LocalServer
 
-FORMULAS = '''\
+SENSORS = ("pressure-1", "pressure-2", "pressure-3", "temperature-1", "temperature-2")
+THRESHOLD = 31.0
+
+FORMULAS = f'''\
 """Formulas for the measuring demo: each public function gets the dataset as a Dask DataFrame."""
 
-
-def mean_by_sensor(df):
-    """Mean reading of each sensor."""
-    return df.groupby("sensor").value.mean()
+THRESHOLD = {THRESHOLD}
 
 
 def stats_by_sensor(df):
-    """Count, mean, min and max per sensor."""
+    """Count, mean, minimum and maximum of each sensor."""
     return df.groupby("sensor").value.agg(["count", "mean", "min", "max"])
 
 
 def hourly_mean(df):
-    """Hourly mean of all sensors (the file is indexed by time, so resample works)."""
+    """The hourly mean over all sensors (the data is indexed by time, so resample works)."""
     return df.value.resample("1h").mean()
 
 
-def events_over_threshold(df):
-    """Readings above 30, the alarm threshold."""
-    return df[df.value > 30.0]
+def daily_peak_by_sensor(df):
+    """Each sensor's highest reading of each day."""
+    day = df.index.to_series().dt.floor("D")
+    return df.assign(day=day).groupby(["sensor", "day"]).value.max()
+
+
+def alarms(df):
+    """Readings above the alarm threshold."""
+    return df[df.value > THRESHOLD]
+
+
+def alarm_count(df):
+    """How many readings were above the threshold."""
+    return (df.value > THRESHOLD).sum()
 
 
 def peak(df):
-    """The highest reading of the day."""
+    """The highest reading of the week."""
     return df.value.max()
 '''
 
 
-def write_sample(folder: str, seconds: int = 86_400) -> None:
-    """A day of per-second readings from three sensors (time-indexed Parquet) and the formulas."""
+def write_sample(folder: str, days: int = 7) -> int:
+    """Per-second readings of the sensors, indexed by time, and the formulas; returns the rows."""
     import numpy as np
     import pandas as pd
 
     rng = np.random.default_rng(2026)
-    sensors = ["pressure-1", "pressure-2", "temperature-1"]
+    seconds = days * 86_400
+    time = pd.date_range("2026-11-21", periods=seconds, freq="s", name="time")
     frames = []
-    for number, sensor in enumerate(sensors):
-        time = pd.date_range("2026-11-27", periods=seconds, freq="s", name="time")
-        daily = 5.0 * np.sin(np.linspace(0, 2 * np.pi, seconds) + number)
-        value = 20.0 + number * 2 + daily + rng.normal(0.0, 1.5, seconds)
+    for number, sensor in enumerate(SENSORS):
+        cycle = 5.0 * np.sin(np.linspace(0, 2 * np.pi * days, seconds) + number)
+        value = 20.0 + number + cycle + rng.normal(0.0, 1.5, seconds)
         frames.append(pd.DataFrame({"sensor": sensor, "value": value}, index=time))
     data = pd.concat(frames).sort_index(kind="stable")
-    data.to_parquet(os.path.join(folder, "time_series.parquet"), row_group_size=100_000)
+    data["sensor"] = data["sensor"].astype("category")
+    data.to_parquet(os.path.join(folder, "time_series.parquet"), row_group_size=250_000)
     with open(os.path.join(folder, "work.py"), "w") as f:
         f.write(FORMULAS)
-
-
-def _summary(answer: dict[str, Any]) -> str:
-    """One line per result: name, kind, rows and file, or the value."""
-    response = answer["Response"]
-    lines = [f"Job {answer['Job']}: {answer['Status']} in {response['Elapsed']} s"]
-    for name, result in response["Results"].items():
-        if result["Kind"] == "Scalar":
-            lines.append(f"  {name:<24} Scalar     {result['Value']}")
-        else:
-            rows = f"{result['Rows']} rows"
-            lines.append(f"  {name:<24} {result['Kind']:<10} {rows:<11} {result['File']}")
-    return "\n".join(lines)
+    return len(data)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m measuring.demo", description=__doc__)
     parser.add_argument("--folder", help="folder for the sample (default: a new temporary one)")
+    parser.add_argument("--days", type=int, default=7, help="days of readings (default: 7)")
     args = parser.parse_args(argv)
     folder = os.path.realpath(args.folder or tempfile.mkdtemp(prefix="measuring-demo-"))
     os.makedirs(folder, exist_ok=True)
 
-    print(f"Writing a day of readings from three sensors and work.py into {folder}")
-    write_sample(folder)
+    print(
+        f"Writing {args.days} days of per-second readings from {len(SENSORS)} sensors", flush=True
+    )
+    rows = write_sample(folder, args.days)
+    print(f"  {rows:,} rows in {folder}/time_series.parquet, formulas in work.py")
     print("Starting the server: twistd -n measuring --port tcp:0 ...", flush=True)
     server = LocalServer(folder, "--data-root", folder)
     try:
         print(f"Listening on 127.0.0.1:{server.port}\n")
-        request = {
-            "Header": "Dask",
-            "Request": {"Directory": folder, "Base": "time_series.parquet", "File": "work.py"},
-        }
-        print("Request:\n" + json.dumps(request, indent=2), flush=True)
-        answer = server.ask(request)
-        line = json.dumps(answer)
-        print(f"\nAnswer (one line, {len(line)} bytes):\n{line[:300]} ...")
+        request = {"Directory": folder, "Base": "time_series.parquet", "File": "work.py"}
+        print("Running:", json.dumps({"Header": "Dask", "Request": request}), flush=True)
+        with Client("127.0.0.1", server.port) as client:
+            try:
+                job = client.run(folder, "time_series.parquet", "work.py",
+                                 progress=sys.stdout.isatty() or None)  # fmt: skip
+            except JobError as e:
+                print(f"The job failed: {e}", file=sys.stderr)
+                return 1
+            _print_results(job.id, job.status(), job.results)
     finally:
         code = server.stop()
     print("\nServer stopped." if code in (0, -15) else f"\nServer stopped with exit code {code}.")
-    if answer.get("Status") != "OK":
-        print(f"The job failed: {answer['Error']['Message']}", file=sys.stderr)
-        return 1
-    print(_summary(answer))
-    _print_tables(folder, answer["Response"]["Results"])
-    print(f"\nThe data, the formulas and the results are in {folder}")
+    print(f"The data, the formulas and the results are in {folder}")
     return 0
 
 
-def _print_tables(folder: str, results: dict[str, Any]) -> None:
+def _print_results(job: str, status: dict[str, Any], results: dict[str, Any]) -> None:
     import pandas as pd
 
+    print(f"\nJob {job}: {status['State']} in {status['Elapsed']} s")
     with pd.option_context("display.width", 100, "display.max_columns", 10):
         for name, result in results.items():
-            if result["Kind"] == "Scalar":
-                print(f"\n{name}: {result['Value']}")
+            if result.kind == "Scalar":
+                print(f"\n{name}: {result.value}")
                 continue
-            table = pd.read_parquet(os.path.join(folder, result["File"]))
-            print(f"\n{name} ({result['Kind']}, {result['Rows']} rows) from {result['File']}:")
-            print(textwrap.indent(table.head(10).to_string(), "  "))
+            print(f"\n{name} ({result.kind}, {result.rows:,} rows) in {result.file}:")
+            print(textwrap.indent(result.to_pandas().head(8).to_string(), "  "))
 
 
 if __name__ == "__main__":

@@ -16,16 +16,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from measuring import loader
-from measuring.errors import BadRequest, Internal, MeasuringError
+from measuring.access import Tokens
+from measuring.errors import BadRequest, Internal, MeasuringError, Unauthorized
 from measuring.info import REQUESTS
 from measuring.protocol import Answer, Notify, json_type
 from measuring.records import STATES, Job, JobSpec
 from measuring.stats import Stats
 
 KEYS = {
-    "Info": ("Header", "Request", "Id"),
-    "Dask": ("Header", "Request", "Id"),
-    "Job": ("Header", "Request", "Id", "Job", "State", "Limit", "Name", "Offset"),
+    "Info": ("Header", "Request", "Id", "Token"),
+    "Dask": ("Header", "Request", "Id", "Token"),
+    "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset"),
 }
 DASK_FIELDS = (
     "Directory", "Base", "File", "Functions", "Output", "Engine", "Async", "Timeout", "Progress",
@@ -133,21 +134,32 @@ class Dispatcher:
         stats: Stats,
         data_roots: tuple[str, ...],
         private: tuple[str, ...] = (),
+        tokens: Tokens | None = None,
     ) -> None:
         self._info = info
         self._jobs = jobs
         self._stats = stats
         self._data_roots = data_roots
         self._private = private
+        self._tokens = tokens or Tokens()
         self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Answer]]] = {
             "Info": self._info_request,
             "Dask": self._dask_request,
             "Job": self._job_request,
         }
 
-    def handle(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
+    def handle(
+        self, request: dict[str, Any], notify: Notify, client: str = "a client"
+    ) -> defer.Deferred[Answer]:
         """The answer to one request; never fails (errors become error answers)."""
         header = request.get("Header")
+        if not self._tokens.valid(request.get("Token")):
+            self._log.warn("refused a request without a valid token from {client}", client=client)
+            return defer.succeed(
+                self._error_answer(
+                    Unauthorized('this server needs a valid "Token" in every request'), header
+                )
+            )
         answer = defer.maybeDeferred(self._route, header, request, notify)
         return answer.addErrback(self._failed, header)
 
@@ -218,14 +230,15 @@ class Dispatcher:
                     "Response": response,
                 }
             )
+            accepted = {"Header": "Dask", "Status": "Accepted", "Job": job.id}
             if not background:
                 return final
-            # Async: answer now; with Progress, the job's own answer follows when it ends.
             if progress:
-                final.addErrback(self._failed, "Dask").addCallback(notify)
-            else:
-                final.addErrback(lambda _: None)
-            return {"Header": "Dask", "Status": "Accepted", "Job": job.id}
+                # Accepted now; the job's own answer, when it ends, is this request's last line.
+                notify(accepted)
+                return final
+            final.addErrback(lambda _: None)
+            return accepted
 
         return self._jobs.submit(spec).addCallback(submitted)
 

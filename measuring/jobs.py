@@ -283,6 +283,10 @@ class JobManager(Service):
             self._track(cleanup)
         else:
             elapsed = round(self._clock.seconds() - (job.started or 0.0), 3)
+            # The files are where the server says, whatever the worker claimed.
+            for name, entry in outcome["Results"].items():
+                if entry.get("Kind") != "Scalar":
+                    entry["File"] = loader.result_file(job.id, name, job.spec.output)
             self._finish(job, "done", {**outcome, "Elapsed": elapsed}, None)
         self._start_next()
 

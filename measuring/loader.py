@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,7 @@ def resolve_job(
         raise Forbidden(f"{real_directory}/{RESULTS} leads outside its Directory")
     if os.path.exists(results) and not os.path.isdir(results):
         raise BadRequest(f"{real_directory}/{RESULTS} exists and is not a folder; results go there")
+    _not_private("Directory", f"{directory}/{RESULTS}", results, private)
     paths = JobPaths(
         directory=real_directory,
         base=resolve_inside(
@@ -206,6 +208,11 @@ def partial_dir(directory: str, job: str) -> str:
     return os.path.join(directory, RESULTS, f".{job}.partial")
 
 
+def result_file(job: str, name: str, output: str) -> str:
+    """Where a formula's table is, relative to the job's Directory: results/<job>/<name>.<ext>."""
+    return os.path.join(RESULTS, job, name + OUTPUTS[output])
+
+
 def result_dir(directory: str, job: str) -> str:
     """Where a job's results appear, complete."""
     return os.path.join(directory, RESULTS, job)
@@ -229,46 +236,116 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _results_folder(directory: str) -> str:
+    """``<directory>/results``, made if missing, checked to stay inside ``directory``."""
+    results = os.path.join(directory, RESULTS)
+    os.makedirs(results, exist_ok=True)
+    if not inside(os.path.realpath(results), os.path.realpath(directory)):
+        raise Forbidden(f"{results} leads outside its Directory")
+    return results
+
+
+def _publish(directory: str, job: str) -> None:
+    """Give the synced partial folder of ``job`` its final name, replacing an earlier run's."""
+    partial, final = partial_dir(directory, job), result_dir(directory, job)
+    _fsync(partial)
+    if os.path.exists(final):
+        old = _old_dir(directory, job)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, final)
+    _fsync(os.path.join(directory, RESULTS))
+
+
+class ResultsTooLarge(Exception):
+    """A job's results are larger than it may write."""
+
+
 def write_results(
-    directory: str, job: str, frames: dict[str, pd.DataFrame], output: str
+    directory: str,
+    job: str,
+    frames: dict[str, pd.DataFrame],
+    output: str,
+    max_bytes: int | None = None,
 ) -> dict[str, str]:
     """
     Write each frame to ``results/<job>/<name>.<ext>`` and return the paths relative to directory.
 
     The folder appears complete or not at all: everything is written and synced in a partial
     folder beside it, which is then renamed. A job run again replaces the folder its earlier run
-    wrote.
+    wrote. Past ``max_bytes`` in all, ResultsTooLarge is raised and nothing is left.
     """
     if not frames:
         return {}
-    results = os.path.join(directory, RESULTS)
-    os.makedirs(results, exist_ok=True)
-    if not inside(os.path.realpath(results), directory):
-        raise Forbidden(f"{results} leads outside its Directory")
-    partial, final = partial_dir(directory, job), result_dir(directory, job)
+    _results_folder(directory)
+    partial = partial_dir(directory, job)
     shutil.rmtree(partial, ignore_errors=True)
     os.mkdir(partial)
     try:
-        names = {}
+        names, written = {}, 0
         for name, frame in frames.items():
             filename = name + OUTPUTS[output]
-            _WRITERS[output](frame, os.path.join(partial, filename))
-            _fsync(os.path.join(partial, filename))
-            names[name] = os.path.join(RESULTS, job, filename)
-        _fsync(partial)
-        if os.path.exists(final):
-            old = _old_dir(directory, job)
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(partial, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(partial, final)
-        _fsync(results)
+            path = os.path.join(partial, filename)
+            _WRITERS[output](frame, path)
+            _fsync(path)
+            written += os.path.getsize(path)
+            if max_bytes is not None and written > max_bytes:
+                raise ResultsTooLarge(
+                    f"the results take {written} bytes by {name}, more than the "
+                    f"{max_bytes} a job may write (--max-result-bytes)"
+                )
+            names[name] = result_file(job, name, output)
+        _publish(directory, job)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return names
+
+
+def place_results(outbox: str, directory: str, job: str) -> None:
+    """
+    Move the results a sandboxed worker wrote in its ``outbox`` into ``directory``, the same way
+    they appear when written there: complete or not at all (copied when on another file system).
+    """
+    source = result_dir(outbox, job)
+    if not os.path.lexists(source):
+        return
+    # What a sandboxed formula left must not lead the server (which sees everything) elsewhere.
+    if os.path.realpath(source) != os.path.join(os.path.realpath(outbox), RESULTS, job):
+        raise Forbidden(f"{source} leads outside the worker's outbox")
+    for name in os.listdir(source):
+        if not stat.S_ISREG(os.lstat(os.path.join(source, name)).st_mode):
+            raise Forbidden(f"{name} in the results is not a plain file")
+    _results_folder(directory)
+    partial = partial_dir(directory, job)
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        try:
+            os.rename(source, partial)
+        except OSError:
+            shutil.copytree(source, partial, symlinks=True)
+            for name in os.listdir(partial):
+                _fsync(os.path.join(partial, name))
+        _publish(directory, job)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def column_types(frame: pd.DataFrame) -> dict[str, str]:
+    """The dtype of each index level (when written) and column, by name: what JSON loses."""
+    levels = (
+        {
+            str(name): str(frame.index.get_level_values(i).dtype)
+            for i, name in enumerate(frame.index.names)
+        }
+        if has_own_index(frame)
+        else {}
+    )
+    return {**levels, **{str(name): str(dtype) for name, dtype in frame.dtypes.items()}}
 
 
 def has_own_index(frame: pd.DataFrame) -> bool:

@@ -24,10 +24,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import measuring
+from measuring import loader
 from measuring.child import RunningJob, WorkerProcess, describe_exit
 from measuring.errors import Cancelled, Internal, MemoryLimit
 from measuring.messages import JOB_FD, REPLY_FD, Message, job_tmp
 from measuring.processes import SERVER_MARK, WORKER_MARK, kill_marked, tree_rss
+from measuring.sandbox import Bubblewrap
 from measuring.threads import Runner
 
 MEMORY_CHECK = 0.5
@@ -89,6 +91,8 @@ class WorkerPool(Service):
         blocking: Runner,
         memory_limit: int | None = None,
         command: Sequence[str] | None = None,
+        sandbox: Bubblewrap | None = None,
+        job_limits: dict[str, int] | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
@@ -97,6 +101,9 @@ class WorkerPool(Service):
         self._environment = environment
         self._blocking = blocking
         self.memory_limit = memory_limit
+        self._sandbox = sandbox
+        #: What a worker enforces on its job: ``ResultBytes``, ``Processes`` (see worker.py).
+        self.job_limits = job_limits or {}
         # -P: the worker's folder is not on sys.path, so no file there can shadow a module.
         self._command = list(command or [sys.executable, "-P", "-m", "measuring.worker"])
         self._workers: set[WorkerProcess] = set()
@@ -134,19 +141,33 @@ class WorkerPool(Service):
                 pids=killed,
             )
 
-    def sweep(self, worker: WorkerProcess, job: str) -> defer.Deferred[None]:
+    def finish(
+        self, worker: WorkerProcess, job: RunningJob, place: bool
+    ) -> defer.Deferred[str | None]:
         """
-        End every process still carrying the ended ``worker``'s mark (what its formulas
-        started, also outside its process group), and remove ``job``'s temporary folder.
+        After ``worker`` ended: end every process still carrying its mark (what its formulas
+        started, also outside its process group); with ``place``, move the results from its
+        outbox into the job's Directory; remove its temporary folders. Fires with what went
+        wrong placing the results, or None.
         """
-        tmp = self._environment.get("TMPDIR")
+        tmp = worker.outbox or self._environment.get("TMPDIR")
+        directory = str(job.message["Directory"])
 
-        def sweep() -> None:
+        def finish() -> str | None:
             kill_marked(WORKER_MARK, worker.mark)
+            problem = None
+            if place and worker.outbox is not None:
+                try:
+                    loader.place_results(worker.outbox, directory, job.job)
+                except Exception as e:
+                    problem = f"{type(e).__name__}: {e}"
             if tmp:
-                shutil.rmtree(job_tmp(tmp, job), ignore_errors=True)
+                shutil.rmtree(job_tmp(tmp, job.job), ignore_errors=True)
+            if worker.outbox is not None:
+                shutil.rmtree(worker.outbox, ignore_errors=True)
+            return problem
 
-        return self._blocking.run(sweep)
+        return self._blocking.run(finish)
 
     def _check_memory(self) -> defer.Deferred[None] | None:
         busy = [
@@ -198,17 +219,25 @@ class WorkerPool(Service):
         waiting in the queue find warm workers.
         """
         self._respawn = None
-        argv = [*self._command, str(os.getpid())]
         while self.running and sum(w.state != "busy" for w in self._workers) < self.size:
             worker = WorkerProcess(self, self._clock)
             self._workers.add(worker)
+            environment = {**self._environment, WORKER_MARK: worker.mark}
+            argv = [*self._command, str(os.getpid())]
+            if self._sandbox is not None:
+                # In its own PID namespace the worker cannot see the server: bwrap watches it.
+                worker.outbox = os.path.join(self._environment["TMPDIR"], f"worker-{worker.mark}")
+                environment.update(TMPDIR=worker.outbox, HOME=worker.outbox)
+                argv = self._sandbox.command([*self._command, "0"], worker.outbox)
             try:
+                if worker.outbox is not None:
+                    os.makedirs(worker.outbox)
                 self._reactor.spawnProcess(
                     worker,
                     argv[0],
                     argv,
-                    env={**self._environment, WORKER_MARK: worker.mark},
-                    path=self._workdir,
+                    env=environment,
+                    path=worker.outbox or self._workdir,
                     childFDs={0: "w", 1: "r", 2: "r", JOB_FD: "w", REPLY_FD: "r"},
                 )
             except Exception:
@@ -232,7 +261,7 @@ class WorkerPool(Service):
     def _assign(self) -> None:
         started = False
         while self._waiting and self._ready:
-            self._ready.popleft().start(self._waiting.popleft())
+            self._ready.popleft().start(self._waiting.popleft(), self.job_limits)
             started = True
         if started and self._respawn is None:
             self._fill()

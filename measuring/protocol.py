@@ -16,7 +16,9 @@ from typing import Any, Protocol, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet import protocol as twisted_protocol
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IListeningPort,
     IPushProducer,
     IReactorTime,
@@ -27,7 +29,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from measuring.errors import BadRequest, Internal, MeasuringError, TooLarge
+from measuring.errors import BadRequest, Busy, Internal, MeasuringError, Timeout, TooLarge
 
 MAX_DEPTH = 32
 #: Requests a connection may have waiting for their answers before it is no longer read.
@@ -44,7 +46,9 @@ Notify = Callable[[Answer], None]
 class Dispatcher(Protocol):
     """What the framing hands requests to (``measuring.dispatch.Dispatcher``)."""
 
-    def handle(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]: ...
+    def handle(
+        self, request: dict[str, Any], notify: Notify, client: str = ...
+    ) -> defer.Deferred[Answer]: ...
 
     def refuse(self, error: MeasuringError) -> Answer: ...
 
@@ -113,6 +117,12 @@ def parse(text: str) -> dict[str, Any]:
             f"a request must be a JSON object such as "
             f'{{"Header":"Info","Request":"Status"}}, not {json_type(value)}'
         )
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(
+            "the request has a \\u escape that is not a whole character (a lone surrogate)"
+        ) from None
     return value
 
 
@@ -201,12 +211,20 @@ class RequestProtocol(LineReceiver):
         dispatcher: Dispatcher,
         max_request_bytes: int,
         connections: set[RequestProtocol] | None = None,
+        clock: IReactorTime | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._connections = set() if connections is None else connections
         self._framer = Framer(max_request_bytes)
         self._max_request_bytes = max_request_bytes
         self._pending = 0
+        self._unsent = False
+        self._reading = True
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._idle: IDelayedCall | None = None
+        self._client = "a client"
         self.closed: defer.Deferred[None] = defer.Deferred()
         # LineReceiver's limit is on a line without its "\n"; ours counts the "\n" too.
         self.MAX_LENGTH = max_request_bytes - 1
@@ -214,21 +232,84 @@ class RequestProtocol(LineReceiver):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._connections.add(self)
+        if self.transport is not None:
+            peer = self.transport.getPeer()
+            self._client = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+            # The transport pauses us when answers pile up unsent (a client that does not read).
+            self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._rearm()
+
+    # IPushProducer, for the transport: answers wait to be sent, so read no more requests.
+    def pauseProducing(self) -> None:
+        self._unsent = True
+        self._pace()
+
+    def resumeProducing(self) -> None:
+        self._unsent = False
+        self._pace()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _pace(self) -> None:
+        """Read from the client only while its answers are sent and not too many are awaited."""
+        reading = not self._unsent and self._pending < MAX_PENDING
+        if reading == self._reading:
+            return
+        self._reading = reading
+        self.paused = not reading  # LineReceiver takes no more lines from its buffer meanwhile
+        if self.transport is not None and self.connected:
+            producer = cast(IPushProducer, self.transport)
+            if reading:
+                producer.resumeProducing()
+            else:
+                producer.pauseProducing()
+        if reading:
+            self.dataReceived(b"")  # the lines that arrived in the meantime
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
         super().connectionLost(reason)
         self._connections.discard(self)
         self.closed.callback(None)
+
+    def _rearm(self) -> None:
+        """(Re)start the idle timer: it runs from the last complete request."""
+        if self._clock is None or self._idle_timeout is None:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        if self._pending:
+            # A job this connection asked for still runs for it: keep waiting.
+            self._rearm()
+            return
+        self._log.info("closing the idle connection of {client}", client=self._client)
+        self._send(
+            self._dispatcher.refuse(
+                Timeout(
+                    f"no request came for {self._idle_timeout:g} s (--idle-timeout); "
+                    f"the connection is closed"
+                )
+            )
+        )
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
         try:
             text = self._framer.feed(line.decode("utf-8").removesuffix("\r"))
             if text is None:
                 return
+            self._rearm()
             request = parse(text)
         except UnicodeDecodeError:
             self._framer.reset()
+            self._rearm()
             self._refuse(BadRequest("the request is not valid UTF-8"))
         except MeasuringError as e:
             self._refuse(e)
@@ -249,38 +330,65 @@ class RequestProtocol(LineReceiver):
         def send(answer: Answer) -> None:
             self._send({**answer, **marked})
 
-        # A client that sends requests without reading answers is not read from until it does.
         self._pending += 1
-        if self._pending == MAX_PENDING and self.transport is not None:
-            cast(IPushProducer, self.transport).pauseProducing()
-        answered = self._dispatcher.handle(request, send).addCallback(send)
+        self._pace()
+        answered = self._dispatcher.handle(request, send, self._client).addCallback(send)
         answered.addBoth(self._answered)
 
     def _answered(self, _: object) -> None:
         self._pending -= 1
-        if self._pending == MAX_PENDING // 2 and self.transport is not None and self.connected:
-            cast(IPushProducer, self.transport).resumeProducing()
+        self._pace()
+        if self._pending == 0 and self.connected:
+            self._rearm()
 
     def _send(self, answer: Answer) -> None:
         try:
             data = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except ValueError:
+            line = data.encode("utf-8")
+        except ValueError:  # NaN, or a lone surrogate that UTF-8 cannot hold
             self._log.failure("answer could not be encoded: {answer!r}", answer=answer)
             refusal = self._dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
             kept = {key: answer[key] for key in ("Header", "Id", "Job") if key in answer}
-            data = json.dumps(
-                {**refusal, **kept}, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-            )
+            # ensure_ascii escapes whatever UTF-8 could not hold
+            line = json.dumps({**refusal, **kept}, allow_nan=False, separators=(",", ":")).encode()
         if self.transport is not None and self.connected:
-            self.sendLine(data.encode("utf-8"))
+            self.sendLine(line)
+
+
+class _Refusal(twisted_protocol.Protocol):
+    """A connection beyond ``--max-connections``: one error line, then closed."""
+
+    def __init__(self, answer: Answer) -> None:
+        self._answer = answer
+
+    def connectionMade(self) -> None:
+        line = json.dumps(self._answer, separators=(",", ":")).encode("utf-8") + b"\n"
+        if self.transport is not None:
+            self.transport.write(line)
+            self.transport.loseConnection()
 
 
 class RequestFactory(Factory):
-    """Builds a RequestProtocol per connection, all sharing one dispatcher; knows them all."""
+    """
+    Builds a RequestProtocol per connection, all sharing one dispatcher; knows them all, and
+    refuses connections beyond ``max_connections``.
+    """
 
-    def __init__(self, dispatcher: Dispatcher, max_request_bytes: int) -> None:
+    _log = Logger()
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        max_request_bytes: int,
+        clock: IReactorTime | None = None,
+        idle_timeout: float | None = None,
+        max_connections: int | None = None,
+    ) -> None:
         self._dispatcher = dispatcher
         self._max_request_bytes = max_request_bytes
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._max_connections = max_connections
         self.connections: set[RequestProtocol] = set()
 
     def close_all(self, clock: IReactorTime, patience: float = 5.0) -> defer.Deferred[None]:
@@ -302,8 +410,21 @@ class RequestFactory(Factory):
         closed = defer.DeferredList([c.closed for c in connections])
         return closed.addCallback(lambda _: timer.cancel() if timer.active() else None)
 
-    def buildProtocol(self, addr: object) -> RequestProtocol:
-        protocol = RequestProtocol(self._dispatcher, self._max_request_bytes, self.connections)
+    def buildProtocol(self, addr: object) -> twisted_protocol.Protocol:
+        if self._max_connections is not None and len(self.connections) >= self._max_connections:
+            self._log.warn("refused a connection: {n} are open already", n=len(self.connections))
+            busy = Busy(
+                f"the server has {len(self.connections)} connections open, as many as it takes "
+                f"(--max-connections); try again later"
+            )
+            return _Refusal(self._dispatcher.refuse(busy))
+        protocol = RequestProtocol(
+            self._dispatcher,
+            self._max_request_bytes,
+            self.connections,
+            self._clock,
+            self._idle_timeout,
+        )
         protocol.factory = self
         return protocol
 

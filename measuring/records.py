@@ -99,6 +99,8 @@ class Job:
     log: str = ""
     _waiting: list[defer.Deferred[dict[str, Any]]] = field(default_factory=list, repr=False)
     _listeners: list[Progress] = field(default_factory=list, repr=False)
+    #: The last (done, total) its running computation reported.
+    last_progress: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
     def ended(self) -> bool:
@@ -120,6 +122,7 @@ class Job:
             self._listeners.append(progress)
 
     def progress(self, done: int, total: int) -> None:
+        self.last_progress = (done, total)
         for listener in list(self._listeners):
             listener(done, total)
 
@@ -194,6 +197,8 @@ class Job:
             "Attempts": self.attempts,
         }
         del status["Job"]
+        if self.state == "running" and self.last_progress is not None:
+            status["Progress"] = dict(zip(("Done", "Total"), self.last_progress, strict=True))
         if self.response is not None:
             status["Results"] = self.response["Results"]
             status["Elapsed"] = self.response.get("Elapsed")

@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
 from measuring import config
@@ -37,7 +38,7 @@ class Options(usage.Options):
             "job-memory",
             None,
             None,
-            "Most memory a job's processes may use, e.g. 4GB, or auto (80%% of RAM shared by "
+            "Most memory a job's processes may use, e.g. 4GB, or auto (80% of RAM shared by "
             "--workers), or none [default: auto].",
         ],
         ["max-queued", None, None, "Jobs that may wait; more are refused (Busy) [default: 100]."],
@@ -54,6 +55,45 @@ class Options(usage.Options):
             None,
             "Seconds running jobs may go on after SIGTERM before they are stopped and queued "
             "again [default: 30].",
+        ],
+        [
+            "token-file",
+            None,
+            None,
+            "File of secrets, one per line, mode 600: every request must carry one as Token.",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds a connection may go without a complete request [default: 300].",
+        ],
+        ["max-connections", None, None, "Connections open at once [default: 1000]."],
+        [
+            "max-result-bytes",
+            None,
+            None,
+            "Most a job may write, in all and in one file, e.g. 10GiB [default: 10GiB].",
+        ],
+        [
+            "max-job-processes",
+            None,
+            None,
+            "Processes a job may start, beyond those its user runs already [default: 256].",
+        ],
+        [
+            "sandbox",
+            None,
+            None,
+            "none, or bwrap: workers see the data roots read-only, no network, their own PIDs "
+            "[default: none].",
+        ],
+    ]
+    optFlags = [
+        [
+            "insecure-no-token",
+            None,
+            "Listen beyond loopback without a token (anyone reaching the port runs code).",
         ],
     ]
 
@@ -89,7 +129,7 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         flags: dict[str, Any] = {
-            name: self[name] for name in config.SETTINGS if self.get(name) not in (None, [])
+            name: self[name] for name in config.SETTINGS if self.get(name) not in (None, [], 0)
         }
         self.config = config.load(
             flags,
@@ -104,18 +144,28 @@ def makeService(options: Options) -> IService:
 
     reactor: Any = installed  # the installed reactor provides every interface used below
 
+    from measuring.access import Tokens, keep_private
     from measuring.dispatch import Dispatcher
     from measuring.info import InfoService
     from measuring.jobs import JobManager, Limits
     from measuring.pool import WorkerPool, worker_environment
-    from measuring.protocol import ClosingService, ListeningService, RequestFactory
+    from measuring.protocol import ClosingService, ListeningService, RequestFactory, describe
+    from measuring.sandbox import Bubblewrap
     from measuring.services import InOrder
     from measuring.stats import Stats
     from measuring.store import JobDatabase, JobStore
+    from measuring.systemd import NotifyService
     from measuring.threads import ThreadRunner
 
     settings = options.config
     assert settings is not None
+    if settings.insecure_no_token and not settings.tokens:
+        Logger().warn(
+            "measuring runs WITHOUT a token (--insecure-no-token): anyone who can reach "
+            "{ports} can run code on this machine",
+            ports=", ".join(settings.ports),
+        )
+    keep_private()
     stats = Stats()
     blocking = ThreadRunner(reactor, "measuring-blocking", size=2)
     database = ThreadRunner(reactor, "measuring-database")
@@ -125,6 +175,8 @@ def makeService(options: Options) -> IService:
     environment = worker_environment(
         os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir
     )
+    hidden = (settings.state_dir, *([settings.token_file] if settings.token_file else []))
+    sandbox = Bubblewrap(settings.data_roots, hidden) if settings.sandbox == "bwrap" else None
     pool = WorkerPool(
         reactor,
         reactor,
@@ -133,6 +185,11 @@ def makeService(options: Options) -> IService:
         environment,
         blocking,
         settings.job_memory,
+        sandbox=sandbox,
+        job_limits={
+            "ResultBytes": settings.max_result_bytes,
+            "Processes": settings.max_job_processes,
+        },
     )
     limits = Limits(
         workers=settings.workers,
@@ -144,15 +201,22 @@ def makeService(options: Options) -> IService:
     )
     jobs = JobManager(pool, store, reactor, limits, blocking)
     info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking)
+    dispatcher = Dispatcher(
+        info, jobs, stats, settings.data_roots, (settings.state_dir,), Tokens(settings.tokens)
+    )
     factory = RequestFactory(
-        Dispatcher(info, jobs, stats, settings.data_roots, (settings.state_dir,)),
+        dispatcher,
         settings.max_request_bytes,
+        reactor,
+        settings.idle_timeout,
+        settings.max_connections,
     )
     listening = [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports]
 
-    # Started in this order; stopped in reverse, each in turn: stop listening, let running jobs
-    # end (or stop them), send the last answers and close connections, end the workers, close
-    # the job database, and only then stop the threads it runs in.
+    listener = ListeningService(listening, factory)
+    # Started in this order; stopped in reverse, each in turn: tell systemd, stop listening, let
+    # running jobs end (or stop them), send the last answers and close connections, end the
+    # workers, close the job database, and only then stop the threads it runs in.
     top = InOrder()
     for service in (
         blocking,
@@ -162,7 +226,8 @@ def makeService(options: Options) -> IService:
         ClosingService(factory, reactor),
         jobs,
         info,
-        ListeningService(listening, factory),
+        listener,
+        NotifyService(reactor, lambda: [describe(port) for port in listener.ports]),
     ):
         service.setServiceParent(top)
     return top

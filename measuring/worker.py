@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import importlib.util
 import inspect
 import json
@@ -230,7 +231,9 @@ def preview(frame: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(values: dict[str, Any], job: str, directory: str, output: str) -> dict[str, Any]:
+def summarize(
+    values: dict[str, Any], job: str, directory: str, output: str, max_bytes: int | None = None
+) -> dict[str, Any]:
     """Write the tables among ``values`` and describe every result for the answer."""
     results: dict[str, Any] = {}
     frames = {}
@@ -248,12 +251,23 @@ def summarize(values: dict[str, Any], job: str, directory: str, output: str) -> 
             "Index": [str(level) for level in frame.index.names]
             if loader.has_own_index(frame)
             else [],
+            "Types": loader.column_types(frame),
             "Preview": preview(frame),
         }
     try:
-        files = loader.write_results(directory, job, frames, output)
+        files = loader.write_results(directory, job, frames, output, max_bytes)
     except MeasuringError:
         raise
+    except loader.ResultsTooLarge as e:
+        raise JobFailed(str(e)) from None
+    except OSError as e:
+        _print_traceback(e)
+        if e.errno == errno.EFBIG:
+            raise JobFailed(
+                f"a result file grew past {max_bytes} bytes, the most a job may write "
+                f"(--max-result-bytes)"
+            ) from None
+        raise JobFailed(f"writing the results failed: {type(e).__name__}: {e}") from None
     except Exception as e:
         _print_traceback(e)
         raise JobFailed(
@@ -268,6 +282,8 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     """Run one job message; the answer is a Done or an Error message, never an exception."""
     path = message["File"]
     os.environ[JOB_MARK] = message["Job"]
+    limits = message.get("Limits") or {}
+    limit_job(limits, sandboxed=message.get("Outbox") is not None)
     # A temporary folder of the job's own, which the server removes when the job has ended.
     tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
     os.makedirs(tempfile.tempdir, exist_ok=True)
@@ -283,7 +299,11 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
         values = compute(formulas, dataset, path, progress)
         results = summarize(
-            values, message["Job"], message["Directory"], message.get("Output", "parquet")
+            values,
+            message["Job"],
+            message.get("Outbox") or message["Directory"],
+            message.get("Output", "parquet"),
+            limits.get("ResultBytes"),
         )
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}
@@ -294,6 +314,33 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             "Error": Internal(f"the worker failed: {type(e).__name__}: {e}").to_json(),
         }
     return {"Type": "Done", "Results": results}
+
+
+def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
+    """
+    Hold the job to its limits: no file larger than ``ResultBytes`` (a write past it fails with
+    EFBIG), and at most ``Processes`` more processes than its user runs now (not in the sandbox,
+    where a PID namespace and the service's TasksMax bound them; and the kernel exempts root).
+    """
+    import resource
+
+    if limits.get("ResultBytes"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        _lower(resource.RLIMIT_FSIZE, limits["ResultBytes"])
+    if limits.get("Processes") and not sandboxed:
+        import psutil
+
+        uid = os.getuid()
+        running = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"].real == uid)
+        _lower(resource.RLIMIT_NPROC, running + limits["Processes"])
+
+
+def _lower(limit: int, value: int) -> None:
+    import resource
+
+    _, hard = resource.getrlimit(limit)
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    resource.setrlimit(limit, (value, value))
 
 
 def warm_up() -> None:
@@ -326,7 +373,7 @@ def _settle_in(parent: int) -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
-    if os.getppid() != parent:
+    if parent and os.getppid() != parent:
         os._exit(1)
 
 

@@ -31,8 +31,8 @@ def check_endpoint(description: str) -> object:
     return endpoints.serverFromString(MemoryReactor(), description)
 
 
-class LoadTests(SynchronousTestCase):
-    """``config.load``: where each setting comes from, and what a bad one says."""
+class LoadTestCase(SynchronousTestCase):
+    """A current folder with a ``data`` folder, and ``load`` to settle settings in it."""
 
     def setUp(self) -> None:
         self.cwd = os.path.realpath(self.mktemp())
@@ -64,6 +64,10 @@ class LoadTests(SynchronousTestCase):
         for word in words:
             self.assertIn(word, message)
 
+
+class LoadTests(LoadTestCase):
+    """``config.load``: where each setting comes from, and what a bad one says."""
+
     def test_defaults(self) -> None:
         """Without file or flags: localhost:8765, the current folder, ./.measuring, 2 workers."""
         self.assertEqual(
@@ -87,7 +91,7 @@ class LoadTests(SynchronousTestCase):
         """Every setting can come from the TOML file; relative paths are from the current folder."""
         settings = self.load(
             toml=(
-                'port = ["tcp:9000", "unix:/run/measuring.sock"]\n'
+                'port = ["tcp:9000:interface=127.0.0.1", "unix:/run/measuring.sock"]\n'
                 'data-root = ["data", "data/.", "."]\n'
                 'state-dir = "var/state"\n'
                 "workers = 4\n"
@@ -103,7 +107,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(
             settings,
             Config(
-                ports=("tcp:9000", "unix:/run/measuring.sock"),
+                ports=("tcp:9000:interface=127.0.0.1", "unix:/run/measuring.sock"),
                 data_roots=(os.path.join(self.cwd, "data"), self.cwd),
                 state_dir=os.path.join(self.cwd, "var", "state"),
                 workers=4,
@@ -119,18 +123,19 @@ class LoadTests(SynchronousTestCase):
 
     def test_oneValueForRepeatable(self) -> None:
         """A single string in the file is one port or one data root."""
-        settings = self.load(toml='port = "tcp:9000"\ndata-root = "data"\n')
-        self.assertEqual(settings.ports, ("tcp:9000",))
+        settings = self.load(toml='port = "unix:/run/m.sock"\ndata-root = "data"\n')
+        self.assertEqual(settings.ports, ("unix:/run/m.sock",))
         self.assertEqual(settings.data_roots, (os.path.join(self.cwd, "data"),))
 
     def test_flagsWin(self) -> None:
         """A flag replaces the file's value; settings without a flag keep the file's."""
         settings = self.load(
-            flags={"workers": "6", "port": ["tcp:9001"]},
-            toml='workers = 3\nport = ["tcp:9000"]\njob-timeout = 12.5\n',
+            flags={"workers": "6", "port": ["unix:/run/b.sock"]},
+            toml='workers = 3\nport = ["unix:/run/a.sock"]\njob-timeout = 12.5\n',
         )
         self.assertEqual(
-            (settings.workers, settings.ports, settings.job_timeout), (6, ("tcp:9001",), 12.5)
+            (settings.workers, settings.ports, settings.job_timeout),
+            (6, ("unix:/run/b.sock",), 12.5),
         )
 
     def test_jobMemory(self) -> None:
@@ -273,8 +278,8 @@ class ParseSizeTests(SynchronousTestCase):
             self.assertIn("a size", str(error))
 
 
-class OptionsTests(SynchronousTestCase):
-    """``twistd measuring`` flags, as ``tap.Options`` parses them."""
+class OptionsTestCase(SynchronousTestCase):
+    """Two data roots and a state folder, and ``parse`` to read flags as twistd does."""
 
     def setUp(self) -> None:
         self.folder = os.path.realpath(self.mktemp())
@@ -287,6 +292,10 @@ class OptionsTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions(["--data-root", self.roots[0], *arguments])
         return options
+
+
+class OptionsTests(OptionsTestCase):
+    """``twistd measuring`` flags, as ``tap.Options`` parses them."""
 
     def test_flags(self) -> None:
         """Every flag reaches the settings; --port and --data-root repeat."""

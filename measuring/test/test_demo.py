@@ -20,7 +20,7 @@ class DemoTests(SynchronousTestCase):
         """It prints results that match the sample data, keeps the files and stops the server."""
         folder = os.path.realpath(self.mktemp())
         result = subprocess.run(
-            [sys.executable, "-m", "measuring.demo", "--folder", folder],
+            [sys.executable, "-m", "measuring.demo", "--days", "1", "--folder", folder],
             env=environment(),
             capture_output=True,
             text=True,
@@ -28,14 +28,14 @@ class DemoTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         data = pd.read_parquet(os.path.join(folder, "time_series.parquet"))
-        self.assertEqual(len(data), 3 * 86_400)
-        self.assertIn(
-            f"peak                     Scalar     {float(data.value.max())!r}", result.stdout
-        )
+        self.assertEqual(len(data), 5 * 86_400)
+        self.assertIn(f"\npeak: {float(data.value.max())!r}\n", result.stdout)
+        self.assertIn(f"\nalarm_count: {int((data.value > 31.0).sum())}\n", result.stdout)
         [job] = os.listdir(os.path.join(folder, "results"))
-        means = pd.read_parquet(os.path.join(folder, "results", job, "mean_by_sensor.parquet"))
+        stats = pd.read_parquet(os.path.join(folder, "results", job, "stats_by_sensor.parquet"))
+        expected = data.groupby("sensor", observed=True).value.mean()
         pd.testing.assert_series_equal(
-            means["value"], data.groupby("sensor").value.mean(), check_index_type=False
+            stats["mean"], expected, check_names=False, check_index_type=False
         )
         self.assertIn("Server stopped.", result.stdout)
         self.assertIn(f"The data, the formulas and the results are in {folder}", result.stdout)

@@ -139,11 +139,11 @@ class DispatcherTests(SynchronousTestCase):
     def test_unknownTopLevelKey(self) -> None:
         """An unknown key beside Header is BadRequest naming it and the accepted keys."""
         self.assertError(
-            self.answer({"Header": "Info", "Request": "Status", "Token": "x"}),
+            self.answer({"Header": "Info", "Request": "Status", "Tokn": "x"}),
             "Info",
             "BadRequest",
-            "'Token'",
-            '"Header", "Request", "Id"',
+            "'Tokn'",
+            '"Header", "Request", "Id", "Token"',
         )
 
     def test_keysPerHeader(self) -> None:

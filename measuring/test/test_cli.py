@@ -3,8 +3,8 @@
 not a terminal) against the real server: what it prints, its exit codes, its one-line errors,
 ``--json``, and the ``MEASURING_SERVER`` / ``MEASURING_TOKEN_FILE`` defaults.
 
-Each test that needs a server starts its own (``serve``, shared with ``test_client``); cleanup
-checks that it stopped cleanly and left no process behind.
+Each test that needs a server starts its own (``support.ClientTestCase``, shared with
+``test_client_server``); cleanup checks that it stopped cleanly and left no process behind.
 """
 
 from __future__ import annotations
@@ -14,31 +14,28 @@ import io
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from typing import Any
 
 import pandas as pd
-import psutil
-from twisted.trial.unittest import SynchronousTestCase
 
 import measuring
 from measuring.client import Client
-from measuring.test.support import environment
-from measuring.test.test_client import (
+from measuring.test.support import (
     BASE,
+    JOB_ID,
     PATIENCE,
     ROWS,
     TOKEN,
+    ClientTestCase,
     closed_port,
     dataset,
-    serve,
-    wait_for,
+    environment,
+    naming,
     write_token_file,
 )
 
-JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,8 +63,11 @@ def cli(*arguments: str, cwd: str | None = None, **variables: str) -> Any:
     )
 
 
-class CliTestCase(SynchronousTestCase):
-    """Assertions on what one run of ``measuring-client`` printed and how it exited."""
+class CliTestCase(ClientTestCase):
+    """
+    The client tests' folder and servers on it (``support.ClientTestCase``), and assertions on
+    what one run of ``measuring-client`` printed and how it exited.
+    """
 
     def assertSucceeded(self, done: Any) -> str:
         """It exited 0 and printed nothing on stderr; returns its stdout."""
@@ -94,7 +94,7 @@ class RunTests(CliTestCase):
     def test_statusInfoRun(self) -> None:
         """Status reads as text, info and --json as JSON, and run prints a table per result."""
         # --server wins over MEASURING_SERVER, which is used when --server is not given.
-        server = serve(self)
+        server = self.start()
         address = f"127.0.0.1:{server.port}"
         data = dataset(server)
 
@@ -160,7 +160,7 @@ class JobCommandTests(CliTestCase):
 
     def test_followAndCancel(self) -> None:
         """A submitted job shows its state and log, lists under its state, and cancels."""
-        server = serve(self)
+        server = self.start()
         address = f"127.0.0.1:{server.port}"
 
         def client(*arguments: str) -> str:
@@ -168,7 +168,7 @@ class JobCommandTests(CliTestCase):
 
         job = client("submit", server.folder, BASE, "bad.py", "-f", "spin").strip()
         self.assertRegex(job, f"^{JOB_ID.pattern}$")
-        wait_for(self, lambda: client("job", "log", job) == "spinning\n", "the job's log")
+        self.wait_for(lambda: client("job", "log", job) == "spinning\n", "the job's log")
         status = client("job", "status", job)
         self.assertTrue(status.startswith(f"job {job}: running (attempts 1)\n"), status)
         self.assertIn(f"  file       {server.folder}/bad.py\n", status)
@@ -190,7 +190,7 @@ class JobCommandTests(CliTestCase):
 
     def test_resultAndPlot(self) -> None:
         """``result`` prints a page of rows as a table, CSV or JSON; ``plot`` writes a PNG."""
-        server = serve(self)
+        server = self.start()
         address = f"127.0.0.1:{server.port}"
         data = dataset(server)
         with Client("127.0.0.1", server.port) as api:
@@ -241,7 +241,7 @@ class ExitCodeTests(CliTestCase):
 
     def test_jobEnds(self) -> None:
         """A failed, timed out or cancelled job exits 1 with the server's words on one line."""
-        server = serve(self)
+        server = self.start()
         address = f"127.0.0.1:{server.port}"
         run = ("run", server.folder, BASE, "bad.py")
 
@@ -271,7 +271,7 @@ class ExitCodeTests(CliTestCase):
         )
         self.addCleanup(_end, waiting)
         with Client("127.0.0.1", server.port) as api:
-            [job] = wait_for(self, lambda: api.jobs(state="running"), "the job to run")
+            [job] = self.wait_for(lambda: api.jobs(state="running"), "the job to run")
             self.assertEqual(api.job(job["Job"]).cancel(), "cancelled")
         stdout, stderr = waiting.communicate(timeout=PATIENCE)
         self.assertFailed(
@@ -282,7 +282,7 @@ class ExitCodeTests(CliTestCase):
 
     def test_usage(self) -> None:
         """An unknown option, a path outside the data roots or one that is missing exits 2."""
-        server = serve(self)
+        server = self.start()
         address = f"127.0.0.1:{server.port}"
         unknown = cli("--server", address, "run", server.folder, BASE, "work.py", "--bogus")
         self.assertEqual(unknown.returncode, 2, unknown.stderr)
@@ -315,7 +315,7 @@ class ExitCodeTests(CliTestCase):
         os.makedirs(os.path.join(folder, "wrong"))
         tokens = write_token_file(folder)
         wrong = write_token_file(os.path.join(folder, "wrong"), "not-the-token-but-long-enough")
-        server = serve(self, "--token-file", tokens)
+        server = self.start("--token-file", tokens)
         address = f"127.0.0.1:{server.port}"
 
         def client(*arguments: str, **variables: str) -> Any:
@@ -343,7 +343,7 @@ class ExitCodeTests(CliTestCase):
         os.makedirs(folder)
         rotated = "the-next-token-being-rotated-in"
         tokens = write_token_file(folder, "# measuring tokens, one per line", "", TOKEN, rotated)
-        server = serve(self, "--token-file", tokens)
+        server = self.start("--token-file", tokens)
         address = f"127.0.0.1:{server.port}"
         status = cli("status", MEASURING_SERVER=address, MEASURING_TOKEN_FILE=tokens)
         self.assertIn(": running", self.assertSucceeded(status))
@@ -364,12 +364,7 @@ class DemoTests(CliTestCase):
         self.assertIn("Server stopped.", done.stdout)
         [job] = os.listdir(os.path.join(folder, "results"))
         self.assertIn(f"Job {job}: done in ", done.stdout)
-        left = [
-            process.pid
-            for process in psutil.process_iter(["cmdline"])
-            if folder in " ".join(process.info["cmdline"] or [])
-        ]
-        self.assertEqual(left, [], "the demo left its server or workers running")
+        self.assertEqual(naming(folder), [], "the demo left its server or workers running")
 
 
 def _end(process: subprocess.Popen[str]) -> None:

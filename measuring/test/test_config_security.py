@@ -11,19 +11,13 @@ import shutil
 from twisted.python.usage import UsageError
 
 from measuring.config import DEFAULT_PORT, Config
+from measuring.test.support import write_token_file
 from measuring.test.test_config import LoadTestCase, OptionsTestCase
 
 TOKEN = "a-long-enough-secret-0123456789"
+#: What the test's token file holds: a comment, then ``TOKEN``.
+TOKEN_LINES = ("# rotate yearly", TOKEN)
 EXPOSED_WORDS = ["can be reached from other machines", "--token-file", "--insecure-no-token"]
-
-
-def write_token_file(folder: str, mode: int = 0o600, name: str = "tokens") -> str:
-    """A token file in ``folder`` holding ``TOKEN``, with permissions ``mode``."""
-    path = os.path.join(folder, name)
-    with open(path, "w") as f:
-        f.write(f"# rotate yearly\n{TOKEN}\n")
-    os.chmod(path, mode)
-    return path
 
 
 class TokenFileTests(LoadTestCase):
@@ -31,7 +25,7 @@ class TokenFileTests(LoadTestCase):
 
     def test_tokensRead(self) -> None:
         """The file's tokens are in the settings, with the file's real path."""
-        write_token_file(self.cwd)
+        write_token_file(self.cwd, *TOKEN_LINES)
         os.symlink("tokens", os.path.join(self.cwd, "link"))
         cases: list[tuple[dict[str, object], str | None]] = [
             ({"token-file": "tokens"}, None),
@@ -49,12 +43,12 @@ class TokenFileTests(LoadTestCase):
 
     def test_tokensNotInRepr(self) -> None:
         """The settings' repr (as a log or traceback would show it) leaves the tokens out."""
-        write_token_file(self.cwd)
+        write_token_file(self.cwd, *TOKEN_LINES)
         self.assertNotIn(TOKEN, repr(self.load({"token-file": "tokens"})))
 
     def test_readableByGroupRefused(self) -> None:
         """A group-readable token file stops the start, naming the setting, file and mode."""
-        write_token_file(self.cwd, 0o640)
+        write_token_file(self.cwd, *TOKEN_LINES, mode=0o640)
         self.assertBad(
             ["--token-file 'tokens'", "other users can read", "mode 640", "chmod 600"],
             flags={"token-file": "tokens"},
@@ -125,7 +119,7 @@ class ExposedPortTests(LoadTestCase):
 
     def test_withToken(self) -> None:
         """With a token file an exposed port is fine."""
-        write_token_file(self.cwd)
+        write_token_file(self.cwd, *TOKEN_LINES)
         settings = self.load({"port": ["tcp:8765"], "token-file": "tokens"})
         self.assertEqual((settings.tokens, settings.insecure_no_token), ((TOKEN,), False))
 
@@ -270,7 +264,7 @@ class SecurityOptionsTests(OptionsTestCase):
 
     def test_flags(self) -> None:
         """Each security flag reaches the settings."""
-        token_file = write_token_file(self.folder)
+        token_file = write_token_file(self.folder, *TOKEN_LINES)
         config = self.parse(
             *("--state-dir", self.state, "--port", "tcp:0", "--token-file", token_file),
             *("--idle-timeout", "30", "--max-connections", "4", "--max-result-bytes", "2MiB"),

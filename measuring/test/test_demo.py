@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pandas as pd
-import psutil
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring.test.support import environment
+from measuring.test.support import environment, naming
 
 
 class DemoTests(SynchronousTestCase):
@@ -39,9 +38,4 @@ class DemoTests(SynchronousTestCase):
         )
         self.assertIn("Server stopped.", result.stdout)
         self.assertIn(f"The data, the formulas and the results are in {folder}", result.stdout)
-        left = [
-            process.pid
-            for process in psutil.process_iter(["cmdline"])
-            if folder in " ".join(process.info["cmdline"] or [])
-        ]
-        self.assertEqual(left, [], "the demo left its server or workers running")
+        self.assertEqual(naming(folder), [], "the demo left its server or workers running")

@@ -14,11 +14,9 @@ import time
 from typing import Any
 
 import pandas as pd
-import psutil
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring.local import twistd
-from measuring.test.support import Server, environment, sample_frame, write_dataset, write_formulas
+from measuring.test.support import FORMULAS, Server, ServerTestCase, run_twistd
 
 INFO = ("Status", "Dask process", "All process", "All statistic")
 
@@ -50,49 +48,13 @@ def fine(df):
 """
 
 
-class ServerTestCase(SynchronousTestCase):
-    """Starts a server in a fresh folder holding the sample data and formula files."""
+class IntegrationTestCase(ServerTestCase):
+    """The sample data, work.py and crash.py (``CRASHING``); ``dask`` runs work.py unless told."""
 
-    def start(self, *arguments: str, formulas: str | None = None) -> Server:
-        self.folder = os.path.realpath(self.mktemp())
-        os.makedirs(self.folder)
-        self.frame = sample_frame()
-        write_dataset(self.folder, frame=self.frame)
-        write_formulas(self.folder)
-        if formulas is not None:
-            write_formulas(self.folder, formulas, name="crash.py")
-        server = Server(self.folder, "--data-root", self.folder, *arguments)
-        self.addCleanup(self.stopAndCheck, server)
-        return server
-
-    def stopAndCheck(self, server: Server) -> None:
-        """Stop the server; it must stop cleanly and take every process it started with it."""
-        left = server.descendants()
-        code = server.stop()
-        self.assertIn(code, (0, -15), server.log())
-        alive = [pid for pid in left if psutil.pid_exists(pid) and _not_zombie(pid)]
-        self.assertEqual(alive, [], f"processes left running after the server stopped: {alive}")
-
-    def dask(self, file: str = "work.py", **fields: object) -> dict[str, object]:
-        return {
-            "Header": "Dask",
-            "Request": {
-                "Directory": self.folder,
-                "Base": "time_series.parquet",
-                "File": file,
-                **fields,
-            },
-        }
+    formulas = {"work.py": FORMULAS, "crash.py": CRASHING}
 
 
-def _not_zombie(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-class OriginalRequestsTests(ServerTestCase):
+class OriginalRequestsTests(IntegrationTestCase):
     """The requests of the original description, answered by the real server."""
 
     def test_infoRequests(self) -> None:
@@ -149,10 +111,10 @@ class OriginalRequestsTests(ServerTestCase):
 
     def test_statusWhileFormulaBusy(self) -> None:
         """Status is answered at once while a CPU-bound formula runs, before the job's answer."""
-        server = self.start(formulas=CRASHING)
+        server = self.start()
         server.wait_until_ready()
         with server.connect() as busy:
-            busy.send({**self.dask("crash.py", Functions=["spin"]), "Id": "job"})
+            busy.send({**self.dask("spin", File="crash.py"), "Id": "job"})
             deadline = time.monotonic() + 60
             processes: list[Any] = []
             while not processes and time.monotonic() < deadline:
@@ -167,30 +129,30 @@ class OriginalRequestsTests(ServerTestCase):
             self.assertEqual(readable, [], "the looping job answered before it was stopped")
 
 
-class FailureTests(ServerTestCase):
+class FailureTests(IntegrationTestCase):
     """Formulas that fail fail their own job; the server answers and carries on."""
 
     def test_crashingFormulas(self) -> None:
         """Raising, os._exit and a segfault each answer JobFailed, then a good job still runs."""
-        server = self.start(formulas=CRASHING)
+        server = self.start()
         expected = {
             "divide": "formula 'divide' raised ZeroDivisionError",
             "leave": "exited with code 3",
             "segfault": "was killed by signal 11 (SIGSEGV)",
         }
         for name, words in expected.items():
-            answer = server.ask(self.dask("crash.py", Functions=[name]))
+            answer = server.ask(self.dask(name, File="crash.py"))
             self.assertEqual(answer["Error"]["Code"], "JobFailed", answer)
             self.assertIn(words, answer["Error"]["Message"])
             self.assertIn("Job", answer)
-        answer = server.ask(self.dask("crash.py", Functions=["fine"]))
+        answer = server.ask(self.dask("fine", File="crash.py"))
         self.assertEqual(answer["Response"]["Results"]["fine"]["Value"], self.frame.value.count())
         self.assertFalse(os.path.exists(os.path.join(self.folder, "results")))
 
     def test_jobTimeout(self) -> None:
         """A formula that loops forever is stopped at --job-timeout with Code Timeout."""
-        server = self.start("--job-timeout", "1", formulas=CRASHING)
-        answer = server.ask(self.dask("crash.py", Functions=["spin"]))
+        server = self.start("--job-timeout", "1")
+        answer = server.ask(self.dask("spin", File="crash.py"))
         self.assertEqual(answer["Error"]["Code"], "Timeout", answer)
         self.assertIn("limit of 1 s", answer["Error"]["Message"])
         processes = server.ask({"Header": "Info", "Request": "Dask process"})
@@ -224,14 +186,7 @@ class StartTests(SynchronousTestCase):
     def run_twistd(self, *arguments: str) -> subprocess.CompletedProcess[str]:
         folder = self.mktemp()
         os.makedirs(folder)
-        return subprocess.run(
-            [*twistd(), "-n", "--pidfile=", "measuring", *arguments],
-            cwd=folder,
-            env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_twistd(folder, *arguments)
 
     def test_badOption(self) -> None:
         """A bad value is named on one line, with no traceback."""

@@ -3,27 +3,29 @@ End to end, ``--sandbox bwrap``: formulas run in bubblewrap and give the same re
 write into their data, reach the network, see other processes, the state directory or the token
 file; the server's limits and Cancel still hold there.
 
-Each test starts the real ``twistd -n measuring`` in its own folder (``test_lifecycle``'s
-``ServerTestCase``); cleanup checks that it stopped cleanly and left no process behind. The tests
-are skipped, saying why, where bubblewrap is missing or cannot make a sandbox.
+Each test starts the real ``twistd -n measuring`` in its own folder (``support.ServerTestCase``);
+cleanup checks that it stopped cleanly and left no process behind. The tests are skipped, saying
+why, where bubblewrap is missing or cannot make a sandbox.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import secrets
-import shutil
-import subprocess
-from typing import Any
 
 import pandas as pd
 import psutil
 from twisted.trial.unittest import SkipTest
 
-from measuring.test.support import Server, write_formulas
-from measuring.test.test_lifecycle import ServerTestCase, alive, carrying
+from measuring.test.support import (
+    Server,
+    ServerTestCase,
+    alive,
+    bwrap_missing,
+    carrying,
+    write_formulas,
+)
 
 CONFINED = '''
 import json
@@ -96,24 +98,6 @@ def spawn_and_spin(df):
 '''
 
 
-@functools.cache
-def bwrap_missing() -> str | None:
-    """Why ``--sandbox bwrap`` cannot run on this machine, or None when it can."""
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        return "bubblewrap (bwrap) is not installed; Debian: apt install bubblewrap"
-    sandbox = ["--unshare-pid", "--unshare-net", "--proc", "/proc", "--dev", "/dev"]
-    probe = subprocess.run(
-        [bwrap, "--ro-bind", "/", "/", *sandbox, "true"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if probe.returncode != 0:
-        return f"bwrap cannot make a sandbox on this machine: {probe.stderr.strip()}"
-    return None
-
-
 class SandboxTestCase(ServerTestCase):
     """Skipped without a working bwrap; ``start`` adds ``--sandbox bwrap``."""
 
@@ -126,11 +110,6 @@ class SandboxTestCase(ServerTestCase):
     def start(self, *arguments: str) -> Server:
         return super().start("--sandbox", "bwrap", *arguments)
 
-    def all_formulas(self, **fields: object) -> dict[str, Any]:
-        """A Dask request running every formula of work.py over the sample data."""
-        request = {"Directory": self.folder, "Base": "time_series.parquet", "File": "work.py"}
-        return {"Header": "Dask", "Request": {**request, **fields}}
-
 
 class ResultTests(SandboxTestCase):
     """A sandboxed job computes what an unsandboxed one does, and its results land as usual."""
@@ -140,7 +119,7 @@ class ResultTests(SandboxTestCase):
         write_formulas(self.folder)
         server = self.start()
         with server.connect() as connection:
-            connection.send({**self.all_formulas(Progress=True), "Id": "boxed"})
+            connection.send({**self.dask(File="work.py", Progress=True), "Id": "boxed"})
             lines = [connection.receive()]
             while lines[-1]["Header"] == "Progress":
                 lines.append(connection.receive())

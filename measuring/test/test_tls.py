@@ -3,8 +3,8 @@ End to end over TLS: the real ``twistd -n measuring`` with ``--port ssl:...`` an
 certificate made by the test, spoken to with Python's ``ssl`` module.
 
 The server listens on its loopback TCP port (``LocalServer`` always adds it) and on the TLS port
-named in its log. Each test starts its own server in its own folder; cleanup checks that it
-stopped cleanly and left no process behind.
+named in its log. Each test starts its own server in its own folder (``support.ServerTestCase``);
+cleanup checks that it stopped cleanly and left no process behind.
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ import os
 import re
 import socket
 import ssl
-import time
 
 import pandas as pd
-from twisted.trial.unittest import SynchronousTestCase
 
-from measuring.test.support import Connection, Server, sample_frame, write_dataset, write_formulas
-from measuring.test.test_lifecycle import alive
+from measuring.test.support import FORMULAS, PATIENCE, Connection, ServerTestCase
 
-PATIENCE = 60.0
 TLS_LISTENING = re.compile(r"measuring listening on 127\.0\.0\.1:(\d+) \(ssl:")
 
 
@@ -76,41 +72,26 @@ class TLSConnection(Connection):
         self._file = self.socket.makefile("rwb")
 
 
-class TLSTests(SynchronousTestCase):
+class TLSTests(ServerTestCase):
     """A server listening with TLS on a self-signed certificate."""
 
+    formulas = {"work.py": FORMULAS}
+
     def setUp(self) -> None:
-        self.folder = os.path.realpath(self.mktemp())
-        os.makedirs(self.folder)
-        self.frame = sample_frame()
-        write_dataset(self.folder, frame=self.frame)
-        write_formulas(self.folder)
+        super().setUp()
         key, self.cert = write_self_signed(self.folder)
         endpoint = f"ssl:0:privateKey={key}:certKey={self.cert}:interface=127.0.0.1"
-        self.server = Server(self.folder, "--data-root", self.folder, "--port", endpoint)
-        self.addCleanup(self.stop_and_check)
+        self.server = self.start("--port", endpoint)
         self.port = self.tls_port()
         self.context = ssl.create_default_context(cafile=self.cert)
 
     def tls_port(self) -> int:
         """The TLS port, from the server's log."""
-        deadline = time.monotonic() + PATIENCE
-        while time.monotonic() < deadline:
-            found = TLS_LISTENING.search(self.server.log())
-            if found:
-                return int(found[1])
-            time.sleep(0.05)
-        self.fail(f"the server logged no TLS port:\n{self.server.log()}")
-
-    def stop_and_check(self) -> None:
-        """The server stops cleanly and takes its processes with it."""
-        left = self.server.descendants()
-        code = self.server.stop()
-        self.assertIn(code, (0, -15), self.server.log())
-        deadline = time.monotonic() + PATIENCE
-        while alive(left) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertEqual(alive(left), [], "processes left running after the server stopped")
+        found = self.wait_for(
+            lambda: TLS_LISTENING.search(self.server.log()),
+            lambda: f"the server to log its TLS port:\n{self.server.log()}",
+        )
+        return int(found[1])
 
     def test_statusAndJobOverTLS(self) -> None:
         """Status and a Dask job over TLS answer as over TCP, with the numbers pandas computes."""

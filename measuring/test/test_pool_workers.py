@@ -1,11 +1,9 @@
 """
-Tests for ``measuring.pool``: the parent side of the warm worker processes.
-
-``OutputLog``, ``describe_exit`` and ``worker_environment`` are plain unit tests. ``WorkerPool`` is
-tested with real ``python -m measuring.worker`` processes run by the real reactor (passed in, as
-the server passes it), one worker at a time, since a worker takes a second or two to warm up. Its
-blocking psutil calls run at once (``threads.Synchronous``). Every pool has a mark and every job an
-id of its own, so that the pool ends no process but its own (and a test's).
+Tests for ``measuring.pool.WorkerPool``: jobs run in real ``python -m measuring.worker`` processes
+by the real reactor (passed in, as the server passes it), one worker at a time, since a worker
+takes a second or two to warm up. Its blocking psutil calls run at once (``threads.Synchronous``).
+Every pool has a mark and every job an id of its own, so that the pool ends no process but its own
+(and a test's).
 """
 
 from __future__ import annotations
@@ -21,18 +19,15 @@ from functools import partial
 from typing import TypeVar
 
 import pandas as pd
-import psutil
 from twisted.internet import reactor, task
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
-from twisted.trial.unittest import FailTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import FailTest, TestCase
 
-from measuring.child import OutputLog, RunningJob, describe_exit
+from measuring.child import RunningJob
 from measuring.errors import Cancelled, Internal, JobFailed, MeasuringError, MemoryLimit, Timeout
 from measuring.messages import SERVER_MARK, Message
 from measuring.pool import WorkerPool, worker_environment
-from measuring.test.support import FORMULAS, sample_frame, write_dataset, write_formulas
+from measuring.test.support import FORMULAS, end, gone, sample_frame, write_dataset, write_formulas
 from measuring.threads import Synchronous
 
 E = TypeVar("E", bound=MeasuringError)
@@ -51,20 +46,6 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise FailTest(f"{what} did not happen within {patience} s")
         await task.deferLater(reactor, 0.02, lambda: None)
-
-
-def gone(pid: int) -> bool:
-    """True when process ``pid`` has ended (a zombie waiting for its parent counts as ended)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def end(pid: int) -> None:
-    """Kill process ``pid`` unless it has ended."""
-    if not gone(pid):
-        os.kill(pid, signal.SIGKILL)
 
 
 async def job_error(running: RunningJob, kind: type[E]) -> E:
@@ -206,70 +187,6 @@ async def all_ended(children: list[int]) -> None:
     kinds = ["forked", "started anew", "forked, left the group"]
     for child, kind in zip(children, kinds, strict=True):
         await wait_until(partial(gone, child), f"the end of process {child} ({kind})", 5)
-
-
-class OutputLogTests(SynchronousTestCase):
-    """What a job printed, kept to a limit: its beginning and its end."""
-
-    def test_shortOutputIsKeptWhole(self) -> None:
-        """Output within the limit comes back exactly as printed, across several writes."""
-        log = OutputLog(limit=100)
-        log.append(b"first line\n")
-        log.append("second line \N{DEGREE SIGN}C\n".encode())
-        self.assertEqual(log.text(), "first line\nsecond line \N{DEGREE SIGN}C\n")
-
-    def test_longOutputKeepsHeadAndTail(self) -> None:
-        """Output over the limit keeps its first and last halves and says how much was cut."""
-        log = OutputLog(limit=10)
-        log.append(b"0123456789")
-        log.append(b"ABCDEFGHIJ")
-        self.assertEqual(log.text(), "01234\n[... 10 bytes cut ...]\nFGHIJ")
-
-    def test_nothingPrinted(self) -> None:
-        """A job that printed nothing has an empty log."""
-        self.assertEqual(OutputLog().text(), "")
-
-
-class DescribeExitTests(SynchronousTestCase):
-    """How the end of a worker process is told to a user."""
-
-    def test_exitCode(self) -> None:
-        """A process that exited says its exit code."""
-        self.assertEqual(
-            describe_exit(Failure(ProcessTerminated(exitCode=3))), "exited with code 3"
-        )
-        self.assertEqual(describe_exit(Failure(ProcessDone(0))), "exited with code 0")
-
-    def test_signal(self) -> None:
-        """A process killed by a signal says the signal's number and name."""
-        self.assertEqual(
-            describe_exit(Failure(ProcessTerminated(signal=11))),
-            "was killed by signal 11 (SIGSEGV)",
-        )
-
-    def test_unknownSignal(self) -> None:
-        """A signal number without a name is still told, as unknown."""
-        self.assertEqual(
-            describe_exit(Failure(ProcessTerminated(signal=99))),
-            "was killed by signal 99 (unknown)",
-        )
-
-
-class WorkerEnvironmentTests(SynchronousTestCase):
-    """The environment a worker process gets."""
-
-    def test_onlyWhatPythonNeeds(self) -> None:
-        """The server's own variables (secrets) are not passed on; TMPDIR is the worker's folder."""
-        environ = {"PATH": "/bin", "MEASURING_TOKEN": "secret", "TZ": "UTC"}
-        env = worker_environment(environ, "/w", "/srv/state")
-        self.assertNotIn("MEASURING_TOKEN", env)
-        self.assertNotIn("secret", env.values())
-        self.assertEqual((env["PATH"], env["TMPDIR"], env["TZ"]), ("/bin", "/w", "UTC"))
-
-    def test_serverMark(self) -> None:
-        """Workers carry this server's mark in MEASURING_SERVER, not one the server inherited."""
-        env = worker_environment({SERVER_MARK: "another"}, "/w", "/srv/state")
-        self.assertEqual(env[SERVER_MARK], "/srv/state")
 
 
 class WorkerPoolJobTests(TestCase):

@@ -1,192 +1,43 @@
 """
 ``measuring.client`` against the real server: results as pandas read from the file and fetched
-through the protocol, errors as ``JobError`` subclasses, jobs followed by their id, and an import
-that stays light.
+through the protocol, errors as ``JobError`` subclasses, and jobs followed by their id.
 
-Each test that needs a server starts its own ``twistd -n measuring`` in its own folder (see
-``serve``); cleanup checks that it stopped cleanly and left no process behind. ``serve`` and the
-formula files are shared with ``test_cli``.
+Each test starts its own ``twistd -n measuring`` in its own folder (``support.ClientTestCase``,
+shared with ``test_cli``); cleanup checks that it stopped cleanly and left no process behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
-import psutil
-from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.client import (
     BadRequest,
     Cancelled,
     Client,
-    ClientError,
     Forbidden,
     Job,
-    JobError,
     JobFailed,
     NotFound,
     Result,
     Timeout,
     Unauthorized,
-    error_from,
-    parse_address,
 )
-from measuring.test.support import Server, environment, sample_frame, write_dataset, write_formulas
-
-PATIENCE = 60.0
-POLL = 0.05
-BASE = "time_series.parquet"
-#: More rows than one page of ``Result.records`` (10 000), so ``readings`` takes three pages.
-ROWS = 25_000
-JOB_ID = r"\d{8}-\d{6}-[0-9a-f]{6}"
-TOKEN = "a-token-long-enough-for-the-server"
-
-WORK = '''
-def mean_by_sensor(df):
-    """The mean value of each sensor."""
-    return df.groupby("sensor").value.mean()
-
-
-def stats(df):
-    return df.groupby("sensor").value.agg(["count", "mean", "min", "max"])
-
-
-def readings(df):
-    return df[["sensor", "value"]]
-
-
-def hourly(df):
-    return df.set_index("time", sorted=True).value.resample("1h").mean()
-
-
-def peak(df):
-    return df.value.max()
-
-
-def count(df):
-    return len(df)
-'''
-
-BAD = """
-import time
-
-
-def fail(df):
-    print("about to divide")
-    return len(df) / 0
-
-
-def spin(df):
-    print("spinning", flush=True)
-    while True:
-        time.sleep(0.01)
-"""
-
-EMPTY = """
-def none_high(df):
-    return df[df.value > 1000]
-
-
-def none_high_by_sensor(df):
-    return df[df.value > 1000].groupby("sensor").value.mean()
-"""
-
-SLOW = """
-import time
-
-
-def slow(df):
-    def nap(part):
-        time.sleep(1.5)
-        return part
-
-    return df.map_partitions(nap).value.count()
-"""
-
-
-def serve(case: SynchronousTestCase, *arguments: str) -> Server:
-    """
-    A server for ``case`` on a new folder holding ``time_series.parquet`` and the formula files
-    ``work.py``, ``bad.py``, ``empty.py`` and ``slow.py``; stopped at cleanup, which fails the
-    test if it left a process running.
-    """
-    folder = os.path.realpath(case.mktemp())
-    os.makedirs(folder)
-    write_dataset(folder, frame=sample_frame(rows=ROWS))
-    write_formulas(folder, WORK)
-    write_formulas(folder, BAD, name="bad.py")
-    write_formulas(folder, EMPTY, name="empty.py")
-    write_formulas(folder, SLOW, name="slow.py")
-    server = Server(folder, "--data-root", folder, *arguments)
-    case.addCleanup(stop_and_check, case, server)
-    return server
-
-
-def stop_and_check(case: SynchronousTestCase, server: Server) -> None:
-    """Stop ``server``: it must exit cleanly and take every process it started with it."""
-    left = server.descendants()
-    code = server.stop()
-    case.assertIn(code, (0, -15), server.log())
-    wait_for(case, lambda: not alive(left), "the server's processes to end with it")
-
-
-def alive(pids: list[int]) -> list[int]:
-    """Those of ``pids`` still running (a zombie has ended)."""
-    running = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                running.append(pid)
-        except psutil.NoSuchProcess:
-            continue
-    return running
-
-
-def wait_for(case: SynchronousTestCase, condition: Callable[[], Any], what: str) -> Any:
-    """Poll ``condition`` until it gives something true and return that; fail after a while."""
-    deadline = time.monotonic() + PATIENCE
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            case.fail(f"waited {PATIENCE:g} s for {what}")
-        time.sleep(POLL)
-
-
-def write_token_file(folder: str, *lines: str) -> str:
-    """
-    ``folder``/tokens holding ``lines`` (by default, ``TOKEN``), only its owner may read it (the
-    server refuses any other).
-    """
-    path = os.path.join(folder, "tokens")
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-        f.write("".join(line + "\n" for line in lines or [TOKEN]))
-    return path
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def dataset(server: Server) -> Any:
-    """The server's dataset as pandas reads it: what the expected results are computed from."""
-    return pd.read_parquet(os.path.join(server.folder, BASE))
+from measuring.test.support import (
+    BASE,
+    JOB_ID,
+    PATIENCE,
+    ROWS,
+    TOKEN,
+    ClientTestCase,
+    dataset,
+    write_token_file,
+)
 
 
 def plain_strings(frame: Any) -> Any:
@@ -222,105 +73,7 @@ def mismatches(result: Result, expected: Any, **options: Any) -> list[str]:
     return found
 
 
-class AddressTests(SynchronousTestCase):
-    """``parse_address`` and ``Client.from_address`` read the forms a user types."""
-
-    def test_forms(self) -> None:
-        """host:port, host, :port and [v6]:port give (host, port), 127.0.0.1 and 8765 by default."""
-        self.assertEqual(parse_address("example.org:9000"), ("example.org", 9000))
-        self.assertEqual(parse_address("example.org"), ("example.org", 8765))
-        self.assertEqual(parse_address(":9000"), ("127.0.0.1", 9000))
-        self.assertEqual(parse_address(" [::1]:9000 "), ("::1", 9000))
-        self.assertEqual(parse_address("[::1]"), ("::1", 8765))
-
-    def test_notAnAddress(self) -> None:
-        """A port that is not a number is a ValueError naming what was given."""
-        error = self.assertRaises(ValueError, parse_address, "example.org:http")
-        self.assertIn("'example.org:http'", str(error))
-
-    def test_fromAddress(self) -> None:
-        """``Client.from_address`` connects nowhere yet and keeps the host, port and options."""
-        client = Client.from_address("10.1.2.3:9000", timeout=5.0)
-        self.assertEqual((client.host, client.port, client.timeout), ("10.1.2.3", 9000, 5.0))
-
-
-class ErrorTests(SynchronousTestCase):
-    """Each Code of the protocol is a ``JobError`` subclass of that name."""
-
-    def test_errorFrom(self) -> None:
-        """An error answer becomes its Code's class, with the code, message, job and log."""
-        answer = {
-            "Header": "Dask",
-            "Status": "Error",
-            "Job": "20261128-085308-13a252",
-            "Log": "Traceback ...",
-            "Error": {"Code": "JobFailed", "Message": "formula 'ratio' raised ZeroDivisionError"},
-        }
-        error = error_from(answer)
-        self.assertIsInstance(error, JobFailed)
-        self.assertEqual(
-            (error.code, error.message, error.job, error.log),
-            ("JobFailed", "formula 'ratio' raised ZeroDivisionError", answer["Job"], answer["Log"]),
-        )
-        self.assertEqual(str(error), "JobFailed: formula 'ratio' raised ZeroDivisionError")
-
-    def test_everyCode(self) -> None:
-        """Every Code of docs/protocol.md has its own class; an unknown one is a plain JobError."""
-        codes = [
-            "BadRequest",
-            "TooLarge",
-            "Unauthorized",
-            "Forbidden",
-            "NotFound",
-            "Busy",
-            "Timeout",
-            "Cancelled",
-            "MemoryLimit",
-            "JobFailed",
-            "Internal",
-        ]
-        for code in codes:
-            error = error_from({"Error": {"Code": code, "Message": "m"}})
-            self.assertEqual((type(error).__name__, error.code), (code, code))
-        self.assertIs(type(error_from({"Error": {"Code": "Novel", "Message": "m"}})), JobError)
-
-
-class ImportTests(SynchronousTestCase):
-    """``import measuring.client`` is light enough for a notebook or a script."""
-
-    def test_importIsLight(self) -> None:
-        """A fresh interpreter importing it has imported no Dask, Twisted, pyarrow or pandas."""
-        heavy = ["dask", "twisted", "pyarrow", "pandas", "tqdm"]
-        script = (
-            "import json, sys\n"
-            "import measuring.client\n"
-            "from measuring.client import Client\n"
-            "Client('127.0.0.1', 1)\n"
-            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))\n"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=PATIENCE,
-        )
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertEqual(json.loads(done.stdout), [])
-
-
-class UnreachableTests(SynchronousTestCase):
-    """A server that cannot be reached is a ``ClientError``, not a JobError."""
-
-    def test_closedPort(self) -> None:
-        """A request to a port nothing listens on raises ClientError naming host and port."""
-        port = closed_port()
-        with Client("127.0.0.1", port, timeout=5.0) as client:
-            error = self.assertRaises(ClientError, client.status)
-        self.assertIn(f"cannot reach the server at 127.0.0.1:{port}", str(error))
-
-
-class RunTests(SynchronousTestCase):
+class RunTests(ClientTestCase):
     """``Client.run`` runs a job to its end; its results read back as pandas computes them."""
 
     def assertSameResult(self, result: Result, expected: Any, **options: Any) -> None:
@@ -331,7 +84,7 @@ class RunTests(SynchronousTestCase):
 
     def test_run(self) -> None:
         """The job ends done, progress ends at done == total, and each result equals pandas'."""
-        server = serve(self)
+        server = self.start()
         data = dataset(server)
         calls: list[tuple[int, int]] = []
         with Client.from_address(f"127.0.0.1:{server.port}") as client:
@@ -347,7 +100,7 @@ class RunTests(SynchronousTestCase):
                 progress=lambda done, total: calls.append((done, total)),
             )
             self.assertIsInstance(job, Job)
-            self.assertRegex(job.id, f"^{JOB_ID}$")
+            self.assertRegex(job.id, f"^{JOB_ID.pattern}$")
             self.assertEqual(job.state, "done")
             self.assertNotEqual(calls, [])
             self.assertEqual(calls[-1][0], calls[-1][1])
@@ -380,7 +133,7 @@ class RunTests(SynchronousTestCase):
 
     def test_timeIndexedResult(self) -> None:
         """A result indexed by time reads back with its time index, whatever its file format."""
-        server = serve(self)
+        server = self.start()
         expected = dataset(server).set_index("time").value.resample("1h").mean()
         wrong = []
         with Client("127.0.0.1", server.port) as client:
@@ -394,7 +147,7 @@ class RunTests(SynchronousTestCase):
 
     def test_emptyResult(self) -> None:
         """A result without rows keeps its kind, index and columns, from the file and the server."""
-        server = serve(self)
+        server = self.start()
         data = dataset(server)
         high = data[data.value > 1000]
         with Client("127.0.0.1", server.port) as client:
@@ -411,7 +164,7 @@ class RunTests(SynchronousTestCase):
 
     def test_progressBar(self) -> None:
         """``progress=True`` draws a tqdm bar (on stderr) that ends full, and the job is done."""
-        server = serve(self)
+        server = self.start()
         drawn = io.StringIO()
         with Client("127.0.0.1", server.port) as client, contextlib.redirect_stderr(drawn):
             job = client.run(server.folder, BASE, "work.py", ["peak"], progress=True)
@@ -422,18 +175,18 @@ class RunTests(SynchronousTestCase):
         self.assertEqual(counts[-1][0], counts[-1][1], drawn.getvalue())
 
 
-class FailureTests(SynchronousTestCase):
+class FailureTests(ClientTestCase):
     """Every way a job or request fails is raised as its Code's ``JobError`` subclass."""
 
     def test_errors(self) -> None:
         """JobFailed, NotFound, Forbidden, Timeout and BadRequest carry the server's words."""
-        server = serve(self)
+        server = self.start()
         folder = server.folder
         with Client("127.0.0.1", server.port) as client:
             failed = self.assertRaises(JobFailed, client.run, folder, BASE, "bad.py", ["fail"])
             self.assertEqual(failed.code, "JobFailed")
             self.assertIn("formula 'fail' raised ZeroDivisionError", failed.message)
-            self.assertRegex(failed.job or "", f"^{JOB_ID}$")
+            self.assertRegex(failed.job or "", f"^{JOB_ID.pattern}$")
             self.assertIn("about to divide", failed.log or "")
             self.assertIn("ZeroDivisionError", failed.log or "")
 
@@ -463,7 +216,7 @@ class FailureTests(SynchronousTestCase):
         folder = os.path.realpath(self.mktemp())
         os.makedirs(folder)
         tokens = write_token_file(folder)
-        server = serve(self, "--token-file", tokens)
+        server = self.start("--token-file", tokens)
         for token in (None, "not-the-token-but-long-enough"):
             with Client("127.0.0.1", server.port, token=token) as client:
                 self.assertRaises(Unauthorized, client.status)
@@ -473,16 +226,16 @@ class FailureTests(SynchronousTestCase):
             self.assertEqual(job.results["count"].value, ROWS)
 
 
-class JobTests(SynchronousTestCase):
+class JobTests(ClientTestCase):
     """``submit`` returns at once; the Job is followed, cancelled and read by its id."""
 
     def test_submitWaitCancel(self) -> None:
         """A running job times out a wait, shows its log, cancels, and raises Cancelled after."""
-        server = serve(self)
+        server = self.start()
         with Client("127.0.0.1", server.port) as client:
             spinning = client.submit(server.folder, BASE, "bad.py", ["spin"])
             self.assertIn(spinning.state, ("queued", "running"))
-            wait_for(self, lambda: "spinning" in spinning.log(), "the job to print")
+            self.wait_for(lambda: "spinning" in spinning.log(), "the job to print")
             self.assertRaises(TimeoutError, spinning.wait, timeout=0.2)
             self.assertEqual(spinning.state, "running")
 
@@ -502,7 +255,7 @@ class JobTests(SynchronousTestCase):
 
     def test_waitProgress(self) -> None:
         """``wait`` reports the progress it sees through Job Status, ending at done == total."""
-        server = serve(self)
+        server = self.start()
         server.wait_until_ready()
         calls: list[tuple[int, int]] = []
         with Client("127.0.0.1", server.port) as client:
@@ -515,7 +268,7 @@ class JobTests(SynchronousTestCase):
 
     def test_resultFormats(self) -> None:
         """Results written as CSV or JSON read back from the file as they do from the server."""
-        server = serve(self)
+        server = self.start()
         data = dataset(server)
         expected = data.groupby("sensor").value.mean()
         with Client("127.0.0.1", server.port) as client:

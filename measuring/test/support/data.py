@@ -1,6 +1,6 @@
 """
-What several test modules share: sample time-series data, formula files, and a real server
-(``measuring.local``, the same one the demo starts).
+The sample data and the formula files of a test's folder: a time series as pandas makes it,
+written as Parquet, and formula sources written as files.
 """
 
 from __future__ import annotations
@@ -9,31 +9,7 @@ import os
 import textwrap
 from typing import Any
 
-from measuring.local import Connection, LocalServer, environment
-
-__all__ = ["Connection", "Server", "environment", "sample_frame", "write_dataset", "write_formulas"]
-
-FORMULAS = '''
-def mean_by_sensor(df):
-    """The mean value of each sensor."""
-    return df.groupby("sensor").value.mean()
-
-
-def peak(df):
-    return df.value.max()
-
-
-def hourly(df):
-    return df.set_index("time", sorted=True).value.resample("1h").mean()
-
-
-def count(df):
-    return len(df)
-
-
-def _helper(df):
-    return 0
-'''
+from measuring.test.support.formulas import FORMULAS
 
 
 def sample_frame(rows: int = 10_000, sensors: int = 3, seed: int = 1) -> Any:
@@ -72,24 +48,3 @@ def write_formulas(folder: str, source: str = FORMULAS, name: str = "work.py") -
     with open(path, "w") as f:
         f.write(textwrap.dedent(source))
     return path
-
-
-class Server(LocalServer):
-    """
-    The real server for a test, in ``folder``; ``descendants`` shows what it left running.
-
-    Jobs still running at the end of a test are given 2 s, not 30, to end when it stops (a test
-    may pass its own ``--stop-grace``; the last one given wins).
-    """
-
-    def __init__(self, folder: str, *arguments: str, patience: float = 60.0) -> None:
-        super().__init__(folder, "--stop-grace", "2", *arguments, patience=patience)
-
-    def descendants(self) -> list[int]:
-        """Pids of every process below the server."""
-        import psutil
-
-        try:
-            return [p.pid for p in psutil.Process(self.process.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []

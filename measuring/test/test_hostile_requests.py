@@ -1,13 +1,13 @@
 """
-End to end, hostile clients and hostile formulas against the real ``twistd -n measuring``.
+End to end, hostile requests against the real ``twistd -n measuring``: unreadable, oversized,
+trickling and piled-up requests, more connections than allowed, file descriptors run out, and
+Directory, Base and File that lead out of the data roots.
 
-Each test starts its own server in its own folder (``test_lifecycle``'s ``ServerTestCase``) and
-attacks it over sockets: unreadable, oversized, trickling and piled-up requests, path escapes,
-wrong tokens, file descriptors run out; formulas that loop, hoard memory, crash, leave processes
-behind, write outside their folder or look for the token. Each case checks the answer that
-docs/protocol.md and README.md's Security section promise and that the server still answers
-Status; at cleanup, that the server's only descendants are its warm workers, that no process
-carries the mark of any of its jobs, and that it stops cleanly taking every process with it.
+Each test starts its own server in its own folder (``support.HostileTestCase``) and attacks it
+over sockets. Each case checks the answer that docs/protocol.md promises and that the server still
+answers Status; at cleanup, that the server's only descendants are its warm workers, that no
+process carries the mark of any of its jobs, and that it stops cleanly taking every process with
+it.
 """
 
 from __future__ import annotations
@@ -16,181 +16,26 @@ import contextlib
 import json
 import os
 import random
-import re
 import resource
-import secrets
 import select
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from typing import Any
 
-import psutil
 from twisted.trial.unittest import SkipTest
 
-from measuring.local import twistd
-from measuring.test.support import Connection, Server, environment, write_formulas
-from measuring.test.test_lifecycle import ServerTestCase, alive, carrying
-from measuring.test.test_sandbox import bwrap_missing
+from measuring.test.support import STATUS, Connection, HostileTestCase, write_formulas
 
-STATUS = {"Header": "Info", "Request": "Status"}
 #: Descriptors this process needs for the 1000 connections test: its sockets and some to spare.
 DESCRIPTORS = 2100
-
-HOSTILE = '''
-import ctypes
-import os
-import subprocess
-import time
-
-
-def loop(df):
-    while True:
-        pass
-
-
-def leave(df):
-    os._exit(7)
-
-
-def segfault(df):
-    return ctypes.string_at(0)
-
-
-def outlive(df):
-    """Starts a process in a new session and forks one that makes its own; returns their pids."""
-    sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
-    child = os.fork()
-    if child == 0:
-        os.setsid()
-        time.sleep(600)
-        os._exit(0)
-    return f"{sleeper.pid} {child}"
-'''
-
-#: Formulas reaching for what is outside their folder; OUTSIDE, TOKEN and TOKEN_FILE are appended.
-REACHING = '''
-import json
-import os
-
-
-def _read(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _parent(pid):
-    stat = _read(f"/proc/{pid}/stat").decode()
-    return int(stat.rsplit(")", 1)[1].split()[1]) if stat else 0
-
-
-def snoop(df):
-    """Looks for TOKEN in every environment it can read and in every token file it finds named."""
-    ancestors, pid = [], os.getppid()
-    while pid > 1:
-        ancestors.append(pid)
-        pid = _parent(pid)
-    environs = [_read(f"/proc/{name}/environ") for name in os.listdir("/proc") if name.isdigit()]
-    files = {TOKEN_FILE}
-    for pid in ancestors:
-        words = _read(f"/proc/{pid}/cmdline").decode().split("\\0")
-        files.update(path for flag, path in zip(words, words[1:]) if flag == "--token-file")
-    return json.dumps({
-        "Environment": sorted(os.environ),
-        "Ancestors": ancestors,
-        "EnvironsRead": sum(1 for environ in environs if environ),
-        "InEnviron": any(TOKEN.encode() in environ for environ in environs),
-        "Files": sorted(files),
-        "InFile": any(TOKEN.encode() in _read(path) for path in files),
-    })
-
-
-def write_outside(df):
-    with open(os.path.join(OUTSIDE, "written.txt"), "w") as f:
-        f.write("escaped")
-    return "written"
-'''
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     """Send ``data``, stopping quietly where the server closes the connection."""
     with contextlib.suppress(OSError):
         sock.sendall(data)
-
-
-class HostileTestCase(ServerTestCase):
-    """The sample data, work.py and hostile.py; requests carry ``token`` when one is set."""
-
-    token: str | None = None
-
-    def setUp(self) -> None:
-        super().setUp()
-        write_formulas(self.folder)
-        write_formulas(self.folder, HOSTILE, name="hostile.py")
-
-    def ask(self, server: Server, request: dict[str, Any]) -> dict[str, Any]:
-        """The answer to ``request`` (with the token) on a new connection."""
-        return server.ask(request if self.token is None else {**request, "Token": self.token})
-
-    def assert_fine(self, server: Server) -> None:
-        """The server answers Status, running."""
-        answer = self.ask(server, STATUS)
-        self.assertEqual((answer["Status"], answer["Response"]["State"]), ("OK", "running"))
-
-    def answer_to(self, connection: Connection, request: dict[str, Any] | bytes) -> dict[str, Any]:
-        """The answer to ``request`` on ``connection``; a failure, not a hang, when none comes."""
-        try:
-            return connection.ask(request)
-        except OSError as e:  # closed, reset, or timed out
-            self.fail(f"no answer to {request!r}: {e!r}")
-
-    def serves(self, server: Server) -> bool:
-        """True when a new connection gets Status answered (not refused, dropped or Busy)."""
-        try:
-            return self.ask(server, STATUS)["Status"] == "OK"
-        except ConnectionError:
-            return False
-
-    def only_warm_workers(self, server: Server) -> bool:
-        """True when the server's descendants are its warm workers (and, sandboxed, their bwrap)."""
-        size = self.ask(server, STATUS)["Response"]["Workers"]["Size"]
-        tree = self.ask(server, {"Header": "Info", "Request": "All process"})["Response"]
-        workers = [
-            process["Pid"] for process in tree["Service"]["Tree"] if process["Role"] == "worker"
-        ]
-        allowed = set(workers)
-        try:
-            for pid in workers:
-                allowed.update(child.pid for child in psutil.Process(pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            return False
-        return len(workers) == size and set(server.descendants()) == allowed
-
-    def stop_and_check(self, server: Server) -> None:
-        """Nothing but warm workers runs and no job's mark is left; then stop and check it."""
-        try:
-            if server.process.poll() is None and server not in self.crashed:
-                self.assert_fine(server)
-                self.wait_for(lambda: self.only_warm_workers(server), "only warm workers left")
-                listed = self.ask(server, {"Header": "Job", "Request": "List", "Limit": 1000})
-                for job in listed["Response"]["Jobs"]:
-                    self.assertEqual(carrying(job["Job"]), [], f"processes of job {job['Job']}")
-        finally:
-            super().stop_and_check(server)
-
-    def unhold(self) -> None:
-        """Let "held" formulas end, if a test has not already."""
-        with contextlib.suppress(FileNotFoundError):
-            self.release_all()
-
-    def hostile(self, *functions: str, **fields: object) -> dict[str, Any]:
-        """A Dask request running ``functions`` of hostile.py."""
-        return self.dask(*functions, File="hostile.py", **fields)
 
 
 class FramingTests(HostileTestCase):
@@ -509,185 +354,3 @@ class PathTests(HostileTestCase):
             self.ask(server, {"Header": "Job", "Request": "List"})["Response"]["Jobs"], []
         )
         self.assert_fine(server)
-
-
-class TokenTests(HostileTestCase):
-    """With --token-file, only a request carrying one of its tokens is served."""
-
-    def test_onlyTheRightToken(self) -> None:
-        """Missing, wrong and ill-typed tokens all get one Unauthorized; the right one is served."""
-        token = secrets.token_urlsafe(32)
-        path = os.path.realpath(self.mktemp())
-        with open(path, "w") as f:
-            f.write(f"# measuring tokens\n{token}\n")
-        os.chmod(path, 0o600)
-        server = self.start("--token-file", path)
-        self.token = token  # for the checks at cleanup
-        wrong: list[dict[str, Any]] = [
-            STATUS,
-            {**STATUS, "Token": secrets.token_urlsafe(32)},
-            {**STATUS, "Token": token + " "},
-            {**STATUS, "Token": token[:-1]},
-            {**STATUS, "Token": 12345},
-            {**STATUS, "Token": [token]},
-            {**STATUS, "Token": None},
-            {"Header": "Nope", "Token": token[::-1]},
-            self.dask("total"),
-        ]
-        with server.connect() as connection:
-            connection.socket.settimeout(10)
-            errors = []
-            for request in wrong:
-                answer = self.answer_to(connection, request)
-                self.assertEqual(answer["Status"], "Error", (request, answer))
-                errors.append(answer["Error"])
-            self.assertEqual(errors, [errors[0]] * len(wrong))
-            self.assertEqual(errors[0]["Code"], "Unauthorized")
-            # A lone surrogate is no text at all: refused like any unreadable request, or
-            # like a wrong token, but answered and never served.
-            answer = self.answer_to(connection, {**STATUS, "Token": "\udfff"})
-            self.assertIn(answer["Error"]["Code"], ("BadRequest", "Unauthorized"), answer)
-            refused = len(wrong) + (answer["Error"]["Code"] == "Unauthorized")
-            self.assertEqual(connection.ask({**STATUS, "Token": token})["Status"], "OK")
-        statistic = self.ask(server, {"Header": "Info", "Request": "All statistic"})["Response"]
-        self.assertEqual(statistic["Errors"]["Unauthorized"], refused)
-        self.assertEqual(
-            self.ask(server, {"Header": "Job", "Request": "List"})["Response"]["Jobs"], []
-        )
-        self.assertIn("without a valid token", server.log())
-        self.assertNotIn(token, server.log())
-        self.assertNotIn(token[:-1], server.log())
-
-
-class FormulaTests(HostileTestCase):
-    """Formulas that loop, hoard, exit, crash or leave processes fail their own job only."""
-
-    def test_runawayFormulas(self) -> None:
-        """A loop ends Timeout, endless memory MemoryLimit, os._exit and a segfault JobFailed."""
-        server = self.start("--job-memory", "300MB")
-        expected = [
-            (self.hostile("loop", Timeout=2), "Timeout", "limit of 2 s"),
-            (self.dask("hog"), "MemoryLimit", "(--job-memory)"),
-            (self.hostile("leave"), "JobFailed", "exited with code 7"),
-            (self.hostile("segfault"), "JobFailed", "was killed by signal 11 (SIGSEGV)"),
-        ]
-        for request, code, words in expected:
-            answer = server.ask(request)
-            self.assertEqual(answer["Error"]["Code"], code, answer)
-            self.assertIn(words, answer["Error"]["Message"])
-            self.assertEqual(carrying(answer["Job"]), [])
-            self.assert_fine(server)
-        self.assertEqual(self.info(server, "Dask process")["Count"], 0)
-
-    def test_outlivingProcessesEnd(self) -> None:
-        """A forked child in its own session and a spawned "sleep 600" end with their job."""
-        server = self.start()
-        answer = server.ask(self.hostile("outlive"))
-        self.assertEqual(answer["Status"], "OK", answer)
-        pids = [int(pid) for pid in answer["Response"]["Results"]["outlive"]["Value"].split()]
-        self.assertEqual(len(pids), 2)
-        self.wait_for(lambda: not alive(pids), "the formula's processes ending")
-        self.assertEqual(carrying(answer["Job"]), [])
-        self.assert_fine(server)
-
-
-class SecretTests(HostileTestCase):
-    """What a formula can reach of the token and of folders outside its own."""
-
-    def write_reaching(self) -> tuple[str, str]:
-        """A token file, a folder outside the data root, and reaching.py; returns the first two."""
-        self.token = secrets.token_urlsafe(32)
-        token_file = os.path.realpath(self.mktemp())
-        with open(token_file, "w") as f:
-            f.write(self.token + "\n")
-        os.chmod(token_file, 0o600)
-        outside = os.path.realpath(self.mktemp())
-        os.makedirs(outside)
-        constants = f"OUTSIDE = {outside!r}\nTOKEN = {self.token!r}\nTOKEN_FILE = {token_file!r}\n"
-        write_formulas(self.folder, REACHING + constants, name="reaching.py")
-        return token_file, outside
-
-    def snoop(self, server: Server) -> dict[str, Any]:
-        answer = self.ask(server, self.dask("snoop", File="reaching.py"))
-        self.assertEqual(answer["Status"], "OK", answer)
-        found: dict[str, Any] = json.loads(answer["Response"]["Results"]["snoop"]["Value"])
-        return found
-
-    def test_tokenInNoEnvironment(self) -> None:
-        """Without a sandbox the token is in no process environment a formula can read."""
-        token_file, _ = self.write_reaching()
-        server = self.start("--token-file", token_file)
-        found = self.snoop(server)
-        self.assertIn(server.process.pid, found["Ancestors"])
-        self.assertIn(token_file, found["Files"])  # named on the server's command line
-        self.assertGreater(found["EnvironsRead"], 0)
-        self.assertIs(found["InEnviron"], False)
-        # A minimal environment: nothing of the server's own beyond what Python needs.
-        minimal = re.compile(r"(PATH|LANG|HOME|TMPDIR|TZ|PYTHON[A-Z]*|MEASURING_[A-Z]+)")
-        self.assertEqual([name for name in found["Environment"] if not minimal.fullmatch(name)], [])
-        self.assert_fine(server)
-
-    def test_sandboxedFormulaReachesNothing(self) -> None:
-        """In bwrap a formula cannot write outside its folder, nor find the token anywhere."""
-        reason = bwrap_missing()
-        if reason is not None:
-            raise SkipTest(reason)
-        token_file, outside = self.write_reaching()
-        server = self.start("--token-file", token_file, "--sandbox", "bwrap")
-        found = self.snoop(server)
-        self.assertNotIn(server.process.pid, found["Ancestors"])
-        self.assertEqual((found["InEnviron"], found["InFile"]), (False, False))
-
-        answer = self.ask(server, self.dask("write_outside", File="reaching.py"))
-        self.assertEqual(answer["Error"]["Code"], "JobFailed", answer)
-        self.assertTrue(
-            "Read-only file system" in answer["Error"]["Message"]
-            or "No such file or directory" in answer["Error"]["Message"],
-            answer,
-        )
-        self.assertEqual(os.listdir(outside), [])
-        self.assert_fine(server)
-
-
-class ExposureTests(HostileTestCase):
-    """Listening beyond loopback needs a token, or a warning at every start."""
-
-    def run_twistd(self, *arguments: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*twistd(), "-n", "--pidfile=", "measuring", "--data-root", self.folder, *arguments],
-            cwd=self.folder,
-            env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    def test_allInterfacesNeedToken(self) -> None:
-        """--port tcp:0 (every interface) without a token stops the start, naming both ways out."""
-        result = self.run_twistd("--port", "tcp:0")
-        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
-        self.assertIn("--token-file", result.stdout)
-        self.assertIn("--insecure-no-token", result.stdout)
-        self.assertNotIn("Traceback", result.stdout + result.stderr)
-
-    def test_readableTokenFileRefused(self) -> None:
-        """A token file other users can read stops the start, saying to chmod 600 it."""
-        path = os.path.join(self.folder, "tokens")
-        with open(path, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        os.chmod(path, 0o644)
-        result = self.run_twistd("--token-file", path)
-        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
-        self.assertIn("chmod 600", result.stdout)
-
-    def test_insecureNoTokenWarns(self) -> None:
-        """With --insecure-no-token the server listens on every interface and logs a warning."""
-        server = self.start("--port", "tcp:0", "--insecure-no-token")
-        self.assertIn("WITHOUT a token (--insecure-no-token)", server.log())
-        listening = self.wait_for(
-            lambda: [line for line in server.log().splitlines() if "(tcp:0)" in line],
-            "the line of the port on every interface",
-        )
-        port = int(listening[0].split("measuring listening on 0.0.0.0:")[1].split()[0])
-        with Connection(port) as connection:
-            self.assertEqual(connection.ask(STATUS)["Status"], "OK")

@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from measuring.local import LocalServer  # noqa: E402
-from measuring.test.support import sample_frame, write_dataset, write_formulas  # noqa: E402
+from measuring.local import LocalServer
+from measuring.test.support import sample_frame, write_dataset, write_formulas
 
 FORMULAS = """
 import time

@@ -15,11 +15,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from measuring import loader
+from measuring import loader, results
 from measuring.access import Tokens
 from measuring.errors import BadRequest, Internal, MeasuringError, Unauthorized
+from measuring.framing import json_type
 from measuring.info import REQUESTS
-from measuring.protocol import Answer, Notify, json_type
+from measuring.protocol import Answer, Notify
 from measuring.records import STATES, Job, JobSpec
 from measuring.stats import Stats
 
@@ -256,7 +257,7 @@ class Dispatcher:
             if not isinstance(fields[name], str):
                 raise BadRequest(f'"{name}" must be a string, not {json_type(fields[name])}')
         functions = _functions(fields.get("Functions"))
-        output = _choice(fields, "Output", tuple(loader.OUTPUTS), "parquet")
+        output = _choice(fields, "Output", tuple(results.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", loader.ENGINES, "pyarrow")
         timeout = _number(fields, "Timeout", 0.001, None, None)
         _flag(fields, "Async")

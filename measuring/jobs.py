@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from measuring import loader
+from measuring import results
 from measuring.errors import (
     Busy,
     Cancelled,
@@ -95,8 +95,8 @@ class Limits:
 
 def remove_results(directory: str, job: str) -> None:
     """Remove a job's result folder and anything half-written it left."""
-    shutil.rmtree(loader.result_dir(directory, job), ignore_errors=True)
-    loader.remove_partial(directory, job)
+    shutil.rmtree(results.result_dir(directory, job), ignore_errors=True)
+    results.remove_partial(directory, job)
 
 
 class JobManager(Service):
@@ -137,7 +137,9 @@ class JobManager(Service):
         jobs = [Job.from_record(record) for record in records]
         for job in jobs:
             self._live[job.id] = job
-            self._track(self._blocking.run(loader.remove_partial, job.spec.paths.directory, job.id))
+            self._track(
+                self._blocking.run(results.remove_partial, job.spec.paths.directory, job.id)
+            )
         if jobs:
             self._log.info("{n} jobs queued from before the last stop", n=len(jobs))
         self._queue = deque([*jobs, *self._queue])
@@ -259,7 +261,7 @@ class JobManager(Service):
         if timer.active():
             timer.cancel()
         del self._running[job.id]
-        cleanup = self._blocking.run(loader.remove_partial, job.spec.paths.directory, job.id)
+        cleanup = self._blocking.run(results.remove_partial, job.spec.paths.directory, job.id)
         if job.id in self._again:
             self._again.discard(job.id)
             job.state, job.started = "queued", None
@@ -286,7 +288,7 @@ class JobManager(Service):
             # The files are where the server says, whatever the worker claimed.
             for name, entry in outcome["Results"].items():
                 if entry.get("Kind") != "Scalar":
-                    entry["File"] = loader.result_file(job.id, name, job.spec.output)
+                    entry["File"] = results.result_file(job.id, name, job.spec.output)
             self._finish(job, "done", {**outcome, "Elapsed": elapsed}, None)
         self._start_next()
 
@@ -382,16 +384,16 @@ class JobManager(Service):
         def read(job: Job) -> Any:
             if job.response is None:
                 raise NotFound(f"job {job_id} has no results: it is {job.state}")
-            results = job.response["Results"]
-            if name not in results:
+            found = job.response["Results"]
+            if name not in found:
                 raise NotFound(
-                    f"job {job_id} has no result {name!r} (its results: {', '.join(results)})"
+                    f"job {job_id} has no result {name!r} (its results: {', '.join(found)})"
                 )
-            entry = results[name]
+            entry = found[name]
             if entry["Kind"] == "Scalar":
                 return {"Name": name, **entry}
             directory = job.spec.paths.directory
-            rows = self._blocking.run(loader.read_rows, directory, entry["File"], offset, limit)
+            rows = self._blocking.run(results.read_rows, directory, entry["File"], offset, limit)
             return rows.addCallback(lambda page: {"Name": name, "Kind": entry["Kind"], **page})
 
         return self._job(job_id).addCallback(read)

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import measuring
-from measuring import loader
+from measuring import results
 from measuring.child import RunningJob, WorkerProcess, describe_exit
 from measuring.errors import Cancelled, Internal, MemoryLimit
 from measuring.messages import JOB_FD, REPLY_FD, Message, job_tmp
@@ -158,7 +158,7 @@ class WorkerPool(Service):
             problem = None
             if place and worker.outbox is not None:
                 try:
-                    loader.place_results(worker.outbox, directory, job.job)
+                    results.place_results(worker.outbox, directory, job.job)
                 except Exception as e:
                     problem = f"{type(e).__name__}: {e}"
             if tmp:

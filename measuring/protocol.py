@@ -1,28 +1,24 @@
 """
-Framing: bytes on a TCP connection to JSON request objects and answers back to one line each.
+One client connection: bytes in, request objects to the dispatcher, one JSON line per answer out.
 
-A request is one JSON object, on one line or spread over several (the server reads on until the
-object closes). Nothing here knows what a request means: objects go to the dispatcher, which
-returns a Deferred answer; whatever cannot be read goes to the dispatcher as an error to answer.
+``framing`` cuts the lines into requests; nothing here knows what a request means: objects go to
+the dispatcher, which returns a Deferred answer, and whatever cannot be read goes to it as an
+error to answer. The connection is paced (no reading while answers pile up), closed when idle,
+and the factory refuses connections beyond a limit. ``listening`` holds the services around it.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet import protocol as twisted_protocol
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IListeningPort,
     IPushProducer,
     IReactorTime,
-    IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -30,14 +26,10 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from measuring.errors import BadRequest, Busy, Internal, MeasuringError, Timeout, TooLarge
+from measuring.framing import Framer, parse, too_large
 
-MAX_DEPTH = 32
 #: Requests a connection may have waiting for their answers before it is no longer read.
 MAX_PENDING = 64
-PREFIX_CHECKS = 200
-PREFIX_CHECK_BYTES = 64 * 1024
-# What moves the framer: an escape (two characters, skipped whole), a quote, a bracket.
-_TOKENS = re.compile(r'\\.|["{}\[\]]')
 
 Answer = dict[str, Any]
 Notify = Callable[[Answer], None]
@@ -51,153 +43,6 @@ class Dispatcher(Protocol):
     ) -> defer.Deferred[Answer]: ...
 
     def refuse(self, error: MeasuringError) -> Answer: ...
-
-
-def json_type(value: object) -> str:
-    """The JSON name of a value's type, for messages: ``an array``, ``a string``, ``null``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    names = {
-        dict: "an object",
-        list: "an array",
-        str: "a string",
-        int: "a number",
-        float: "a number",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-def _no_constants(name: str) -> Any:
-    raise BadRequest(f"the request contains {name}, which is not valid JSON; send null instead")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise BadRequest(f"the request contains the number {text[:40]}, too large for a float")
-    return value
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-        raise BadRequest(f"the request has the key {duplicate!r} more than once")
-    return obj
-
-
-def too_large(limit: int) -> TooLarge:
-    return TooLarge(f"the request is longer than the limit of {limit} bytes")
-
-
-def _invalid(error: json.JSONDecodeError) -> BadRequest:
-    return BadRequest(
-        f"the request is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
-    )
-
-
-def parse(text: str) -> dict[str, Any]:
-    """One request object from its text; raises BadRequest naming what is wrong."""
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constants,
-            parse_float=_finite,
-        )
-    except json.JSONDecodeError as e:
-        raise _invalid(e) from None
-    except ValueError as e:  # an integer of more digits than Python converts
-        raise BadRequest(f"the request has a number that cannot be read: {e}") from None
-    if not isinstance(value, dict):
-        raise BadRequest(
-            f"a request must be a JSON object such as "
-            f'{{"Header":"Info","Request":"Status"}}, not {json_type(value)}'
-        )
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(
-            "the request has a \\u escape that is not a whole character (a lone surrogate)"
-        ) from None
-    return value
-
-
-class Framer:
-    """
-    Collects lines until they hold one complete JSON value, tracking bracket depth outside strings.
-
-    ``feed`` returns the text of a complete request, or None while one is still open; it raises
-    TooLarge past ``max_bytes`` and BadRequest past ``MAX_DEPTH`` nested brackets.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max_bytes = max_bytes
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the request under way."""
-        self._parts: list[str] = []
-        self._size = 0
-        self._depth = 0
-        self._started = False
-
-    @property
-    def pending(self) -> bool:
-        """True while part of a request has arrived."""
-        return self._started
-
-    def feed(self, line: str) -> str | None:
-        self._size += len(line.encode("utf-8")) + 1
-        if self._size > self._max_bytes:
-            self.reset()
-            raise too_large(self._max_bytes)
-        self._parts.append(line)
-        self._started = self._started or (line != "" and not line.isspace())
-        in_string = False
-        for token in _TOKENS.findall(line):
-            if in_string:
-                in_string = token != '"'
-            elif token == '"':
-                in_string = True
-            elif token in "{[":
-                self._depth += 1
-                if self._depth > MAX_DEPTH:
-                    self.reset()
-                    raise BadRequest(f"the request nests deeper than {MAX_DEPTH} levels")
-            elif token in "}]":
-                self._depth -= 1
-        if not self._started:
-            self._parts = []
-            self._size = 0
-            return None
-        if self._depth > 0 and not in_string:
-            self._check_prefix()
-            return None
-        text = "\n".join(self._parts)
-        self.reset()
-        return text
-
-    def _check_prefix(self) -> None:
-        """
-        Raise BadRequest now when an open request can no longer become valid JSON.
-
-        The decoder stops at the first character that cannot continue valid JSON; when that is
-        before the end of what has arrived, more lines cannot help. Checked for the first lines
-        only, so that a request of many lines costs no more than reading it.
-        """
-        if len(self._parts) > PREFIX_CHECKS or self._size > PREFIX_CHECK_BYTES:
-            return
-        text = "\n".join(self._parts)
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.pos < len(text.rstrip()):
-                self.reset()
-                raise _invalid(e) from None
 
 
 class RequestProtocol(LineReceiver):
@@ -427,76 +272,3 @@ class RequestFactory(Factory):
         )
         protocol.factory = self
         return protocol
-
-
-class ClosingService(Service):
-    """On stop, closes the clients' connections once their last answers are sent."""
-
-    def __init__(self, factory: RequestFactory, clock: IReactorTime) -> None:
-        self._factory = factory
-        self._clock = clock
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        return self._factory.close_all(self._clock)
-
-
-def describe(port: IListeningPort) -> str:
-    """Where a listening port listens, as a user would type it."""
-    host = port.getHost()
-    if hasattr(host, "port"):
-        return f"{getattr(host, 'host', '')}:{host.port}"
-    return str(getattr(host, "name", host))
-
-
-class ListeningService(Service):
-    """
-    Listens on every endpoint when the server starts and logs each real address.
-
-    A failure to listen (port in use, permission denied) stops the start with one line and a
-    non-zero exit, before any worker process is started.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self, endpoints: list[tuple[str, IStreamServerEndpoint]], factory: Factory
-    ) -> None:
-        self._endpoints = endpoints
-        self._factory = factory
-        self.ports: list[IListeningPort] = []
-        self._listening = False
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listening = True
-        for description, endpoint in self._endpoints:
-            outcome: list[IListeningPort | Failure] = []
-            endpoint.listen(self._factory).addBoth(outcome.append)
-            if not outcome:
-                raise SystemExit(
-                    f"measuring: {description} did not listen at once; "
-                    f"endpoints that listen later are not supported"
-                )
-            if isinstance(outcome[0], Failure):
-                raise SystemExit(
-                    f"measuring: cannot listen on {description}: {outcome[0].getErrorMessage()}"
-                )
-            self.ports.append(outcome[0])
-            self._log.info(
-                "measuring listening on {address} ({description})",
-                address=describe(outcome[0]),
-                description=description,
-            )
-
-    def startService(self) -> None:
-        if not self._listening:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        self._listening = False
-        ports, self.ports = self.ports, []
-        stopping = [defer.maybeDeferred(port.stopListening) for port in ports]
-        return defer.gatherResults(stopping).addCallback(lambda _: None)

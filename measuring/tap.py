@@ -148,8 +148,9 @@ def makeService(options: Options) -> IService:
     from measuring.dispatch import Dispatcher
     from measuring.info import InfoService
     from measuring.jobs import JobManager, Limits
+    from measuring.listening import ClosingService, ListeningService, describe
     from measuring.pool import WorkerPool, worker_environment
-    from measuring.protocol import ClosingService, ListeningService, RequestFactory, describe
+    from measuring.protocol import RequestFactory
     from measuring.sandbox import Bubblewrap
     from measuring.services import InOrder
     from measuring.stats import Stats

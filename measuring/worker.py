@@ -28,7 +28,7 @@ from typing import Any
 
 from dask.callbacks import Callback
 
-from measuring import loader
+from measuring import loader, results
 from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
 from measuring.messages import JOB_FD, JOB_MARK, REPLY_FD, Message, encode, job_tmp
 
@@ -225,7 +225,7 @@ def plain_index(frame: Any) -> Any:
 
 def preview(frame: Any) -> list[dict[str, Any]]:
     """The first rows as JSON records, as many of the first 20 as fit in 64 KiB."""
-    rows = loader.records(frame.head(PREVIEW_ROWS))
+    rows = results.records(frame.head(PREVIEW_ROWS))
     while rows and len(json.dumps(rows)) > PREVIEW_BYTES:
         rows = rows[: len(rows) // 2]
     return rows
@@ -235,30 +235,30 @@ def summarize(
     values: dict[str, Any], job: str, directory: str, output: str, max_bytes: int | None = None
 ) -> dict[str, Any]:
     """Write the tables among ``values`` and describe every result for the answer."""
-    results: dict[str, Any] = {}
+    described: dict[str, Any] = {}
     frames = {}
     for name, value in values.items():
         kind, frame = as_frame(name, value)
         if frame is None:
-            results[name] = {"Kind": kind, "Value": loader.json_value(value)}
+            described[name] = {"Kind": kind, "Value": results.json_value(value)}
             continue
         frames[name] = frame
-        results[name] = {
+        described[name] = {
             "Kind": kind,
             "File": None,
             "Rows": len(frame),
             "Columns": list(frame.columns),
             "Index": [str(level) for level in frame.index.names]
-            if loader.has_own_index(frame)
+            if results.has_own_index(frame)
             else [],
-            "Types": loader.column_types(frame),
+            "Types": results.column_types(frame),
             "Preview": preview(frame),
         }
     try:
-        files = loader.write_results(directory, job, frames, output, max_bytes)
+        files = results.write_results(directory, job, frames, output, max_bytes)
     except MeasuringError:
         raise
-    except loader.ResultsTooLarge as e:
+    except results.ResultsTooLarge as e:
         raise JobFailed(str(e)) from None
     except OSError as e:
         _print_traceback(e)
@@ -274,8 +274,8 @@ def summarize(
             f"writing the results to {directory}/results failed: {type(e).__name__}: {e}"
         ) from None
     for name, file in files.items():
-        results[name]["File"] = file
-    return results
+        described[name]["File"] = file
+    return described
 
 
 def run_job(message: Message, progress: Progress | None = None) -> Message:
@@ -298,7 +298,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             base = os.path.basename(message["Base"])
             raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
         values = compute(formulas, dataset, path, progress)
-        results = summarize(
+        described = summarize(
             values,
             message["Job"],
             message.get("Outbox") or message["Directory"],
@@ -313,7 +313,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             "Type": "Error",
             "Error": Internal(f"the worker failed: {type(e).__name__}: {e}").to_json(),
         }
-    return {"Type": "Done", "Results": results}
+    return {"Type": "Done", "Results": described}
 
 
 def limit_job(limits: dict[str, int], sandboxed: bool) -> None:

@@ -1,6 +1,6 @@
 """
-Tests for what holds a job to its folder and its limits: ``loader.write_results`` past
-``--max-result-bytes``, ``loader.place_results`` moving a sandboxed worker's results out of its
+Tests for what holds a job to its folder and its limits: ``results.write_results`` past
+``--max-result-bytes``, ``results.place_results`` moving a sandboxed worker's results out of its
 outbox, ``worker.limit_job`` (in a child process, so that this one keeps its limits), and the
 ``bwrap`` command line of ``sandbox.Bubblewrap``.
 """
@@ -16,7 +16,7 @@ import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring import loader
+from measuring import loader, results
 from measuring.errors import Forbidden
 from measuring.sandbox import Bubblewrap
 from measuring.test.support import environment, write_dataset, write_formulas
@@ -47,14 +47,14 @@ class WriteResultsLimitTests(SynchronousTestCase):
         self.directory = make_folder(self, "lab")
         self.results = os.path.join(self.directory, "results")
         self.frames = result_frames()
-        written = loader.write_results(self.directory, "measure", self.frames, "csv")
+        written = results.write_results(self.directory, "measure", self.frames, "csv")
         self.size = sum(os.path.getsize(os.path.join(self.directory, f)) for f in written.values())
 
     def test_overLimitLeavesNothing(self) -> None:
         """One byte too many is ResultsTooLarge naming the limit, and no folder is left."""
         error = self.assertRaises(
-            loader.ResultsTooLarge,
-            loader.write_results,
+            results.ResultsTooLarge,
+            results.write_results,
             self.directory,
             JOB,
             self.frames,
@@ -67,7 +67,7 @@ class WriteResultsLimitTests(SynchronousTestCase):
 
     def test_atLimitWritten(self) -> None:
         """Results of exactly ``max_bytes`` are written."""
-        files = loader.write_results(self.directory, JOB, self.frames, "csv", self.size)
+        files = results.write_results(self.directory, JOB, self.frames, "csv", self.size)
         self.assertEqual(sorted(files), sorted(self.frames))
         self.assertEqual(sorted(os.listdir(self.results)), sorted(["measure", JOB]))
 
@@ -94,7 +94,9 @@ class PlaceResultsTests(SynchronousTestCase):
     def assertRefused(self, *words: str) -> None:
         """Placing is Forbidden with ``words``; Directory and the secret folder are unchanged."""
         before = tree(self.directory)
-        error = self.assertRaises(Forbidden, loader.place_results, self.outbox, self.directory, JOB)
+        error = self.assertRaises(
+            Forbidden, results.place_results, self.outbox, self.directory, JOB
+        )
         for word in words:
             self.assertIn(word, error.message)
         self.assertEqual(tree(self.directory), before)
@@ -103,7 +105,7 @@ class PlaceResultsTests(SynchronousTestCase):
     def test_moved(self) -> None:
         """The results appear in Directory/results/<job> and leave the outbox."""
         self.fill(**{"peak.csv": "peak\n41.5\n", "hourly.csv": "time,value\n"})
-        loader.place_results(self.outbox, self.directory, JOB)
+        results.place_results(self.outbox, self.directory, JOB)
         self.assertEqual(
             tree(self.directory),
             {
@@ -119,12 +121,12 @@ class PlaceResultsTests(SynchronousTestCase):
         with open(os.path.join(self.directory, "results", JOB, "old.csv"), "w") as f:
             f.write("old\n")
         self.fill(**{"new.csv": "new\n"})
-        loader.place_results(self.outbox, self.directory, JOB)
+        results.place_results(self.outbox, self.directory, JOB)
         self.assertEqual(tree(self.directory), {f"results/{JOB}/new.csv": "new\n"})
 
     def test_nothingToPlace(self) -> None:
         """A job that wrote no table leaves Directory as it was."""
-        loader.place_results(self.outbox, self.directory, JOB)
+        results.place_results(self.outbox, self.directory, JOB)
         self.assertEqual(os.listdir(self.directory), [])
 
     def test_acrossFileSystems(self) -> None:
@@ -136,7 +138,7 @@ class PlaceResultsTests(SynchronousTestCase):
         outbox = tempfile.mkdtemp(prefix="measuring-test-", dir="/dev/shm")
         self.addCleanup(shutil.rmtree, outbox)
         self.fill(outbox, **{"peak.csv": "peak\n41.5\n"})
-        loader.place_results(outbox, self.directory, JOB)
+        results.place_results(outbox, self.directory, JOB)
         self.assertEqual(tree(self.directory), {f"results/{JOB}/peak.csv": "peak\n41.5\n"})
 
     def test_symlinkAmongResultsRefused(self) -> None:

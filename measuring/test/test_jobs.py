@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring import loader
+from measuring import results
 from measuring.errors import (
     Busy,
     Cancelled,
@@ -357,10 +357,10 @@ class OutcomeTests(JobsTestCase):
     def test_failureRemovesPartialResults(self) -> None:
         """After a failed job, what it half-wrote is removed, through the blocking runner."""
         job = self.submit(self.manager())
-        partial = loader.partial_dir(self.directory, job.id)
+        partial = results.partial_dir(self.directory, job.id)
         os.makedirs(partial)
         self.pool.runs[0].fail(JobFailed("the worker process exited with code 3"))
-        self.assertIn((loader.remove_partial, (self.directory, job.id)), self.blocking.calls)
+        self.assertIn((results.remove_partial, (self.directory, job.id)), self.blocking.calls)
         self.assertFalse(os.path.exists(partial))
 
     def test_elapsedCountsFromStart(self) -> None:

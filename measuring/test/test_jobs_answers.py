@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from measuring import loader
+from measuring import results
 from measuring.errors import Cancelled, JobFailed, NotFound
 from measuring.records import Job, new_job_id
 from measuring.test.test_jobs import NOW, HeldRunner, JobsTestCase
@@ -229,7 +229,7 @@ class ResultTests(JobsTestCase):
         """A table comes back as the page of Records asked for, with Rows in all and Offset."""
         job = self.submit(self.manager())
         relative = f"results/{job.id}/mean_by_sensor.parquet"
-        os.makedirs(loader.result_dir(self.directory, job.id))
+        os.makedirs(results.result_dir(self.directory, job.id))
         frame = pd.DataFrame(
             {"value": [1.5, 2.5, 3.5, 4.5, 5.5]},
             index=pd.Index(["s1", "s2", "s3", "s4", "s5"], name="sensor"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from measuring import loader
+from measuring import results
 from measuring.errors import Cancelled, JobFailed, Timeout
 from measuring.jobs import DAY
 from measuring.records import Job, JobSpec, new_job_id
@@ -142,7 +142,7 @@ class RecoveryTests(JobsTestCase):
     def test_recoveryRemovesPartialResults(self) -> None:
         """What an interrupted job half-wrote is removed before it runs again."""
         job = self.left("running", NOW - 100)
-        partial = loader.partial_dir(self.directory, job)
+        partial = results.partial_dir(self.directory, job)
         os.makedirs(partial)
         self.manager()
         self.assertFalse(os.path.exists(partial))
@@ -233,7 +233,7 @@ class RetentionTests(JobsTestCase):
             keep_jobs=keep_jobs, keep_results=keep_results, job_timeout=DAY * 1000
         )
         job = self.submit(manager)
-        folder = loader.result_dir(self.directory, job.id)
+        folder = results.result_dir(self.directory, job.id)
         os.makedirs(folder)
         with open(os.path.join(folder, "peak.parquet"), "wb") as f:
             f.write(b"PAR1")
@@ -244,7 +244,7 @@ class RetentionTests(JobsTestCase):
         """A finished job is removed within the hour after keep_jobs days; its results stay."""
         manager = self.manager(keep_jobs=30, job_timeout=DAY * 1000)
         done, running = self.submit(manager), self.submit(manager)
-        folder = loader.result_dir(self.directory, done.id)
+        folder = results.result_dir(self.directory, done.id)
         os.makedirs(folder)
         self.pool.runs[0].succeed()
         self.clock.advance(30 * DAY)

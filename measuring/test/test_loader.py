@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring import loader
+from measuring import loader, results
 from measuring.errors import BadRequest, Forbidden, NotFound
 from measuring.test.support import sample_frame, write_dataset, write_formulas
 
@@ -247,9 +247,9 @@ class WriteResultsTests(SynchronousTestCase):
     def test_eachOutputRoundTrips(self) -> None:
         """Parquet, CSV and JSON results read back with pandas give the same numbers."""
         frames = result_frames()
-        for output, ext in loader.OUTPUTS.items():
+        for output, ext in results.OUTPUTS.items():
             job = "job-" + output
-            files = loader.write_results(self.directory, job, frames, output)
+            files = results.write_results(self.directory, job, frames, output)
             self.assertEqual(files, {name: f"results/{job}/{name}{ext}" for name in frames})
             for name, frame in frames.items():
                 index = [level for level in frame.index.names if level is not None]
@@ -272,7 +272,7 @@ class WriteResultsTests(SynchronousTestCase):
             "bad": pd.DataFrame({"mixed": pd.Series([1, "a"], dtype=object)}),
         }
         self.assertRaises(
-            pyarrow.ArrowException, loader.write_results, self.directory, "job", frames, "parquet"
+            pyarrow.ArrowException, results.write_results, self.directory, "job", frames, "parquet"
         )
         self.assertEqual(os.listdir(self.results), [])
 
@@ -281,18 +281,18 @@ class WriteResultsTests(SynchronousTestCase):
         outside = make_folder(self, "outside")
         os.symlink(outside, self.results)
         self.assertRaises(
-            Forbidden, loader.write_results, self.directory, "job", result_frames(), "csv"
+            Forbidden, results.write_results, self.directory, "job", result_frames(), "csv"
         )
         self.assertEqual(os.listdir(outside), [])
 
     def test_removePartialCleansWhatAKilledWorkerLeft(self) -> None:
         """``remove_partial`` removes a job's half-written folder and leaves finished jobs alone."""
-        loader.write_results(self.directory, "done", result_frames(), "csv")
+        results.write_results(self.directory, "done", result_frames(), "csv")
         partial = os.path.join(self.results, ".killed.partial")
         os.makedirs(partial)
         write_dataset(partial)
-        loader.remove_partial(self.directory, "killed")
-        loader.remove_partial(self.directory, "never-started")
+        results.remove_partial(self.directory, "killed")
+        results.remove_partial(self.directory, "never-started")
         self.assertEqual(os.listdir(self.results), ["done"])
         self.assertEqual(len(os.listdir(os.path.join(self.results, "done"))), 3)
 
@@ -325,7 +325,7 @@ class JsonValueTests(SynchronousTestCase):
             ("text", "text"),
         ]
         for value, expected in cases:
-            converted = loader.json_value(value)
+            converted = results.json_value(value)
             self.assertEqual(
                 json.loads(json.dumps(converted, allow_nan=False)), expected, repr(value)
             )
@@ -337,13 +337,13 @@ class JsonValueTests(SynchronousTestCase):
             index=pd.Index(["s1", "s2"], name="sensor"),
         )
         self.assertEqual(
-            loader.records(frame),
+            results.records(frame),
             [
                 {"sensor": "s1", "value": 1.5, "seen": "2026-01-01T00:00:00"},
                 {"sensor": "s2", "value": None, "seen": None},
             ],
         )
         self.assertEqual(
-            loader.records(frame.reset_index(drop=True)),
+            results.records(frame.reset_index(drop=True)),
             [{"value": 1.5, "seen": "2026-01-01T00:00:00"}, {"value": None, "seen": None}],
         )

@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.errors import BadRequest, TooLarge
-from measuring.protocol import MAX_DEPTH, Framer, RequestProtocol
+from measuring.framing import MAX_DEPTH, Framer
+from measuring.protocol import RequestProtocol
 from measuring.test.support import write_formulas
 from measuring.test.test_dispatch import Harness
 

@@ -35,13 +35,18 @@ def load_tokens(path: str) -> tuple[str, ...]:
         raise ValueError(
             f"other users can read or change it (mode {stat.S_IMODE(mode):o}); run chmod 600 on it"
         )
-    stripped = (line.strip() for line in lines)
-    tokens = tuple(line for line in stripped if line and not line.startswith("#"))
+    tokens = token_lines(lines)
     if not tokens:
         raise ValueError("it holds no token (one per line)")
     if any(len(token) < MIN_TOKEN for token in tokens):
         raise ValueError(f"a token in it is shorter than {MIN_TOKEN} characters")
     return tokens
+
+
+def token_lines(lines: list[str]) -> tuple[str, ...]:
+    """The tokens among a token file's lines: stripped, without blank and ``#`` comment lines."""
+    stripped = (line.strip() for line in lines)
+    return tuple(line for line in stripped if line and not line.startswith("#"))
 
 
 class Tokens:
@@ -81,6 +86,18 @@ def _split(description: str) -> tuple[str, list[str], dict[str, str]]:
     kind, arguments = parts[0].lower(), parts[1:]
     keywords = dict(part.split("=", 1) for part in arguments if "=" in part)
     return kind, [part for part in arguments if "=" not in part], keywords
+
+
+#: Keyword arguments of TLS endpoint descriptions that name files with secrets in them.
+SECRET_ARGUMENTS = ("privateKey", "certKey", "extraCertChain", "dhParameters")
+
+
+def secret_files(description: str) -> list[str]:
+    """The files an endpoint description names that hold its TLS secrets (none for plain TCP)."""
+    kind, _, keywords = _split(description)
+    if kind != "ssl":
+        return []
+    return [keywords[name] for name in SECRET_ARGUMENTS if keywords.get(name)]
 
 
 def _loopback(host: str) -> bool:

@@ -117,6 +117,35 @@ class RunningJob:
         self.result.errback(reason)
 
 
+KINDS = ("DataFrame", "Series", "Scalar")
+
+
+def malformed(message: Message) -> str | None:
+    """What is wrong with a worker's message, or None when it has the shape ``messages`` says."""
+    kind = message.get("Type")
+    if kind == "Ready":
+        return None
+    if kind == "Progress":
+        done, total = message.get("Done"), message.get("Total")
+        counts = [type(count) is int and count >= 0 for count in (done, total)]
+        return None if all(counts) else "a Progress message without whole Done and Total"
+    if kind == "Error":
+        error = message.get("Error")
+        ok = isinstance(error, dict) and all(
+            isinstance(error.get(k), str) for k in ("Code", "Message")
+        )
+        return None if ok else "an Error message without a Code and a Message"
+    if kind == "Done":
+        results = message.get("Results")
+        if not isinstance(results, dict):
+            return "a Done message without Results"
+        for name, entry in results.items():
+            if not (name.isidentifier() and isinstance(entry, dict) and entry.get("Kind") in KINDS):
+                return f"a result {name[:40]!r} that is not a formula's result"
+        return None
+    return f"a message of unknown type {str(kind)[:40]!r}"
+
+
 class WorkerProcess(ProcessProtocol):
     """The parent side of one worker process: starting, then ready, then busy with one job."""
 
@@ -128,6 +157,7 @@ class WorkerProcess(ProcessProtocol):
         self._messages = MessageBuffer()
         self._answer: Message | None = None
         self._garbled: MeasuringError | None = None
+        self._exited = False
         self._timers: list[IDelayedCall] = []
         self.pid: int | None = None
         self.mark = secrets.token_hex(16)
@@ -166,13 +196,22 @@ class WorkerProcess(ProcessProtocol):
             )
 
     def _received(self, message: Message) -> None:
-        if message.get("Type") == "Ready" and self.state == "starting":
+        # Formulas run in this process and can write here too: check every message's shape.
+        problem = malformed(message)
+        if problem is not None:
+            self._log.error("worker {pid} sent a bad message: {problem}", pid=self.pid,
+                            problem=problem)  # fmt: skip
+            self._garbled = JobFailed(
+                f"the job's process sent what the server cannot use: {problem}"
+            )
+            self.kill()
+        elif message["Type"] == "Ready" and self.state == "starting":
             self.state = "ready"
             self._pool.ready(self)
-        elif message.get("Type") == "Progress" and self.job is not None:
+        elif message["Type"] == "Progress" and self.job is not None:
             if self.job.on_progress is not None:
-                self.job.on_progress(int(message["Done"]), int(message["Total"]))
-        elif message.get("Type") in ("Done", "Error") and self.state == "busy":
+                self.job.on_progress(message["Done"], message["Total"])
+        elif message["Type"] in ("Done", "Error") and self.state == "busy" and not self._answer:
             self._answer = message
 
     def start(self, job: RunningJob, limits: dict[str, int]) -> None:
@@ -186,7 +225,7 @@ class WorkerProcess(ProcessProtocol):
         self.transport.closeChildFD(JOB_FD)  # type: ignore[union-attr]
 
     def _signal_group(self, signal_number: int) -> None:
-        if self.pid is None:
+        if self.pid is None or self._exited:
             return
         try:
             os.killpg(self.pid, signal_number)
@@ -201,12 +240,15 @@ class WorkerProcess(ProcessProtocol):
         """Ask the whole process group to end (SIGTERM); force it after a grace (SIGKILL)."""
         if self.state == "ended":
             return
+        self._pool.end_below(self)
         self._signal_group(signal.SIGTERM)
         self._timers.append(self._clock.callLater(KILL_GRACE, self._signal_group, signal.SIGKILL))
 
     def processExited(self, reason: Failure) -> None:
-        # Whatever the worker started and left behind in its group ends with it.
+        # Whatever the worker started and left behind in its group ends with it; after that its
+        # pid may be anyone's, so nothing more is sent to it.
         self._signal_group(signal.SIGKILL)
+        self._exited = True
         self._timers.append(self._clock.callLater(PIPE_GRACE, self._close_pipes))
 
     def _close_pipes(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from measuring.access import token_lines
 from measuring.client import Client, ClientError, JobError, Result, bar
 
 EXIT_JOB, EXIT_USAGE, EXIT_SERVER = 1, 2, 3
@@ -51,8 +52,7 @@ class Settings:
         if self.token_file:
             try:
                 with open(self.token_file, encoding="utf-8") as f:
-                    lines = (line.strip() for line in f)
-                    token = next((line for line in lines if line and line[0] != "#"), None)
+                    token = next(iter(token_lines(f.read().splitlines())), None)
             except OSError as e:
                 raise click.UsageError(
                     f"cannot read --token-file {self.token_file}: {e.strerror}"
@@ -76,8 +76,9 @@ class Commands(click.Group):
             if settings is not None and settings.debug:
                 traceback.print_exc()
             if isinstance(e, JobError):
-                where = f" (job {e.job})" if e.job else ""
-                click.echo(f"error: {e.code}: {e.message}{where}", err=True)
+                click.echo(f"error: {e.code}: {e.message}", err=True)
+                if e.job and e.code in ("JobFailed", "Timeout", "MemoryLimit"):
+                    click.echo(f"what it printed: measuring-client job log {e.job}", err=True)
                 ctx.exit(_EXITS.get(e.code, EXIT_SERVER))
             click.echo(f"error: {e}", err=True)
             ctx.exit(EXIT_SERVER)
@@ -174,14 +175,19 @@ def _duration(seconds: float) -> str:
     return " ".join([*parts, f"{second}s"])
 
 
+INFO = ("Status", "Dask process", "All process", "All statistic")
+
+
 @main.command()
-@click.argument(
-    "name", type=click.Choice(["Status", "Dask process", "All process", "All statistic"])
-)
+@click.argument("name")
 def info(name: str) -> None:
-    """Any Info request ("Dask process", "All process", "All statistic", "Status")."""
+    """Any Info request: status, dask-process, all-process, all-statistic (any case)."""
+    names = {known.lower(): known for known in INFO}
+    known = names.get(name.lower().replace("-", " ").replace("_", " "))
+    if known is None:
+        raise click.BadParameter(f"{name!r} is none of {', '.join(INFO)}", param_hint="NAME")
     with _settings().client() as client:
-        answer = client.info(name)
+        answer = client.info(known)
     _show(answer, lambda: click.echo(json.dumps(answer, indent=2, ensure_ascii=False)))
 
 
@@ -216,11 +222,32 @@ def run(directory: str, base: str, file: str, functions: tuple[str, ...], output
     """Run the formulas of FILE over BASE in DIRECTORY, wait, and show the results."""
     settings = _settings()
     progress = bar(os.path.basename(file)) if sys.stdout.isatty() and not settings.json else None
+    started: list[str] = []
+
+    def accepted(job: Any) -> None:
+        started.append(job.id)
+        if sys.stderr.isatty():
+            click.echo(f"job {job.id}", err=True)
+
     with settings.client() as client:
-        job = client.run(directory, base, file, list(functions) or None, output, timeout, engine,
-                         progress=progress)  # fmt: skip
+        try:
+            job = client.run(_local(directory), base, file, list(functions) or None, output,
+                             timeout, engine, progress=progress, accepted=accepted)  # fmt: skip
+        except KeyboardInterrupt:
+            if started:
+                click.echo(
+                    f"\ninterrupted: job {started[0]} goes on "
+                    f"(measuring-client job cancel {started[0]} stops it)",
+                    err=True,
+                )
+            sys.exit(130)
         status = job.status()
     _show(status, lambda: _print_results(job.id, status))
+
+
+def _local(directory: str) -> str:
+    """A folder that exists here is sent as an absolute path (the server may run here too)."""
+    return os.path.abspath(directory) if os.path.isdir(directory) else directory
 
 
 def _print_results(job: str, status: dict[str, Any], heading: bool = True) -> None:
@@ -245,13 +272,15 @@ def submit(directory: str, base: str, file: str, functions: tuple[str, ...], out
            engine: str | None, timeout: float | None) -> None:  # fmt: skip
     """Queue a job and print its id."""
     with _settings().client() as client:
-        job = client.submit(directory, base, file, list(functions) or None, output, timeout, engine)
+        job = client.submit(
+            _local(directory), base, file, list(functions) or None, output, timeout, engine
+        )
     _show({"Job": job.id}, lambda: click.echo(job.id))
 
 
 @main.group(cls=Commands)
 def job() -> None:
-    """Follow one job: status, cancel, log."""
+    """Follow one job: status, wait, cancel, log."""
 
 
 @job.command(name="status")
@@ -275,6 +304,24 @@ def job_status(job_id: str) -> None:
             _print_results(job_id, answer, heading=False)
 
     _show(answer, human)
+
+
+@job.command()
+@click.argument("job_id", metavar="ID")
+@click.option("--timeout", type=float, help="Give up waiting after this many seconds.")
+def wait(job_id: str, timeout: float | None) -> None:
+    """Wait for a job to end (with a progress bar on a terminal), then show its results."""
+    settings = _settings()
+    progress = bar(job_id) if sys.stdout.isatty() and not settings.json else None
+    with settings.client() as client:
+        found = client.job(job_id)
+        try:
+            found.wait(timeout, progress=progress)
+        except TimeoutError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_JOB)
+        status = found.status()
+    _show(status, lambda: _print_results(job_id, status))
 
 
 @job.command()

@@ -249,21 +249,25 @@ class Client:
         timeout: float | None = None,
         engine: str | None = None,
         progress: Progress | bool | None = None,
+        accepted: Callable[[Job], None] | None = None,
     ) -> Job:
         """
         Run a job and return it once it has ended, done; raise its error otherwise.
 
-        ``progress`` is a callable ``(done, total)``, or True for a progress bar.
+        ``progress`` is a callable ``(done, total)``, or True for a progress bar; ``accepted`` is
+        called with the Job as soon as the server has recorded it.
         """
         fields = self._dask(directory, base, file, functions=functions, output=output,
                             timeout=timeout, engine=engine)  # fmt: skip
         report = _reporter(progress, os.path.basename(file))
         request = {"Header": "Dask", "Request": {**fields, "Async": True, "Progress": True}}
         lines = self._lines(request)
-        accepted = next(lines)
-        if accepted.get("Status") == "Error":
-            raise error_from(accepted)
-        job = Job(self, accepted["Job"])
+        answer = next(lines)
+        if answer.get("Status") == "Error":
+            raise error_from(answer)
+        job = Job(self, answer["Job"])
+        if accepted is not None:
+            accepted(job)
         try:
             job._done(_follow(lines, report))
         except ClientError:
@@ -359,7 +363,7 @@ class Job:
                 return self
             if status["State"] not in ("queued", "running"):
                 error = status.get("Error") or {"Code": "JobFailed", "Message": status["State"]}
-                raise error_from({"Error": error, "Job": self.id})
+                raise error_from({"Error": error, "Job": self.id, "Log": self.log()})
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.id} is still {status['State']} after {timeout} s")
             time.sleep(pause)

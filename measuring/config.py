@@ -8,6 +8,7 @@ the state directory, so that an unusable one stops the start instead of the firs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -45,7 +46,7 @@ class Config:
     idle_timeout: float = 300.0
     max_connections: int = 1000
     max_result_bytes: int = 10 * 2**30
-    max_job_processes: int = 256
+    max_job_processes: int | None = None
     sandbox: str = "none"
 
 
@@ -87,6 +88,20 @@ def _whole(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
         if number < minimum or (maximum is not None and number > maximum):
             raise ValueError(what)
         return number
+
+    return parse
+
+
+def _whole_or_none(minimum: int) -> Callable[[object], int | None]:
+    whole = _whole(minimum)
+
+    def parse(value: object) -> int | None:
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return None
+        try:
+            return whole(value)
+        except ValueError:
+            raise ValueError(f"a whole number of at least {minimum}, or none") from None
 
     return parse
 
@@ -181,7 +196,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "idle-timeout": _amount("seconds"),
     "max-connections": _whole(1),
     "max-result-bytes": _result_bytes,
-    "max-job-processes": _whole(1),
+    "max-job-processes": _whole_or_none(1),
     "sandbox": _sandbox,
 }
 
@@ -207,7 +222,7 @@ def _defaults(environ: Mapping[str, str], cwd: str) -> dict[str, Any]:
         "idle-timeout": 300.0,
         "max-connections": 1000,
         "max-result-bytes": 10 * 2**30,
-        "max-job-processes": 256,
+        "max-job-processes": None,
         "sandbox": "none",
     }
 
@@ -257,11 +272,14 @@ def _data_root(path: str, cwd: str, source: str) -> str:
 def _state_dir(path: str, cwd: str, source: str) -> str:
     real = _real(path, cwd)
     try:
-        os.makedirs(os.path.join(real, "tmp"), exist_ok=True)
+        # The server's own: job records and logs, workers' temporary files. Not for others.
+        os.makedirs(os.path.join(real, "tmp"), mode=0o700, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{source}: cannot create {path!r}: {e.strerror}") from None
     if not os.access(real, os.W_OK | os.X_OK):
         raise UsageError(f"{source} {path!r} is not writable by this user")
+    with contextlib.suppress(OSError):  # best effort: it may belong to someone else
+        os.chmod(real, 0o700)
     return real
 
 

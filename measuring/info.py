@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -66,11 +67,12 @@ class ProcessSampler:
     """
     psutil views of processes, kept between calls so that CPU use is measured since the last one.
 
-    Use from one thread only. A process seen for the first time reads 0 % CPU.
+    Safe from several threads (one at a time). A process seen for the first time reads 0 % CPU.
     """
 
     def __init__(self) -> None:
         self._known: dict[int, psutil.Process] = {}
+        self._lock = threading.Lock()
 
     def _process(self, pid: int) -> psutil.Process:
         process = self._known.get(pid)
@@ -81,6 +83,10 @@ class ProcessSampler:
 
     def tree(self, pid: int) -> list[dict[str, Any]]:
         """``pid`` and every process below it: Pid, Parent, Name, Cpu (%), Rss (bytes)."""
+        with self._lock:
+            return self._tree(pid)
+
+    def _tree(self, pid: int) -> list[dict[str, Any]]:
         try:
             root = self._process(pid)
             processes = [root, *root.children(recursive=True)]

@@ -99,6 +99,15 @@ def remove_results(directory: str, job: str) -> None:
     results.remove_partial(directory, job)
 
 
+def _waits_for_next_start(job: Job) -> Busy:
+    """What a client waiting for ``job`` hears when the server stops before it ends."""
+    return Busy(
+        f"the server is stopping before job {job.id} ended; it runs (again) from the start when "
+        f"the server is back (ask for it with a Job Status request)",
+        Job=job.id,
+    )
+
+
 class JobManager(Service):
     """Records, queues and runs jobs, and answers for them."""
 
@@ -133,15 +142,23 @@ class JobManager(Service):
         recovering.addCallbacks(self._requeue, self._unrecovered)
         self._sweeper.start(SWEEP_EVERY, now=True)
 
-    def _requeue(self, records: list[dict[str, Any]]) -> None:
+    def _requeue(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
         jobs = [Job.from_record(record) for record in records]
         for job in jobs:
             self._live[job.id] = job
+        if jobs:
+            self._log.info("{n} jobs queued from before the last stop", n=len(jobs))
+        # What their interrupted runs half-wrote goes before they run again.
+        cleanups = [
             self._track(
                 self._blocking.run(results.remove_partial, job.spec.paths.directory, job.id)
             )
-        if jobs:
-            self._log.info("{n} jobs queued from before the last stop", n=len(jobs))
+            for job in jobs
+        ]
+        done = defer.DeferredList(cleanups, consumeErrors=True)
+        return done.addCallback(lambda _: self._queued_again(jobs))
+
+    def _queued_again(self, jobs: list[Job]) -> None:
         self._queue = deque([*jobs, *self._queue])
         self._recovered = True
         waiting, self._after_recovery = self._after_recovery, []
@@ -162,6 +179,8 @@ class JobManager(Service):
         self._stopping = True
         if self._sweeper.running:
             self._sweeper.stop()
+        for job in self._queue:
+            job.interrupt(_waits_for_next_start(job))
         running = list(self._running.values())
         if running:
             self._log.info(
@@ -219,6 +238,8 @@ class JobManager(Service):
             self._recording -= 1
             self._live[job.id] = job
             self._queue.append(job)
+            if self._stopping:
+                job.interrupt(_waits_for_next_start(job))
             self._log.info("job {job} queued: {file}", job=job.id, file=spec.paths.file)
             self._start_next()
             return job
@@ -258,6 +279,18 @@ class JobManager(Service):
             running.result.addBoth(self._ended, job, timer)
 
     def _ended(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+        """A job's process is done with it: record how it ended, whatever went wrong doing so."""
+        try:
+            self._end(outcome, job, timer)
+        except Exception:
+            self._log.failure("ending job {job}", job=job.id)
+            self._running.pop(job.id, None)
+            if not job.ended:
+                failure = Internal("the server failed ending this job; see its log", Job=job.id)
+                self._finish(job, "failed", None, failure)
+            self._start_next()
+
+    def _end(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
         if timer.active():
             timer.cancel()
         del self._running[job.id]
@@ -267,13 +300,7 @@ class JobManager(Service):
             job.state, job.started = "queued", None
             self._track(cleanup)
             self._track(self._store.update(job.id, state="queued", started=None))
-            job.interrupt(
-                Busy(
-                    f"the server stopped before job {job.id} ended; it runs again from the "
-                    f"start when the server is back (ask for it with a Job Status request)",
-                    Job=job.id,
-                )
-            )
+            job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):
             error = outcome.value

@@ -28,11 +28,20 @@ from measuring import results
 from measuring.child import RunningJob, WorkerProcess, describe_exit
 from measuring.errors import Cancelled, Internal, MemoryLimit
 from measuring.messages import JOB_FD, REPLY_FD, Message, job_tmp
-from measuring.processes import SERVER_MARK, WORKER_MARK, kill_marked, tree_rss
+from measuring.processes import (
+    SERVER_MARK,
+    WORKER_MARK,
+    end_orphans,
+    kill_marked,
+    kill_tree,
+    tree_rss,
+)
 from measuring.sandbox import Bubblewrap
 from measuring.threads import Runner
 
 MEMORY_CHECK = 0.5
+REAP_EVERY = 2.0
+WORKER_MODULE = "measuring.worker"
 
 
 def worker_environment(environ: Mapping[str, str], tmp: str, mark: str) -> dict[str, str]:
@@ -93,6 +102,7 @@ class WorkerPool(Service):
         command: Sequence[str] | None = None,
         sandbox: Bubblewrap | None = None,
         job_limits: dict[str, int] | None = None,
+        reap_orphans: bool = False,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
@@ -102,10 +112,12 @@ class WorkerPool(Service):
         self._blocking = blocking
         self.memory_limit = memory_limit
         self._sandbox = sandbox
+        # This process is a subreaper (processes.adopt_orphans): end what dead workers left.
+        self._reap_orphans = reap_orphans
         #: What a worker enforces on its job: ``ResultBytes``, ``Processes`` (see worker.py).
         self.job_limits = job_limits or {}
         # -P: the worker's folder is not on sys.path, so no file there can shadow a module.
-        self._command = list(command or [sys.executable, "-P", "-m", "measuring.worker"])
+        self._command = list(command or [sys.executable, "-P", "-m", WORKER_MODULE])
         self._workers: set[WorkerProcess] = set()
         self._ready: deque[WorkerProcess] = deque()
         self._waiting: deque[RunningJob] = deque()
@@ -113,6 +125,8 @@ class WorkerPool(Service):
         self._respawn: IDelayedCall | None = None
         self._watch = task.LoopingCall(self._check_memory)
         self._watch.clock = clock
+        self._reaper = task.LoopingCall(self._reap)
+        self._reaper.clock = clock
 
     def startService(self) -> None:
         super().startService()
@@ -122,6 +136,8 @@ class WorkerPool(Service):
         swept.addBoth(lambda _: self._fill())
         if self.memory_limit is not None:
             self._watch.start(MEMORY_CHECK, now=False)
+        if self._reap_orphans:
+            self._reaper.start(REAP_EVERY, now=False)
 
     def _sweep_at_start(self) -> list[int]:
         """End what a previous server left running, and empty the workers' temporary folder."""
@@ -152,9 +168,12 @@ class WorkerPool(Service):
         """
         tmp = worker.outbox or self._environment.get("TMPDIR")
         directory = str(job.message["Directory"])
+        known = self._known_pids()
 
         def finish() -> str | None:
             kill_marked(WORKER_MARK, worker.mark)
+            if self._reap_orphans:
+                end_orphans(known, WORKER_MODULE)
             problem = None
             if place and worker.outbox is not None:
                 try:
@@ -168,6 +187,24 @@ class WorkerPool(Service):
             return problem
 
         return self._blocking.run(finish)
+
+    def _known_pids(self) -> set[int]:
+        return {worker.pid for worker in self._workers if worker.pid is not None}
+
+    def _reap(self) -> defer.Deferred[list[int]]:
+        """End and reap what dead workers left (sandboxes' inner processes end as zombies)."""
+        reaped = self._blocking.run(end_orphans, self._known_pids(), WORKER_MODULE)
+        reaped.addErrback(lambda f: self._log.failure("ending what dead workers left", f))
+        return reaped
+
+    def end_below(self, worker: WorkerProcess) -> None:
+        """End every process below a worker being stopped (it is their subreaper: all of them)."""
+        if worker.pid is not None:
+            self._blocking.run(kill_tree, worker.pid).addErrback(
+                lambda f: self._log.failure(
+                    "ending the processes of worker {pid}", f, pid=worker.pid
+                )
+            )
 
     def _check_memory(self) -> defer.Deferred[None] | None:
         busy = [
@@ -197,8 +234,9 @@ class WorkerPool(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        if self._watch.running:
-            self._watch.stop()
+        for loop in (self._watch, self._reaper):
+            if loop.running:
+                loop.stop()
         if self._respawn is not None and self._respawn.active():
             self._respawn.cancel()
         while self._waiting:

@@ -9,6 +9,8 @@ process a formula starts inherits both.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 
@@ -16,7 +18,16 @@ import psutil
 
 from measuring.messages import SERVER_MARK, WORKER_MARK
 
-__all__ = ["SERVER_MARK", "WORKER_MARK", "kill_marked", "marked", "tree_rss"]
+__all__ = [
+    "SERVER_MARK",
+    "WORKER_MARK",
+    "adopt_orphans",
+    "end_orphans",
+    "kill_marked",
+    "kill_tree",
+    "marked",
+    "tree_rss",
+]
 
 
 def tree_rss(pid: int) -> int:
@@ -59,3 +70,55 @@ def kill_marked(name: str, value: str) -> list[int]:
         except psutil.Error:
             continue
     return killed
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL every process below ``pid`` (not ``pid`` itself); returns their pids."""
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for process in below:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            continue
+    return [process.pid for process in below]
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> None:
+    """
+    Make this process a subreaper: a process left behind when its parent (a worker) dies comes
+    to this one instead of to init, where ``end_orphans`` finds it.
+    """
+    if os.uname().sysname == "Linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def end_orphans(known: set[int], worker_command: str) -> list[int]:
+    """
+    End and reap this process's children that are neither ``known`` (its worker processes) nor
+    workers being started (their command line holds ``worker_command``, or is still this
+    process's own, between fork and exec): what dead workers left, adopted by this subreaper.
+    """
+    me = psutil.Process()
+    own = me.cmdline()
+    ended = []
+    for child in me.children():
+        try:
+            if child.pid in known:
+                continue
+            if child.status() != psutil.STATUS_ZOMBIE:
+                command = child.cmdline()
+                if command == own or worker_command in " ".join(command):
+                    continue
+                child.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            continue
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(child.pid, 0)
+        ended.append(child.pid)
+    return ended

@@ -30,6 +30,10 @@ from measuring.framing import Framer, parse, too_large
 
 #: Requests a connection may have waiting for their answers before it is no longer read.
 MAX_PENDING = 64
+#: Requests without a valid token after which a connection is closed.
+MAX_UNAUTHORIZED = 3
+#: Error Codes of requests that do not count as activity for the idle timeout.
+UNREAD = ("BadRequest", "TooLarge", "Unauthorized")
 
 Answer = dict[str, Any]
 Notify = Callable[[Answer], None]
@@ -64,6 +68,8 @@ class RequestProtocol(LineReceiver):
         self._framer = Framer(max_request_bytes)
         self._max_request_bytes = max_request_bytes
         self._pending = 0
+        self._unauthorized = 0
+        self._seen_request = False
         self._unsent = False
         self._reading = True
         self._clock = clock
@@ -150,11 +156,9 @@ class RequestProtocol(LineReceiver):
             text = self._framer.feed(line.decode("utf-8").removesuffix("\r"))
             if text is None:
                 return
-            self._rearm()
             request = parse(text)
         except UnicodeDecodeError:
             self._framer.reset()
-            self._rearm()
             self._refuse(BadRequest("the request is not valid UTF-8"))
         except MeasuringError as e:
             self._refuse(e)
@@ -173,17 +177,37 @@ class RequestProtocol(LineReceiver):
         marked = {"Id": request["Id"]} if "Id" in request else {}
 
         def send(answer: Answer) -> None:
+            if answer.get("Header") == "Progress" and self._unsent:
+                return  # the client is not reading: no point queuing more progress for it
             self._send({**answer, **marked})
+
+        def sent(answer: Answer) -> str | None:
+            send(answer)
+            code: str | None = (answer.get("Error") or {}).get("Code")
+            return code
 
         self._pending += 1
         self._pace()
-        answered = self._dispatcher.handle(request, send, self._client).addCallback(send)
+        answered = self._dispatcher.handle(request, send, self._client).addCallback(sent)
         answered.addBoth(self._answered)
 
-    def _answered(self, _: object) -> None:
+    def _answered(self, code: str | None) -> None:
+        """
+        A request has its answer. Only one the server could read and act on keeps the connection
+        from being idle; after ``MAX_UNAUTHORIZED`` requests without a valid token it is closed.
+        """
         self._pending -= 1
         self._pace()
-        if self._pending == 0 and self.connected:
+        if code == "Unauthorized":
+            self._unauthorized += 1
+            if self._unauthorized >= MAX_UNAUTHORIZED and self.transport is not None:
+                self._log.warn("closing {client}: too many requests without a valid token",
+                               client=self._client)  # fmt: skip
+                self.transport.loseConnection()
+        elif code not in UNREAD:
+            self._seen_request = True
+        if self._pending == 0 and self.connected and self._seen_request:
+            self._seen_request = False
             self._rearm()
 
     def _send(self, answer: Answer) -> None:

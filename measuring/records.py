@@ -24,6 +24,8 @@ from measuring.messages import Message
 FINISHED = ("done", "failed", "cancelled", "timeout")
 STATES = ("queued", "running", *FINISHED)
 Progress = Callable[[int, int], None]
+#: Seconds between two Progress lines of a job, at least (whatever its worker sends).
+PROGRESS_EVERY = 0.25
 
 
 def iso(seconds: float | None) -> str | None:
@@ -101,6 +103,8 @@ class Job:
     _listeners: list[Progress] = field(default_factory=list, repr=False)
     #: The last (done, total) its running computation reported.
     last_progress: tuple[int, int] | None = field(default=None, repr=False)
+    _progress_told: float = field(default=0.0, repr=False)
+    _interrupted: MeasuringError | None = field(default=None, repr=False)
 
     @property
     def ended(self) -> bool:
@@ -112,6 +116,8 @@ class Job:
             return defer.succeed(self.response)
         if self.error is not None:
             return defer.fail(self.error)
+        if self._interrupted is not None:
+            return defer.fail(self._interrupted)
         waiting: defer.Deferred[dict[str, Any]] = defer.Deferred()
         self._waiting.append(waiting)
         return waiting
@@ -122,7 +128,12 @@ class Job:
             self._listeners.append(progress)
 
     def progress(self, done: int, total: int) -> None:
+        """Pass on the job's progress: at most ``PROGRESS_EVERY`` seconds apart, and the end."""
         self.last_progress = (done, total)
+        now = time.monotonic()
+        if done < total and now - self._progress_told < PROGRESS_EVERY:
+            return
+        self._progress_told = now
         for listener in list(self._listeners):
             listener(done, total)
 
@@ -139,7 +150,8 @@ class Job:
                 d.callback(response)
 
     def interrupt(self, error: MeasuringError) -> None:
-        """Tell everyone waiting that the job will not end now (it runs again later)."""
+        """Tell everyone waiting, and anyone who asks later, that the job will not end now."""
+        self._interrupted = error
         waiting, self._waiting, self._listeners = self._waiting, [], []
         for d in waiting:
             d.errback(error)

@@ -9,8 +9,10 @@ pyarrow are imported only by the functions that need them.
 
 from __future__ import annotations
 
+import csv
 import datetime
 import decimal
+import io
 import json
 import math
 import os
@@ -132,8 +134,9 @@ def write_results(
 
 def place_results(outbox: str, directory: str, job: str) -> None:
     """
-    Move the results a sandboxed worker wrote in its ``outbox`` into ``directory``, the same way
-    they appear when written there: complete or not at all (copied when on another file system).
+    Copy the results a sandboxed worker wrote in its ``outbox`` into ``directory``, the same way
+    they appear when written there: complete or not at all, made in place, so that they get the
+    folder's group and default ACLs as files written there do.
     """
     source = result_dir(outbox, job)
     if not os.path.lexists(source):
@@ -148,12 +151,10 @@ def place_results(outbox: str, directory: str, job: str) -> None:
     partial = partial_dir(directory, job)
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        try:
-            os.rename(source, partial)
-        except OSError:
-            shutil.copytree(source, partial, symlinks=True)
-            for name in os.listdir(partial):
-                _fsync(os.path.join(partial, name))
+        os.mkdir(partial)
+        for name in os.listdir(source):
+            shutil.copyfile(os.path.join(source, name), os.path.join(partial, name))
+            _fsync(os.path.join(partial, name))
         _publish(directory, job)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -195,12 +196,17 @@ def _write_csv(frame: pd.DataFrame, path: str) -> None:
 
 
 def _write_json(frame: pd.DataFrame, path: str) -> None:
-    """A JSON array of records, exact: floats keep every digit, NaN and infinities become null."""
+    """
+    A JSON array of records, one per line (``read_rows`` relies on that), exact: floats keep
+    every digit, NaN and infinities become null.
+    """
+    table = frame.reset_index() if has_own_index(frame) else frame
     with open(path, "w", encoding="utf-8") as f:
         f.write("[")
-        for start in range(0, len(frame), 10_000):
-            rows = records(frame.iloc[start : start + 10_000])
-            f.write(("," if start else "") + ",\n".join(json.dumps(row) for row in rows))
+        for start in range(0, len(table), 10_000):
+            chunk = table.iloc[start : start + 10_000].reset_index(drop=True)
+            lines = ",\n".join(json.dumps(row) for row in records(chunk))
+            f.write((",\n" if start else "") + lines)
         f.write("]\n")
 
 
@@ -259,8 +265,8 @@ def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, A
     """
     Rows ``offset`` to ``offset + limit`` of a result file, as JSON records, and how many in all.
 
-    Reads only the row groups it needs from Parquet and streams CSV and JSON, so a page of a big
-    result costs about the size of the page. ``file`` is relative to ``directory``.
+    Reads only the row groups it needs from Parquet; reads CSV and JSON in one pass, keeping
+    only the page (they hold no row count to skip by). ``file`` is relative to ``directory``.
     """
     import pandas as pd
 
@@ -268,9 +274,17 @@ def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, A
     if path.endswith(".parquet"):
         total, frame = _parquet_rows(path, offset, limit)
     elif path.endswith(".csv"):
-        with open(path, "rb") as f:
-            total = max(sum(1 for _ in f) - 1, 0)
-        frame = pd.read_csv(path, skiprows=range(1, offset + 1), nrows=limit)
+        page = io.StringIO()
+        writer = csv.writer(page)
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)  # records, not lines: a value may hold a newline
+            writer.writerow(next(reader, []))
+            total = 0
+            for total, row in enumerate(reader, start=1):
+                if offset < total <= offset + limit:
+                    writer.writerow(row)
+        page.seek(0)
+        frame = pd.read_csv(page)
     else:
         # _write_json puts one record on each line: "[{...},", "{...},", ..., "{...}]".
         total, rows = 0, []

@@ -16,6 +16,8 @@ import sys
 
 import measuring
 
+#: The sandbox's own /tmp lives in memory, which the memory watch does not see: keep it small.
+TMPFS_BYTES = 64 * 2**20
 #: System folders a worker reads: programs, libraries, and the files Python and libc consult.
 SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SYSTEM_FILES = (
@@ -64,7 +66,7 @@ class Bubblewrap:
             "--unshare-uts",
             "--proc", "/proc",
             "--dev", "/dev",
-            "--tmpfs", "/tmp",
+            "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
         ]  # fmt: skip
         for path in SYSTEM:
             command += ["--ro-bind-try", path, path]

@@ -19,12 +19,11 @@ from typing import Any, TypeVar
 from twisted.application.service import Service
 from twisted.internet import defer
 
+from measuring.records import FINISHED
 from measuring.threads import Runner
 
 T = TypeVar("T")
 
-FINISHED = ("done", "failed", "cancelled", "timeout")
-STATES = ("queued", "running", *FINISHED)
 JSON_FIELDS = ("spec", "response", "error")
 
 _SCHEMA = """
@@ -69,12 +68,19 @@ class JobDatabase:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self.open()
+        assert self._db is not None
         return self._db
+
+    def open(self) -> None:
+        """Open (or create, readable by this user only) the database, in WAL mode, synced."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         if self._db is not None:
@@ -231,6 +237,13 @@ class JobStore(Service):
                 self._lock = lock_state_dir(self._state_dir)
             except StateLocked as e:
                 raise SystemExit(f"measuring: {e}") from None
+            # Open it now (a quick local file), so that a start without a usable database fails.
+            try:
+                self._database.open()
+            except (sqlite3.Error, OSError) as e:
+                raise SystemExit(
+                    f"measuring: cannot open the job database {self._database.path}: {e}"
+                ) from None
 
     def startService(self) -> None:
         if self._lock is None:

@@ -79,7 +79,8 @@ class Options(usage.Options):
             "max-job-processes",
             None,
             None,
-            "Processes a job may start, beyond those its user runs already [default: 256].",
+            "Threads and processes a job may start beyond those its user runs already "
+            "(RLIMIT_NPROC: user-wide; not for root, nor in the sandbox) [default: none].",
         ],
         [
             "sandbox",
@@ -144,12 +145,13 @@ def makeService(options: Options) -> IService:
 
     reactor: Any = installed  # the installed reactor provides every interface used below
 
-    from measuring.access import Tokens, keep_private
+    from measuring.access import Tokens, keep_private, secret_files
     from measuring.dispatch import Dispatcher
     from measuring.info import InfoService
     from measuring.jobs import JobManager, Limits
     from measuring.listening import ClosingService, ListeningService, describe
     from measuring.pool import WorkerPool, worker_environment
+    from measuring.processes import adopt_orphans
     from measuring.protocol import RequestFactory
     from measuring.sandbox import Bubblewrap
     from measuring.services import InOrder
@@ -167,8 +169,12 @@ def makeService(options: Options) -> IService:
             ports=", ".join(settings.ports),
         )
     keep_private()
+    adopt_orphans()
     stats = Stats()
+    # Threads of the server's own: for what clients ask (Info, Result pages, cleanup) and, apart,
+    # for the workers (the memory watch, the end of each job), which must not wait behind them.
     blocking = ThreadRunner(reactor, "measuring-blocking", size=2)
+    watching = ThreadRunner(reactor, "measuring-workers", size=2)
     database = ThreadRunner(reactor, "measuring-database")
     store = JobStore(
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
@@ -176,7 +182,16 @@ def makeService(options: Options) -> IService:
     environment = worker_environment(
         os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir
     )
-    hidden = (settings.state_dir, *([settings.token_file] if settings.token_file else []))
+    # What a sandboxed formula must not read even where it may read: the server's own files.
+    hidden = tuple(
+        os.path.realpath(path)
+        for path in [
+            settings.state_dir,
+            *([settings.token_file] if settings.token_file else []),
+            *([options["config"]] if options["config"] else []),
+            *[secret for port in settings.ports for secret in secret_files(port)],
+        ]
+    )
     sandbox = Bubblewrap(settings.data_roots, hidden) if settings.sandbox == "bwrap" else None
     pool = WorkerPool(
         reactor,
@@ -184,13 +199,14 @@ def makeService(options: Options) -> IService:
         settings.workers,
         settings.state_dir,
         environment,
-        blocking,
+        watching,
         settings.job_memory,
         sandbox=sandbox,
         job_limits={
             "ResultBytes": settings.max_result_bytes,
-            "Processes": settings.max_job_processes,
+            **({"Processes": settings.max_job_processes} if settings.max_job_processes else {}),
         },
+        reap_orphans=True,
     )
     limits = Limits(
         workers=settings.workers,
@@ -221,6 +237,7 @@ def makeService(options: Options) -> IService:
     top = InOrder()
     for service in (
         blocking,
+        watching,
         database,
         store,
         pool,

@@ -2,8 +2,9 @@
 Blocking calls kept off the reactor thread.
 
 ``ThreadRunner`` is a small thread pool of the server's own (not the reactor's shared one), started
-and stopped with the server, for the few calls that may block: psutil scans of every process and
-removing what a failed job left on disk. ``Synchronous`` runs the call at once, for tests.
+and stopped with the server, for the calls that may block: psutil scans, the job database, reading
+result files for Result pages, ending a job's processes and moving its results, removing what a
+failed job left on disk. ``Synchronous`` runs the call at once, for tests.
 """
 
 from __future__ import annotations

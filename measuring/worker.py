@@ -283,11 +283,11 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     path = message["File"]
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
-    limit_job(limits, sandboxed=message.get("Outbox") is not None)
-    # A temporary folder of the job's own, which the server removes when the job has ended.
-    tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
-    os.makedirs(tempfile.tempdir, exist_ok=True)
     try:
+        limit_job(limits, sandboxed=message.get("Outbox") is not None)
+        # A temporary folder of the job's own, which the server removes when the job has ended.
+        tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
+        os.makedirs(tempfile.tempdir, exist_ok=True)
         os.chdir(message["Directory"])
         module = import_formulas(path)
         formulas = find_formulas(module, path, message.get("Functions"))
@@ -319,8 +319,9 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
 def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
     """
     Hold the job to its limits: no file larger than ``ResultBytes`` (a write past it fails with
-    EFBIG), and at most ``Processes`` more processes than its user runs now (not in the sandbox,
-    where a PID namespace and the service's TasksMax bound them; and the kernel exempts root).
+    EFBIG), and at most ``Processes`` more threads and processes (the kernel counts both) than its
+    user runs now: not in the sandbox, where the count would miss what runs outside it (the
+    service's TasksMax bounds it there), and the kernel exempts root.
     """
     import resource
 
@@ -331,7 +332,11 @@ def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
         import psutil
 
         uid = os.getuid()
-        running = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"].real == uid)
+        running = sum(
+            process.info["num_threads"] or 1
+            for process in psutil.process_iter(["uids", "num_threads"])
+            if process.info["uids"] and process.info["uids"].real == uid
+        )
         _lower(resource.RLIMIT_NPROC, running + limits["Processes"])
 
 

@@ -75,16 +75,20 @@ class CliTestCase(ClientTestCase):
         stdout: str = done.stdout
         return stdout
 
-    def assertFailed(self, done: Any, code: int, start: str) -> str:
+    def assertFailed(self, done: Any, code: int, start: str, hint: bool = False) -> str:
         """
-        It exited ``code`` with one line on stderr starting ``start`` and no traceback; returns
-        that line.
+        It exited ``code`` with one line on stderr starting ``start`` and no traceback, and with
+        ``hint`` a second line saying how to see the job's log; returns the first line.
         """
         self.assertEqual(done.returncode, code, done.stdout + done.stderr)
         self.assertNotIn("Traceback", done.stderr)
         lines = done.stderr.splitlines()
-        self.assertEqual(len(lines), 1, done.stderr)
+        self.assertEqual(len(lines), 2 if hint else 1, done.stderr)
         self.assertTrue(lines[0].startswith(start), done.stderr)
+        if hint:
+            self.assertRegex(
+                lines[1], rf"^what it printed: measuring-client job log {JOB_ID.pattern}$"
+            )
         return str(lines[0])
 
 
@@ -109,10 +113,11 @@ class RunTests(CliTestCase):
         scripted = cli("--server", address, "--json", "status", MEASURING_SERVER=nowhere)
         answer = json.loads(self.assertSucceeded(scripted))
         self.assertEqual((answer["State"], answer["Pid"]), ("running", server.process.pid))
-        statistic = json.loads(
-            self.assertSucceeded(cli("info", "All statistic", MEASURING_SERVER=address))
-        )
-        self.assertEqual(list(statistic["Disk"]), [server.folder])
+        for name in ("All statistic", "all-statistic", "ALL_STATISTIC"):
+            statistic = json.loads(
+                self.assertSucceeded(cli("info", name, MEASURING_SERVER=address))
+            )
+            self.assertEqual(list(statistic["Disk"]), [server.folder])
 
         run = ("run", server.folder, BASE, "work.py")
         ran = self.assertSucceeded(cli("--server", address, *run))
@@ -188,6 +193,19 @@ class JobCommandTests(CliTestCase):
         self.assertEqual(len(listed), 2, listed)
         self.assertEqual(json.loads(client("--json", "jobs", "--state", "done")), [])
 
+    def test_wait(self) -> None:
+        """``job wait`` waits for a submitted job to end and prints its results, exiting 0."""
+        server = self.start()
+        address = f"127.0.0.1:{server.port}"
+        submitted = cli("submit", server.folder, BASE, "slow.py", MEASURING_SERVER=address)
+        job = self.assertSucceeded(submitted).strip()
+        with Client("127.0.0.1", server.port) as api:
+            self.assertIn(api.job(job).status()["State"], ("queued", "running"))
+        waited = self.assertSucceeded(cli("job", "wait", job, MEASURING_SERVER=address))
+        self.assertTrue(waited.startswith(f"job {job}: done in "), waited)
+        rows = [line.split() for line in waited.splitlines()[1:3]]
+        self.assertEqual(rows[1], ["slow", "Scalar", str(dataset(server).value.count())])
+
     def test_resultAndPlot(self) -> None:
         """``result`` prints a page of rows as a table, CSV or JSON; ``plot`` writes a PNG."""
         server = self.start()
@@ -245,12 +263,13 @@ class ExitCodeTests(CliTestCase):
         address = f"127.0.0.1:{server.port}"
         run = ("run", server.folder, BASE, "bad.py")
 
-        failed = self.assertFailed(
-            cli(*run, "-f", "fail", MEASURING_SERVER=address),
-            1,
-            "error: JobFailed: formula 'fail' raised ZeroDivisionError",
+        failed = cli(*run, "-f", "fail", MEASURING_SERVER=address)
+        self.assertFailed(
+            failed, 1, "error: JobFailed: formula 'fail' raised ZeroDivisionError", hint=True
         )
-        self.assertRegex(failed, rf"\(job {JOB_ID.pattern}\)$")
+        hint = failed.stderr.splitlines()[1].removeprefix("what it printed: measuring-client ")
+        printed = self.assertSucceeded(cli(*hint.split(), MEASURING_SERVER=address))
+        self.assertIn("about to divide\n", printed)
         debug = cli("--debug", *run, "-f", "fail", MEASURING_SERVER=address)
         self.assertEqual(debug.returncode, 1)
         self.assertIn("Traceback", debug.stderr)
@@ -259,6 +278,7 @@ class ExitCodeTests(CliTestCase):
             cli(*run, "-f", "spin", "--timeout", "1", MEASURING_SERVER=address),
             1,
             "error: Timeout: the job ran longer than its limit of 1 s",
+            hint=True,
         )
 
         waiting = subprocess.Popen(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 
 from twisted.python.usage import UsageError
 
@@ -75,6 +76,28 @@ class TokenFileTests(LoadTestCase):
         self.assertBad(["--token-file must be a non-empty string"], flags={"token-file": ""})
 
 
+class StateDirTests(LoadTestCase):
+    """The state directory holds the job records and logs: the server's user's alone."""
+
+    def mode(self, path: str) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    def test_createdPrivate(self) -> None:
+        """A new state dir and its tmp folder are mode 0700, whatever the umask."""
+        self.addCleanup(os.umask, os.umask(0))
+        state_dir = self.load({"state-dir": "var/state"}).state_dir
+        for path in (state_dir, os.path.join(state_dir, "tmp")):
+            self.assertEqual(self.mode(path), 0o700, path)
+
+    def test_existingMadePrivate(self) -> None:
+        """A state dir of this user's that others could read becomes 0700."""
+        state_dir = os.path.join(self.cwd, "state")
+        os.makedirs(state_dir)
+        os.chmod(state_dir, 0o755)
+        self.assertEqual(self.load({"state-dir": "state"}).state_dir, state_dir)
+        self.assertEqual(self.mode(state_dir), 0o700)
+
+
 class ExposedPortTests(LoadTestCase):
     """A port other machines can reach needs a token file, or ``insecure-no-token``."""
 
@@ -136,7 +159,7 @@ class BoundsTests(LoadTestCase):
     """The bounds on connections and jobs, and the sandbox."""
 
     def test_defaults(self) -> None:
-        """Defaults: 300 s idle, 1000 connections, 10 GiB of results, 256 processes, no sandbox."""
+        """Defaults: 300 s idle, 1000 connections, 10 GiB of results, no process cap, no sandbox."""
         settings = self.load()
         self.assertEqual(
             (
@@ -146,7 +169,7 @@ class BoundsTests(LoadTestCase):
                 settings.max_job_processes,
                 settings.sandbox,
             ),
-            (300.0, 1000, 10 * 2**30, 256, "none"),
+            (300.0, 1000, 10 * 2**30, None, "none"),
         )
 
     def test_values(self) -> None:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import textwrap
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from measuring import loader, results
 from measuring.errors import Forbidden
@@ -103,7 +103,7 @@ class PlaceResultsTests(SynchronousTestCase):
         self.assertEqual(tree(self.secret), {"tokens": "the-server-token-0123456789\n"})
 
     def test_moved(self) -> None:
-        """The results appear in Directory/results/<job> and leave the outbox."""
+        """The results appear in Directory/results/<job>, whole."""
         self.fill(**{"peak.csv": "peak\n41.5\n", "hourly.csv": "time,value\n"})
         results.place_results(self.outbox, self.directory, JOB)
         self.assertEqual(
@@ -113,7 +113,21 @@ class PlaceResultsTests(SynchronousTestCase):
                 f"results/{JOB}/hourly.csv": "time,value\n",
             },
         )
-        self.assertEqual(os.listdir(os.path.join(self.outbox, "results")), [])
+
+    def test_madeInPlace(self) -> None:
+        """Placed results get the results folder's group (setgid), as files written there do."""
+        folder = os.path.join(self.directory, "results")
+        os.makedirs(folder)
+        group = 100 if os.getgid() != 100 else 101
+        try:
+            os.chown(folder, -1, group)
+        except PermissionError:
+            raise SkipTest("changing a folder's group needs root here") from None
+        os.chmod(folder, 0o2775)
+        self.fill(**{"peak.csv": "peak\n41.5\n"})
+        results.place_results(self.outbox, self.directory, JOB)
+        placed = os.path.join(folder, JOB, "peak.csv")
+        self.assertEqual(os.stat(placed).st_gid, group)
 
     def test_replacesEarlierRun(self) -> None:
         """A job run again replaces its earlier results entirely."""

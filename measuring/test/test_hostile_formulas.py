@@ -29,8 +29,10 @@ from measuring.test.support import (
     alive,
     bwrap_missing,
     carrying,
+    end,
     run_twistd,
     write_formulas,
+    write_token_file,
 )
 
 #: Formulas reaching for what is outside their folder; OUTSIDE, TOKEN and TOKEN_FILE are appended.
@@ -79,19 +81,49 @@ def write_outside(df):
     return "written"
 '''
 
+#: Formulas that start "sleep 300" with no environment (so without the worker's mark) in a session
+#: of its own (so outside the worker's process group), note its pid, then loop deaf to SIGTERM
+#: (so the worker outlives its children by a second), or exit.
+ORPHANS = """
+import os
+import signal
+import subprocess
+
+
+def _sleep():
+    sleeper = subprocess.Popen(["sleep", "300"], env={}, start_new_session=True)
+    with open("sleep.pid.new", "w") as f:
+        f.write(str(sleeper.pid))
+    os.replace("sleep.pid.new", "sleep.pid")
+
+
+def loop(df):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _sleep()
+    while True:
+        pass
+
+
+def leave(df):
+    _sleep()
+    os._exit(3)
+"""
+
 
 class TokenTests(HostileTestCase):
     """With --token-file, only a request carrying one of its tokens is served."""
 
+    def start_with_token(self) -> tuple[Server, str]:
+        """A server with a token file of a new token (after a comment); returns it and the token."""
+        self.token = secrets.token_urlsafe(32)  # also for the checks at cleanup
+        folder = os.path.realpath(self.mktemp())
+        os.makedirs(folder)
+        path = write_token_file(folder, "# measuring tokens", self.token)
+        return self.start("--token-file", path), self.token
+
     def test_onlyTheRightToken(self) -> None:
         """Missing, wrong and ill-typed tokens all get one Unauthorized; the right one is served."""
-        token = secrets.token_urlsafe(32)
-        path = os.path.realpath(self.mktemp())
-        with open(path, "w") as f:
-            f.write(f"# measuring tokens\n{token}\n")
-        os.chmod(path, 0o600)
-        server = self.start("--token-file", path)
-        self.token = token  # for the checks at cleanup
+        server, token = self.start_with_token()
         wrong: list[dict[str, Any]] = [
             STATUS,
             {**STATUS, "Token": secrets.token_urlsafe(32)},
@@ -103,15 +135,17 @@ class TokenTests(HostileTestCase):
             {"Header": "Nope", "Token": token[::-1]},
             self.dask("total"),
         ]
+        errors = []
+        for request in wrong:
+            with server.connect() as connection:
+                connection.socket.settimeout(10)
+                answer = self.answer_to(connection, request)
+            self.assertEqual(answer["Status"], "Error", (request, answer))
+            errors.append(answer["Error"])
+        self.assertEqual(errors, [errors[0]] * len(wrong))
+        self.assertEqual(errors[0]["Code"], "Unauthorized")
         with server.connect() as connection:
             connection.socket.settimeout(10)
-            errors = []
-            for request in wrong:
-                answer = self.answer_to(connection, request)
-                self.assertEqual(answer["Status"], "Error", (request, answer))
-                errors.append(answer["Error"])
-            self.assertEqual(errors, [errors[0]] * len(wrong))
-            self.assertEqual(errors[0]["Code"], "Unauthorized")
             # A lone surrogate is no text at all: refused like any unreadable request, or
             # like a wrong token, but answered and never served.
             answer = self.answer_to(connection, {**STATUS, "Token": "\udfff"})
@@ -126,6 +160,18 @@ class TokenTests(HostileTestCase):
         self.assertIn("without a valid token", server.log())
         self.assertNotIn(token, server.log())
         self.assertNotIn(token[:-1], server.log())
+
+    def test_closedAfterThreeRefusals(self) -> None:
+        """A connection is answered three times without a valid token, then closed."""
+        server, token = self.start_with_token()
+        with server.connect() as connection:
+            connection.socket.settimeout(10)
+            for _ in range(3):
+                connection.send({**STATUS, "Token": token[::-1]})
+            codes = [connection.receive()["Error"]["Code"] for _ in range(3)]
+            self.assertEqual(codes, ["Unauthorized"] * 3)
+            self.assertRaises(ConnectionError, connection.ask, {**STATUS, "Token": token})
+        self.assertIn("too many requests without a valid token", server.log())
 
 
 class FormulaTests(HostileTestCase):
@@ -157,6 +203,44 @@ class FormulaTests(HostileTestCase):
         self.assertEqual(len(pids), 2)
         self.wait_for(lambda: not alive(pids), "the formula's processes ending")
         self.assertEqual(carrying(answer["Job"]), [])
+        self.assert_fine(server)
+
+    def sleeper(self) -> int:
+        """The pid of the "sleep 300" of ORPHANS, once noted; ended after the test."""
+        path = os.path.join(self.folder, "sleep.pid")
+        self.wait_for(lambda: os.path.exists(path), "the formula to start its sleep")
+        with open(path) as f:
+            pid = int(f.read())
+        self.addCleanup(end, pid)
+        return pid
+
+    def test_timeoutEndsTheWholeTree(self) -> None:
+        """A timed-out job's worker is ended with every process below it, marked or not."""
+        write_formulas(self.folder, ORPHANS, name="orphans.py")
+        server = self.start()
+        job = self.submit(server, "loop", File="orphans.py", Timeout=2)
+        pid = self.sleeper()
+        self.assertEqual(alive([pid]), [pid])
+        status = self.wait_for_job(server, job, "timeout")
+        self.assertIn("limit of 2 s", status["Error"]["Message"])
+        self.wait_for(lambda: not alive([pid]), f"the end of the formula's sleep {pid}", 10)
+        self.wait_for(
+            lambda: pid not in server.descendants(), f"the server to reap the ended sleep {pid}", 10
+        )
+        self.assert_fine(server)
+
+    def test_deadWorkersOrphansEnd(self) -> None:
+        """What a worker that died (os._exit) left running, unmarked, is ended by the server."""
+        write_formulas(self.folder, ORPHANS, name="orphans.py")
+        server = self.start()
+        answer = server.ask(self.dask("leave", File="orphans.py"))
+        self.assertEqual(answer["Error"]["Code"], "JobFailed", answer)
+        self.assertIn("exited with code 3", answer["Error"]["Message"])
+        pid = self.sleeper()
+        self.wait_for(lambda: not alive([pid]), f"the end of the formula's sleep {pid}", 10)
+        self.wait_for(
+            lambda: pid not in server.descendants(), f"the server to reap the ended sleep {pid}", 10
+        )
         self.assert_fine(server)
 
 

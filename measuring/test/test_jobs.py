@@ -160,8 +160,13 @@ class JobsTestCase(SynchronousTestCase):
         self.disk = JobDatabase(self.path)
         self.addCleanup(self.disk.close)
 
-    def manager(self, runner: Runner | None = None, **limits: Any) -> JobManager:
-        """A started JobManager (one worker, TIMEOUT unless told) on the test's database."""
+    def manager(
+        self, runner: Runner | None = None, blocking: Runner | None = None, **limits: Any
+    ) -> JobManager:
+        """
+        A started JobManager (one worker, TIMEOUT unless told) on the test's database; its store
+        runs on ``runner``, its blocking calls on ``blocking`` (``self.blocking`` unless told).
+        """
         database = JobDatabase(self.path)
         self.addCleanup(database.close)
         store = JobStore(database, Synchronous() if runner is None else runner)
@@ -170,7 +175,7 @@ class JobsTestCase(SynchronousTestCase):
             store,
             self.clock,
             Limits(**{"workers": 1, "job_timeout": TIMEOUT, **limits}),
-            self.blocking,
+            self.blocking if blocking is None else blocking,
         )
         manager.startService()
         return manager
@@ -353,6 +358,20 @@ class OutcomeTests(JobsTestCase):
         self.assertEqual(self.on_disk(job.id)["error"], error.to_json())
         self.assertEqual(self.on_disk(job.id)["state"], "failed")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_faultWhileEndingIsInternal(self) -> None:
+        """A fault ending a job (Results not a dict) ends it "failed", Internal; the next starts."""
+        manager = self.manager()
+        job, following = self.submit(manager), self.submit(manager)
+        self.pool.runs[0].result.callback({"Results": [{"Kind": "Scalar"}], "Log": "printed\n"})
+        error = self.failureResultOf(job.when_finished(), Internal).value
+        self.assertEqual(error.message, "the server failed ending this job; see its log")
+        self.assertEqual(error.extra["Job"], job.id)
+        record = self.on_disk(job.id)
+        self.assertEqual((record["state"], record["error"]), ("failed", error.to_json()))
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertEqual(self.pool.started(), [job.id, following.id])
+        self.assertEqual(manager.counts(), {"Running": 1, "Queued": 0})
 
     def test_failureRemovesPartialResults(self) -> None:
         """After a failed job, what it half-wrote is removed, through the blocking runner."""

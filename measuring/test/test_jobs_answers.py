@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from measuring import results
+from measuring import records, results
 from measuring.errors import Cancelled, JobFailed, NotFound
 from measuring.records import Job, new_job_id
 from measuring.test.test_jobs import NOW, HeldRunner, JobsTestCase
@@ -163,6 +163,24 @@ class StatusTests(JobsTestCase):
         self.pool.runs[0].succeed()
         self.pool.runs[0].progress(480, 480)
         self.assertEqual(seen, [(120, 480), (480, 480)])
+
+    def test_progressAtMostEveryPeriod(self) -> None:
+        """Listeners hear at most every PROGRESS_EVERY s, but always the end; Status the latest."""
+        now = [5000.0]
+        self.patch(records.time, "monotonic", lambda: now[0])
+        manager = self.manager()
+        job = self.submit(manager)
+        seen: list[tuple[int, int]] = []
+        job.listen(lambda done, total: seen.append((done, total)))
+        # When each report comes, in periods of PROGRESS_EVERY from the first.
+        reports = [(0, 1), (0.4, 2), (0.996, 3), (1, 4), (1.2, 5), (1.2, 10), (1.6, 10)]
+        for periods, done in reports:
+            now[0] = 5000.0 + periods * records.PROGRESS_EVERY
+            self.pool.runs[0].progress(done, 10)
+            if done == 3:
+                status = self.successResultOf(manager.status(job.id))
+                self.assertEqual(status["Progress"], {"Done": 3, "Total": 10})
+        self.assertEqual(seen, [(1, 10), (4, 10), (10, 10), (10, 10)])
 
 
 class ListTests(JobsTestCase):

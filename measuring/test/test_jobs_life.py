@@ -10,9 +10,12 @@ manager on the same database), a fake pool, a clock.
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from twisted.internet import defer
 
 from measuring import results
-from measuring.errors import Cancelled, JobFailed, Timeout
+from measuring.errors import Busy, Cancelled, JobFailed, Timeout
 from measuring.jobs import DAY
 from measuring.records import Job, JobSpec, new_job_id
 from measuring.test.test_jobs import NOW, TIMEOUT, HeldRunner, JobsTestCase
@@ -147,6 +150,23 @@ class RecoveryTests(JobsTestCase):
         self.manager()
         self.assertFalse(os.path.exists(partial))
 
+    def test_partialResultsRemovedBeforeTheJobStarts(self) -> None:
+        """A recovered job starts only once its earlier runs' partial folders are removed."""
+        blocking = HeldRunner()
+        job = self.left("running", NOW - 100)
+        partial = results.partial_dir(self.directory, job)
+        old = os.path.join(self.directory, "results", f".{job}.old")  # an interrupted replacement
+        os.makedirs(partial)
+        os.makedirs(old)
+        manager = self.manager(blocking=blocking)
+        [(removal, arguments, _)] = blocking.held
+        self.assertEqual((removal, arguments), (results.remove_partial, (self.directory, job)))
+        self.assertEqual((self.pool.started(), manager.counts()["Queued"]), ([], 0))
+        self.assertTrue(os.path.isdir(partial))
+        blocking.step()
+        self.assertEqual(self.pool.started(), [job])
+        self.assertEqual((os.path.exists(partial), os.path.exists(old)), (False, False))
+
 
 class StopTests(JobsTestCase):
     """On stop, running jobs get a grace period; those still running then run again later."""
@@ -204,6 +224,43 @@ class StopTests(JobsTestCase):
         self.assertEqual(self.on_disk(waiting.id)["state"], "queued")
         self.manager()
         self.assertEqual(self.pool.started(), [running.id, waiting.id])
+
+    def assertWaitsForNextStart(self, waiter: defer.Deferred[Any], job: Job) -> None:
+        """``waiter`` failed Busy naming ``job``, which stays queued, on disk too."""
+        error = self.failureResultOf(waiter, Busy).value
+        self.assertEqual(error.extra["Job"], job.id)
+        self.assertIn(f"before job {job.id} ended", error.message)
+        self.assertIn("the server is back", error.message)
+        self.assertEqual((job.state, self.on_disk(job.id)["state"]), ("queued", "queued"))
+
+    def test_waiterOfQueuedJobToldBusy(self) -> None:
+        """At stop, a client waiting for a queued job gets Busy naming it; it stays queued."""
+        manager = self.manager(stop_grace=GRACE)
+        running, queued = self.submit(manager), self.submit(manager)
+        waiter = queued.when_finished()
+        manager.stopService()
+        self.assertWaitsForNextStart(waiter, queued)
+        self.pool.runs[0].succeed()
+        self.assertEqual(self.pool.started(), [running.id])
+        self.assertEqual(self.on_disk(running.id)["state"], "done")
+
+    def test_jobRecordedAfterStopBeganToldBusy(self) -> None:
+        """A job whose record is written after the stop began: its waiting client gets Busy."""
+        runner = HeldRunner()
+        manager = self.manager(runner, stop_grace=GRACE)
+        runner.release()
+        recorded: list[Job] = []
+
+        def wait(job: Job) -> defer.Deferred[dict[str, Any]]:
+            # What a Dask request does: wait for the job's end once it is recorded.
+            recorded.append(job)
+            return job.when_finished()
+
+        waiter = manager.submit(self.spec).addCallback(wait)
+        manager.stopService()
+        runner.release()
+        self.assertWaitsForNextStart(waiter, recorded[0])
+        self.assertEqual(self.pool.started(), [])
 
     def test_stopWaitsForWrites(self) -> None:
         """The stop is over only once the end of every job is written."""

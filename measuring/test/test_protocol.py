@@ -16,6 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from measuring import records
 from measuring.errors import BadRequest, TooLarge
 from measuring.framing import MAX_DEPTH, Framer
 from measuring.protocol import RequestProtocol
@@ -223,6 +224,34 @@ class RequestProtocolTests(SynchronousTestCase):
             progress, {"Header": "Progress", "Job": job.job, "Done": 1, "Total": 2, "Id": 7}
         )
         self.assertEqual((answer["Header"], answer["Status"], answer["Id"]), ("Dask", "OK", 7))
+
+    def test_noProgressWhilePaused(self) -> None:
+        """While the transport pauses the protocol, Progress lines are dropped, not the answer."""
+        seconds = iter(range(1000, 2000))
+        self.patch(records.time, "monotonic", lambda: float(next(seconds)))  # no throttling
+        root = os.path.realpath(self.mktemp())
+        os.makedirs(os.path.join(root, "data.parquet"))
+        write_formulas(root)
+        self.connect((root,))
+        fields = {"Directory": ".", "Base": "data.parquet", "File": "work.py", "Progress": True}
+        self.protocol.dataReceived(
+            json.dumps({"Header": "Dask", "Request": fields}).encode() + b"\n"
+        )
+        [job] = self.harness.pool.runs
+        job.progress(1, 4)
+        self.protocol.pauseProducing()  # as the transport does when answers pile up unsent
+        job.progress(2, 4)
+        job.progress(4, 4)
+        self.protocol.resumeProducing()
+        job.progress(3, 4)
+        self.protocol.pauseProducing()
+        job.progress(4, 4)
+        job.succeed()
+        *progress, answer = self.answers()
+        self.assertEqual([(line["Done"], line["Total"]) for line in progress], [(1, 4), (3, 4)])
+        self.assertEqual(
+            (answer["Header"], answer["Status"], answer["Job"]), ("Dask", "OK", job.job)
+        )
 
     def test_noWriteAfterConnectionLost(self) -> None:
         """An answer that is ready after its connection is gone is not written."""

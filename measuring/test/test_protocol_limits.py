@@ -1,6 +1,7 @@
 """
 Tests for the bounds ``measuring.protocol`` puts on connections: the idle timeout of a connection
-(``--idle-timeout``) and the number of connections open at once (``--max-connections``).
+(``--idle-timeout``), which only requests the server acts on put off, the requests without a valid
+token it takes, and the number of connections open at once (``--max-connections``).
 
 Connections run over ``StringTransport`` with the real ``Dispatcher`` (the fakes of
 ``test_dispatch``) and a ``task.Clock``, so time passes only when the test says.
@@ -20,9 +21,12 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from measuring.access import Tokens
+from measuring.dispatch import Dispatcher
 from measuring.protocol import RequestFactory, RequestProtocol
 from measuring.test.support import write_formulas
 from measuring.test.test_dispatch import Harness
+from measuring.test.test_dispatch_tokens import TOKEN, WRONG
 from measuring.test.test_protocol import LIMIT, STATUS, STATUS_ANSWER, request
 
 IDLE = 10.0
@@ -33,18 +37,18 @@ def answers(transport: StringTransport) -> list[dict[str, Any]]:
     return [json.loads(line) for line in transport.value().splitlines()]
 
 
-class IdleTimeoutTests(SynchronousTestCase):
-    """A connection without a complete request for ``IDLE`` seconds is told so and closed."""
+class TimedConnectionTestCase(SynchronousTestCase):
+    """A connection closed after ``IDLE`` seconds without a request, and how to tell it was."""
 
     def setUp(self) -> None:
         self.harness = Harness(self)
         self.setUpConnection()
 
-    def setUpConnection(self) -> None:
-        """A connection to ``self.harness``'s dispatcher, timed by a clock of its own."""
+    def setUpConnection(self, dispatcher: Dispatcher | None = None) -> None:
+        """A connection to ``dispatcher`` (``self.harness``'s), timed by a clock of its own."""
         self.clock = Clock()
         self.protocol = RequestProtocol(
-            self.harness.dispatcher, LIMIT, clock=self.clock, idle_timeout=IDLE
+            dispatcher or self.harness.dispatcher, LIMIT, clock=self.clock, idle_timeout=IDLE
         )
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
@@ -72,6 +76,10 @@ class IdleTimeoutTests(SynchronousTestCase):
         )
         self.assertTrue(self.transport.disconnecting)
 
+
+class IdleTimeoutTests(TimedConnectionTestCase):
+    """A connection without a complete request for ``IDLE`` seconds is told so and closed."""
+
     def test_idleConnectionClosed(self) -> None:
         """With no request at all, the connection is closed exactly IDLE seconds after it opened."""
         self.clock.advance(IDLE - 0.001)
@@ -94,10 +102,24 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.clock.advance(0.001)
         self.assertTimedOut()
 
-    def test_refusedRequestRearms(self) -> None:
-        """A complete line that is refused (not JSON) counts as a request, too."""
-        self.clock.advance(IDLE - 1)
+    def test_refusedRequestsDoNotRearm(self) -> None:
+        """Requests answered BadRequest (unreadable, or an unknown Request) do not count."""
+        self.clock.advance(IDLE / 3)
         self.protocol.dataReceived(b"hello\n")
+        self.clock.advance(IDLE / 3)
+        self.protocol.dataReceived(request(1, "Uptime"))
+        self.clock.advance(IDLE / 3 - 0.001)
+        self.assertOpen()
+        self.clock.advance(0.001)
+        self.assertTimedOut()
+        codes = [answer["Error"]["Code"] for answer in answers(self.transport)]
+        self.assertEqual(codes, ["BadRequest", "BadRequest", "Timeout"])
+
+    def test_servedErrorRearms(self) -> None:
+        """A request the server acts on counts though its answer is an error (NotFound)."""
+        self.clock.advance(IDLE - 1)
+        self.protocol.dataReceived(b'{"Header":"Job","Request":"Status","Job":"nope"}\n')
+        self.assertEqual(answers(self.transport)[0]["Error"]["Code"], "NotFound")
         self.clock.advance(IDLE - 0.001)
         self.assertOpen()
         self.clock.advance(0.001)
@@ -174,6 +196,53 @@ class IdleTimeoutTests(SynchronousTestCase):
         """A connection that is gone leaves no timer behind."""
         self.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class UnauthorizedTests(TimedConnectionTestCase):
+    """A connection to a server with a token file, getting requests without a valid token."""
+
+    def setUp(self) -> None:
+        self.harness = Harness(self)
+        harness = self.harness
+        tokens = Tokens((TOKEN,))
+        self.setUpConnection(
+            Dispatcher(harness.info, harness.jobs, harness.stats, ("/",), tokens=tokens)
+        )
+
+    def send(self, token: str) -> None:
+        self.protocol.dataReceived(
+            json.dumps({"Header": "Info", "Request": "Status", "Token": token}).encode() + b"\n"
+        )
+
+    def codes(self) -> list[str | None]:
+        return [answer.get("Error", {}).get("Code") for answer in answers(self.transport)]
+
+    def test_unauthorizedDoNotRearm(self) -> None:
+        """Requests without a valid token every IDLE/2 s do not keep the connection open."""
+        for _ in range(2):
+            self.clock.advance(IDLE / 2 - 0.001)
+            self.send(WRONG)
+        self.assertOpen()
+        self.clock.advance(0.002)
+        self.assertTimedOut()
+        self.assertEqual(self.codes(), ["Unauthorized", "Unauthorized", "Timeout"])
+
+    def test_authorizedRearm(self) -> None:
+        """With the right token, the same requests keep the connection open."""
+        for _ in range(4):
+            self.clock.advance(IDLE / 2)
+            self.send(TOKEN)
+        self.assertOpen()
+        self.assertEqual(self.codes(), [None] * 4)
+
+    def test_closedAfterThree(self) -> None:
+        """The third request without a valid token is answered, then the connection closes."""
+        for token in (WRONG, TOKEN, "", TOKEN):
+            self.send(token)
+        self.assertOpen()
+        self.send(WRONG)
+        self.assertEqual(self.codes(), ["Unauthorized", None, "Unauthorized", None, "Unauthorized"])
+        self.assertTrue(self.transport.disconnecting)
 
 
 class MaxConnectionsTests(SynchronousTestCase):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from contextlib import closing
 from typing import Any
 
@@ -60,6 +61,15 @@ class SchemaTests(DatabaseTestCase):
         self.assertEqual(tables, ["jobs"])
         self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         self.assertEqual(db.execute("PRAGMA synchronous").fetchone()[0], 2)
+
+    def test_readableByOwnerOnly(self) -> None:
+        """open() makes the database, and SQLite the WAL files beside it, mode 0600 (any umask)."""
+        self.addCleanup(os.umask, os.umask(0))
+        self.database.open()
+        self.database.add(record("a"))
+        for suffix in ("", "-wal", "-shm"):
+            mode = stat.S_IMODE(os.stat(self.path + suffix).st_mode)
+            self.assertEqual(mode, 0o600, f"{self.path}{suffix} is mode {mode:o}")
 
     def test_reopenKeepsRecords(self) -> None:
         """A record committed is there for another connection, and after the database reopens."""

@@ -212,9 +212,9 @@ class Dispatcher:
 
     def _dask_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
         fields = request.get("Request")
-        spec = self.dask_spec(fields)
+        spec = self.dask_spec(fields)  # checks Async and Progress too
         assert isinstance(fields, dict)
-        background, progress = _flag(fields, "Async"), _flag(fields, "Progress")
+        background, progress = fields.get("Async", False), fields.get("Progress", False)
 
         def submitted(job: Job) -> Answer | defer.Deferred[Answer]:
             if progress:

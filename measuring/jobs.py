@@ -149,13 +149,7 @@ class JobManager(Service):
         if jobs:
             self._log.info("{n} jobs queued from before the last stop", n=len(jobs))
         # What their interrupted runs half-wrote goes before they run again.
-        cleanups = [
-            self._track(
-                self._blocking.run(results.remove_partial, job.spec.paths.directory, job.id)
-            )
-            for job in jobs
-        ]
-        done = defer.DeferredList(cleanups, consumeErrors=True)
+        done = defer.DeferredList([self._remove_partial(job) for job in jobs], consumeErrors=True)
         return done.addCallback(lambda _: self._queued_again(jobs))
 
     def _queued_again(self, jobs: list[Job]) -> None:
@@ -294,11 +288,10 @@ class JobManager(Service):
         if timer.active():
             timer.cancel()
         del self._running[job.id]
-        cleanup = self._blocking.run(results.remove_partial, job.spec.paths.directory, job.id)
         if job.id in self._again:
             self._again.discard(job.id)
             job.state, job.started = "queued", None
-            self._track(cleanup)
+            self._remove_partial(job)
             self._track(self._store.update(job.id, state="queued", started=None))
             job.interrupt(_waits_for_next_start(job))
             return
@@ -309,7 +302,7 @@ class JobManager(Service):
                 error = Internal("the server failed running this job; see its log")
             error.extra = {"Job": job.id, **error.extra}
             self._finish(job, _STATES.get(type(error), "failed"), None, error)
-            self._track(cleanup)
+            self._remove_partial(job)
         else:
             elapsed = round(self._clock.seconds() - (job.started or 0.0), 3)
             # The files are where the server says, whatever the worker claimed.
@@ -318,6 +311,12 @@ class JobManager(Service):
                     entry["File"] = results.result_file(job.id, name, job.spec.output)
             self._finish(job, "done", {**outcome, "Elapsed": elapsed}, None)
         self._start_next()
+
+    def _remove_partial(self, job: Job) -> defer.Deferred[Any]:
+        """Remove, in a thread, what a job that did not end done half-wrote."""
+        return self._track(
+            self._blocking.run(results.remove_partial, job.spec.paths.directory, job.id)
+        )
 
     def _finish(
         self,

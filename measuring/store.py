@@ -58,6 +58,14 @@ def _row(row: sqlite3.Row | None) -> Record | None:
     return record
 
 
+def _encoded(fields: Record) -> Record:
+    """Fields as the table keeps them: the JSON ones as text."""
+    return {
+        key: json.dumps(value) if key in JSON_FIELDS and value is not None else value
+        for key, value in fields.items()
+    }
+
+
 class JobDatabase:
     """The jobs table. Blocking: use it from one thread only (``JobStore`` does)."""
 
@@ -89,10 +97,7 @@ class JobDatabase:
 
     def add(self, record: Record) -> None:
         """Insert a new job record."""
-        values = {
-            key: json.dumps(value) if key in JSON_FIELDS and value is not None else value
-            for key, value in record.items()
-        }
+        values = _encoded(record)
         names = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
         with self.db:
@@ -100,10 +105,7 @@ class JobDatabase:
 
     def update(self, job: str, **fields: Any) -> None:
         """Change some fields of a job record."""
-        values = {
-            key: json.dumps(value) if key in JSON_FIELDS and value is not None else value
-            for key, value in fields.items()
-        }
+        values = _encoded(fields)
         assignments = ", ".join(f"{name} = :{name}" for name in values)
         with self.db:
             self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**values, "id": job})

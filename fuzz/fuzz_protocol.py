@@ -26,10 +26,10 @@ with atheris.instrument_imports():
     from twisted.internet import defer
     from twisted.internet.testing import StringTransport
 
-    from measuring.dispatch import Dispatcher
+    from measuring.server.dispatch import Dispatcher
     from measuring.errors import Busy
-    from measuring.protocol import RequestProtocol
-    from measuring.stats import Stats
+    from measuring.server.protocol import RequestProtocol
+    from measuring.server.stats import Stats
 
 ROOT = tempfile.mkdtemp(prefix="measuring-fuzz-")
 os.makedirs(os.path.join(ROOT, "data"))

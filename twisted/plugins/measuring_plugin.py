@@ -1,3 +1,3 @@
 from twisted.application.service import ServiceMaker
 
-measuring = ServiceMaker("measuring", "measuring.tap", "Run Dask formulas over Parquet data for TCP clients.", "measuring")  # fmt: skip
+measuring = ServiceMaker("measuring", "measuring.server.tap", "Run Dask formulas over Parquet data for TCP clients.", "measuring")  # fmt: skip

@@ -14,11 +14,12 @@ from typing import Any
 import pandas as pd
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring import loader, worker
-from measuring.jobs import JobSpec
 from measuring.messages import Message
+from measuring.server import paths as data_paths
+from measuring.server.jobs.scheduler import JobSpec
 from measuring.test.support.data import sample_frame, write_dataset, write_formulas
 from measuring.test.support.formulas import FORMULAS
+from measuring.worker import job as worker_job
 
 
 def forget_modules(folder: str) -> None:
@@ -70,8 +71,8 @@ class WorkerTestCase(SynchronousTestCase):
         base: str | None = None,
     ) -> Message:
         """Run a job as the server would send it and return the worker's answer."""
-        paths = loader.JobPaths(self.directory, base or self.base, self.formulas(source))
-        return worker.run_job(JobSpec(paths, functions, output, engine).message(job))
+        paths = data_paths.JobPaths(self.directory, base or self.base, self.formulas(source))
+        return worker_job.run_job(JobSpec(paths, functions, output, engine).message(job))
 
     def error(self, answer: Message) -> tuple[str, str]:
         """The Code and Message of an Error answer."""

@@ -1,0 +1,494 @@
+"""
+A light client for measuring servers: plain sockets and JSON, for scripts and notebooks.
+
+    from measuring.client import Client
+
+    with Client("127.0.0.1", 8765) as server:
+        job = server.run("/srv/data/plant", "time_series.parquet", "work.py", progress=True)
+        job.results["mean_by_sensor"].to_pandas()
+
+Importing this module imports neither Dask nor Twisted nor pyarrow; pandas is imported only by
+``Result.to_pandas``, tqdm only for ``progress=True``. Every server error is raised as a
+``JobError`` subclass named after its Code, carrying ``code``, ``message`` and ``job``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from measuring.wire import DEFAULT_HOST, DEFAULT_PORT, WAITING
+
+PAGE = 10_000
+Progress = Callable[[int, int], None]
+
+
+class ClientError(Exception):
+    """The server cannot be reached, or does not speak the protocol."""
+
+
+class JobError(Exception):
+    """An error answer from the server: ``code`` (the protocol's Code), ``message``, ``job``."""
+
+    code = "Error"
+
+    def __init__(self, message: str, job: str | None = None, log: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.job = job
+        self.log = log
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def _error_class(code: str) -> type[JobError]:
+    return type(code, (JobError,), {"code": code, "__doc__": f"The server answered {code}."})
+
+
+BadRequest = _error_class("BadRequest")
+TooLarge = _error_class("TooLarge")
+Unauthorized = _error_class("Unauthorized")
+Forbidden = _error_class("Forbidden")
+NotFound = _error_class("NotFound")
+Busy = _error_class("Busy")
+Timeout = _error_class("Timeout")
+Cancelled = _error_class("Cancelled")
+MemoryLimit = _error_class("MemoryLimit")
+JobFailed = _error_class("JobFailed")
+Internal = _error_class("Internal")
+ERRORS = {cls.code: cls for cls in JobError.__subclasses__()}
+
+
+def error_from(answer: dict[str, Any]) -> JobError:
+    """The JobError an error answer stands for."""
+    error = answer.get("Error") or {}
+    cls = ERRORS.get(str(error.get("Code")), JobError)
+    return cls(str(error.get("Message", "")), answer.get("Job"), answer.get("Log"))
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port``, ``host``, ``:port`` or ``[v6]:port`` as (host, port)."""
+    text = address.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        return host or DEFAULT_HOST, int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"{address!r} is not HOST:PORT") from None
+
+
+def bar(description: str) -> Progress:
+    """
+    A progress bar (tqdm's, which draws in terminals and notebooks alike) as a callback; it
+    closes when done reaches total (a job that ends without tasks reports ``(0, 0)``).
+    """
+    from tqdm.auto import tqdm
+
+    shown = tqdm(desc=description, unit="task", leave=True)
+
+    def update(done: int, total: int) -> None:
+        shown.total = total
+        shown.n = done
+        shown.refresh()
+        if done >= total:
+            shown.close()
+
+    return update
+
+
+def _reporter(progress: Progress | bool | None, description: str) -> Progress | None:
+    if progress is True:
+        return bar(description)
+    return progress or None
+
+
+class Client:
+    """One connection to a measuring server; reconnects by itself when it is lost."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        token: str | None = None,
+        tls: bool | ssl.SSLContext = False,
+        timeout: float = 60.0,
+        cafile: str | None = None,
+    ) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self._token = token
+        if tls is True:
+            tls = ssl.create_default_context(cafile=cafile)
+        self._tls = tls or None
+        self._socket: socket.socket | None = None
+        self._file: Any = None
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def from_address(cls, address: str, **options: Any) -> Client:
+        """A client for ``host:port``."""
+        host, port = parse_address(address)
+        return cls(host, port, **options)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.host!r}, {self.port})"
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._file.close()
+            self._socket.close()
+            self._socket = self._file = None
+
+    # -- the wire
+
+    def _connect(self) -> None:
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            if self._tls is not None:
+                raw = self._tls.wrap_socket(raw, server_hostname=self.host)
+        except (OSError, ssl.SSLError) as e:
+            raise ClientError(f"cannot reach the server at {self.host}:{self.port}: {e}") from None
+        self._socket, self._file = raw, raw.makefile("rwb")
+
+    def _lines(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Send ``request`` and yield the lines answering it (other requests' are dropped)."""
+        if self._socket is None:
+            self._connect()
+        request_id = next(self._ids)
+        request = {**request, "Id": request_id}
+        if self._token is not None:
+            request["Token"] = self._token
+        try:
+            self._file.write(json.dumps(request).encode("utf-8") + b"\n")
+            self._file.flush()
+            while True:
+                line = self._file.readline()
+                if not line:
+                    raise ClientError("the server closed the connection")
+                answer = json.loads(line)
+                if answer.get("Id") == request_id:
+                    yield answer
+        except (OSError, ValueError) as e:
+            self.close()
+            raise ClientError(f"lost the server at {self.host}:{self.port}: {e}") from None
+        except ClientError:
+            self.close()
+            raise
+
+    def request(self, request: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+        """Send one request; its final answer (Progress lines go to ``progress``)."""
+        for answer in self._lines(request):
+            if answer.get("Header") == "Progress":
+                if progress is not None:
+                    progress(answer["Done"], answer["Total"])
+                continue
+            if answer.get("Status") == "Error":
+                raise error_from(answer)
+            return answer
+        raise ClientError("no answer")  # pragma: no cover - _lines never ends without one
+
+    # -- what a user asks
+
+    def status(self) -> dict[str, Any]:
+        """The server's Status: State, Version, Uptime, Jobs, Workers, Limits..."""
+        return self.info("Status")
+
+    def info(self, name: str) -> dict[str, Any]:
+        """Any Info request: "Status", "Dask process", "All process", "All statistic"."""
+        response: dict[str, Any] = self.request({"Header": "Info", "Request": name})["Response"]
+        return response
+
+    def _dask(self, directory: str, base: str, file: str, **options: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {"Directory": directory, "Base": base, "File": file}
+        names = {"functions": "Functions", "output": "Output", "engine": "Engine",
+                 "timeout": "Timeout"}  # fmt: skip
+        for name, value in options.items():
+            if value is not None:
+                fields[names[name]] = list(value) if name == "functions" else value
+        return fields
+
+    def submit(
+        self,
+        directory: str,
+        base: str,
+        file: str,
+        functions: list[str] | None = None,
+        output: str | None = None,
+        timeout: float | None = None,
+        engine: str | None = None,
+    ) -> Job:
+        """Queue a job and return at once (the job runs in the background)."""
+        fields = self._dask(directory, base, file, functions=functions, output=output,
+                            timeout=timeout, engine=engine)  # fmt: skip
+        answer = self.request({"Header": "Dask", "Request": {**fields, "Async": True}})
+        return Job(self, answer["Job"])
+
+    def run(
+        self,
+        directory: str,
+        base: str,
+        file: str,
+        functions: list[str] | None = None,
+        output: str | None = None,
+        timeout: float | None = None,
+        engine: str | None = None,
+        progress: Progress | bool | None = None,
+        accepted: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """
+        Run a job and return it once it has ended, done; raise its error otherwise.
+
+        ``progress`` is a callable ``(done, total)``, or True for a progress bar; ``accepted`` is
+        called with the Job as soon as the server has recorded it.
+        """
+        fields = self._dask(directory, base, file, functions=functions, output=output,
+                            timeout=timeout, engine=engine)  # fmt: skip
+        report = _reporter(progress, os.path.basename(file))
+        request = {"Header": "Dask", "Request": {**fields, "Async": True, "Progress": True}}
+        lines = self._lines(request)
+        answer = next(lines)
+        if answer.get("Status") == "Error":
+            raise error_from(answer)
+        job = Job(self, answer["Job"])
+        if accepted is not None:
+            accepted(job)
+        try:
+            job._done(_follow(lines, report))
+        except ClientError:
+            return job.wait(progress=report)  # the connection broke; the job runs on
+        return job
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest jobs on record (in ``state``, when given)."""
+        request: dict[str, Any] = {"Header": "Job", "Request": "List", "Limit": limit}
+        if state is not None:
+            request["State"] = state
+        jobs: list[dict[str, Any]] = self.request(request)["Response"]["Jobs"]
+        return jobs
+
+    def job(self, job: str) -> Job:
+        """A job already on record, by its id."""
+        return Job(self, job)
+
+    def _job_request(self, name: str, job: str, **fields: Any) -> dict[str, Any]:
+        answer = self.request({"Header": "Job", "Request": name, "Job": job, **fields})
+        response: dict[str, Any] = answer["Response"]
+        return response
+
+
+def _follow(lines: Iterator[dict[str, Any]], report: Progress | None) -> dict[str, Any]:
+    """
+    Read a job's Progress lines and then its answer; the Response, or its error raised. The
+    progress ends at done == total however the job ends (not when the connection breaks).
+    """
+    total, ended = 0, True
+    try:
+        for answer in lines:
+            if answer.get("Header") == "Progress":
+                total = answer["Total"]
+                if report is not None:
+                    report(answer["Done"], total)
+            elif answer.get("Status") == "Error":
+                raise error_from(answer)
+            else:
+                response: dict[str, Any] = answer["Response"]
+                return response
+        raise ClientError("the server sent no answer")
+    except ClientError:
+        ended = False
+        raise
+    finally:
+        if ended and report is not None:
+            report(total, total)
+
+
+class Job:
+    """A job on a server: ``id``, ``state``, ``wait()``, ``cancel()``, ``log()``, ``results``."""
+
+    def __init__(self, client: Client, job: str) -> None:
+        self._client = client
+        self.id = job
+        self._status: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        state = self._status["State"] if self._status else "?"
+        return f"<Job {self.id} {state}>"
+
+    def _done(self, response: dict[str, Any]) -> None:
+        self._status = {"State": "done", **response}
+
+    def status(self) -> dict[str, Any]:
+        """The job's Status answer, asked now."""
+        self._status = self._client._job_request("Status", self.id)
+        return self._status
+
+    @property
+    def state(self) -> str:
+        """queued, running, done, failed, cancelled or timeout (asked of the server now)."""
+        return str(self.status()["State"])
+
+    def wait(self, timeout: float | None = None, progress: Progress | bool | None = None) -> Job:
+        """
+        Wait until the job has ended; return it when done, raise its error otherwise.
+
+        Raises TimeoutError (Python's) when ``timeout`` seconds pass first.
+        """
+        report = _reporter(progress, self.id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause, total = 0.1, 0
+        while True:
+            status = self.status()
+            if status.get("Progress") and report is not None:
+                total = status["Progress"]["Total"]
+                report(status["Progress"]["Done"], total)
+            if status["State"] == "done":
+                if report is not None:
+                    report(total, total)
+                return self
+            if status["State"] not in WAITING:
+                error = status.get("Error") or {"Code": "JobFailed", "Message": status["State"]}
+                raise error_from({"Error": error, "Job": self.id, "Log": self.log()})
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} is still {status['State']} after {timeout} s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2.0)
+
+    def cancel(self) -> str:
+        """Cancel the job; returns the state it ends in."""
+        state: str = self._client._job_request("Cancel", self.id)["State"]
+        return state
+
+    def log(self) -> str:
+        """What the job's formulas printed (so far)."""
+        log: str = self._client._job_request("Log", self.id)["Log"]
+        return log
+
+    @property
+    def results(self) -> dict[str, Result]:
+        """The job's results by formula name (the job must be done)."""
+        status = self._status if self._status and "Results" in self._status else self.status()
+        if "Results" not in status:
+            raise NotFound(f"job {self.id} has no results: it is {status['State']}", self.id)
+        directory = status.get("Directory") or self.status().get("Directory")
+        return {
+            name: Result(self._client, self.id, name, entry, directory)
+            for name, entry in status["Results"].items()
+        }
+
+
+class Result:
+    """One formula's result: ``kind``, ``file``, ``rows``, ``value``, ``to_pandas()``."""
+
+    def __init__(
+        self, client: Client, job: str, name: str, entry: dict[str, Any], directory: str | None
+    ) -> None:
+        self._client = client
+        self.job, self.name, self.entry = job, name, entry
+        self.kind: str = entry["Kind"]
+        self.file: str | None = entry.get("File")
+        self.rows: int | None = entry.get("Rows")
+        self.columns: list[str] = entry.get("Columns", [])
+        self.index: list[str] = entry.get("Index", [])
+        self.preview: list[dict[str, Any]] = entry.get("Preview", [])
+        self.value: Any = entry.get("Value")
+        #: The dtype of each index level and column, by name, as the server computed it.
+        self.types: dict[str, str] = entry.get("Types", {})
+        self.directory = directory
+
+    def __repr__(self) -> str:
+        if self.kind == "Scalar":
+            return f"<Result {self.name} = {self.value!r}>"
+        return f"<Result {self.name}: {self.kind}, {self.rows} rows, {self.file}>"
+
+    @property
+    def path(self) -> str | None:
+        """The result file's path on the server's machine."""
+        if self.file is None or self.directory is None:
+            return None
+        return os.path.join(self.directory, self.file)
+
+    def rows_page(self, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """One page of rows, fetched through the server (``Records``, ``Rows``, ``Columns``)."""
+        return self._client._job_request(
+            "Result", self.job, Name=self.name, Offset=offset, Limit=limit
+        )
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every row as a JSON record, fetched from the server page by page."""
+        offset = 0
+        while True:
+            page = self.rows_page(offset, PAGE)
+            yield from page["Records"]
+            offset += len(page["Records"])
+            if not page["Records"] or offset >= page["Rows"]:
+                return
+
+    def to_pandas(self, source: str = "auto") -> Any:
+        """
+        The result as a pandas DataFrame (a Series for a Series result, the value for a scalar).
+
+        ``source``: ``"file"`` reads the file (it must be reachable from here), ``"server"``
+        fetches the rows through the protocol, ``"auto"`` reads the file when it can.
+        """
+        import pandas as pd
+
+        if self.kind == "Scalar":
+            return self.value
+        path = self.path
+        if source == "file" or (source == "auto" and path is not None and os.path.exists(path)):
+            if path is None:
+                raise ClientError(f"result {self.name} has no file")
+            frame = _read(path)
+        else:
+            records = list(self.records())
+            frame = pd.DataFrame.from_records(records, columns=[*self.index, *self.columns])
+        frame = _typed(frame, self.types)
+        if self.index and set(self.index) <= set(frame.columns):
+            frame = frame.set_index(self.index)
+        if self.kind == "Series" and len(frame.columns) == 1:
+            return frame[frame.columns[0]]
+        return frame
+
+
+def _typed(frame: Any, types: dict[str, str]) -> Any:
+    """Times and durations, which JSON and CSV carry as text, back as times and durations."""
+    import pandas as pd
+
+    for column, dtype in types.items():
+        if column not in frame.columns or frame[column].dtype.kind in "mM":
+            continue
+        if dtype.startswith("datetime64"):
+            times = pd.to_datetime(frame[column], format="ISO8601", utc=", " in dtype)
+            if ", " in dtype:
+                times = times.dt.tz_convert(dtype.split(", ", 1)[1].rstrip("]"))
+            frame[column] = times
+        elif dtype.startswith("timedelta64"):
+            frame[column] = pd.to_timedelta(frame[column])
+    return frame
+
+
+def _read(path: str) -> Any:
+    import pandas as pd
+
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    if path.endswith(".csv"):
+        return pd.read_csv(path)
+    return pd.read_json(path, orient="records")

@@ -1,0 +1,76 @@
+"""
+Where a job's files lie, and how its results folder is published complete or not at all.
+
+Shared by the worker (which writes results) and the server (which places a sandboxed worker's
+results and removes what an unfinished job left). Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from measuring.errors import Forbidden
+from measuring.wire import OUTPUTS, RESULTS
+
+
+def inside(path: str, folder: str) -> bool:
+    """True when the real path ``path`` is ``folder`` or lies below it (both real and absolute)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def partial_dir(directory: str, job: str) -> str:
+    """Where a job's results are written before they appear under their final name."""
+    return os.path.join(directory, RESULTS, f".{job}.partial")
+
+
+def result_file(job: str, name: str, output: str) -> str:
+    """Where a formula's table is, relative to the job's Directory: results/<job>/<name>.<ext>."""
+    return os.path.join(RESULTS, job, name + OUTPUTS[output])
+
+
+def result_dir(directory: str, job: str) -> str:
+    """Where a job's results appear, complete."""
+    return os.path.join(directory, RESULTS, job)
+
+
+def _old_dir(directory: str, job: str) -> str:
+    return os.path.join(directory, RESULTS, f".{job}.old")
+
+
+def remove_partial(directory: str, job: str) -> None:
+    """Remove what a job that did not finish left half-written or half-replaced."""
+    shutil.rmtree(partial_dir(directory, job), ignore_errors=True)
+    shutil.rmtree(_old_dir(directory, job), ignore_errors=True)
+
+
+def fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def results_folder(directory: str) -> str:
+    """``<directory>/results``, made if missing, checked to stay inside ``directory``."""
+    results = os.path.join(directory, RESULTS)
+    os.makedirs(results, exist_ok=True)
+    if not inside(os.path.realpath(results), os.path.realpath(directory)):
+        raise Forbidden(f"{results} leads outside its Directory")
+    return results
+
+
+def publish(directory: str, job: str) -> None:
+    """Give the synced partial folder of ``job`` its final name, replacing an earlier run's."""
+    partial, final = partial_dir(directory, job), result_dir(directory, job)
+    fsync(partial)
+    if os.path.exists(final):
+        old = _old_dir(directory, job)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, final)
+    fsync(os.path.join(directory, RESULTS))

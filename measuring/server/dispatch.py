@@ -1,0 +1,308 @@
+"""
+Requests to answers: validate each request, route it by ``Header``, turn every error into
+``{"Code", "Message"}``.
+
+``Dispatcher`` knows nothing about connections: it takes a request object and returns a Deferred
+answer. ``_error_answer`` is the one place where an error becomes an answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from measuring import wire
+from measuring.errors import BadRequest, Internal, MeasuringError, Unauthorized
+from measuring.server import paths as data_paths
+from measuring.server.access import Tokens
+from measuring.server.framing import json_type
+from measuring.server.jobs.records import Job, JobSpec
+from measuring.server.protocol import Answer, Notify
+from measuring.server.stats import Stats
+from measuring.wire import INFO_REQUESTS, JOB_REQUESTS, STATES
+
+KEYS = {
+    "Info": ("Header", "Request", "Id", "Token"),
+    "Dask": ("Header", "Request", "Id", "Token"),
+    "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset"),
+}
+DASK_FIELDS = (
+    "Directory", "Base", "File", "Functions", "Output", "Engine", "Async", "Timeout", "Progress",
+)  # fmt: skip
+DEFAULT_LIST, MAX_LIST = 100, 1000
+DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
+PATH_FIELDS = ("Directory", "Base", "File")
+
+
+def _one_of(values: tuple[str, ...] | list[str]) -> str:
+    return ", ".join(f'"{value}"' for value in values)
+
+
+def _only(fields: dict[str, Any], accepted: tuple[str, ...], what: str) -> None:
+    unknown = [key for key in fields if key not in accepted]
+    if unknown:
+        raise BadRequest(
+            f"{what} has an unknown key {unknown[0]!r} (accepted: {_one_of(accepted)})"
+        )
+
+
+def _choice(fields: dict[str, Any], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = fields.get(name, default)
+    if value not in choices:
+        raise BadRequest(f'"{name}" must be one of {_one_of(choices)}, not {value!r}')
+    return str(value)
+
+
+def _functions(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise BadRequest('"Functions" must be a non-empty array of formula names (strings)')
+    if len(set(value)) != len(value):
+        raise BadRequest('"Functions" names a formula more than once')
+    return tuple(value)
+
+
+class Info(Protocol):
+    """What answers Info requests (``measuring.server.info.InfoService``)."""
+
+    def answer(self, request: str) -> defer.Deferred[dict[str, Any]]: ...
+
+
+class Jobs(Protocol):
+    """What runs jobs (``measuring.server.jobs.scheduler.JobManager``)."""
+
+    def submit(self, spec: JobSpec) -> defer.Deferred[Job]: ...
+
+    def status(self, job: str) -> defer.Deferred[dict[str, Any]]: ...
+
+    def cancel(self, job: str) -> defer.Deferred[str]: ...
+
+    def log(self, job: str) -> defer.Deferred[str]: ...
+
+    def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
+
+    def result(self, job: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]: ...
+
+
+def _flag(fields: dict[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f'"{name}" must be true or false, not {json_type(value)}')
+    return value
+
+
+def _number(fields: dict[str, Any], name: str, low: float, high: float | None, default: Any) -> Any:
+    """
+    A number from ``low`` to ``high`` (no upper bound for None), whole when ``low`` is an int;
+    ``default`` when absent.
+    """
+    value = fields.get(name, default)
+    whole = isinstance(low, int)
+    if value is default:
+        return value
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if whole else int | float)
+        or not low <= value <= (high if high is not None else value)
+    ):
+        what = "a whole number" if whole else "a number"
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise BadRequest(f'"{name}" must be {what} {bounds}, not {value!r}')
+    return value
+
+
+def _text(fields: dict[str, Any], name: str, what: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f'{what} needs "{name}": a string, not {json_type(value)}')
+    return value
+
+
+class Dispatcher:
+    """Validates requests, routes them to Info or the jobs, and shapes every answer."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        info: Info,
+        jobs: Jobs,
+        stats: Stats,
+        data_roots: tuple[str, ...],
+        private: tuple[str, ...] = (),
+        tokens: Tokens | None = None,
+    ) -> None:
+        self._info = info
+        self._jobs = jobs
+        self._stats = stats
+        self._data_roots = data_roots
+        self._private = private
+        self._tokens = tokens or Tokens()
+        self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Answer]]] = {
+            "Info": self._info_request,
+            "Dask": self._dask_request,
+            "Job": self._job_request,
+        }
+
+    def handle(
+        self, request: dict[str, Any], notify: Notify, client: str = "a client"
+    ) -> defer.Deferred[Answer]:
+        """The answer to one request; never fails (errors become error answers)."""
+        header = request.get("Header")
+        if not self._tokens.valid(request.get("Token")):
+            self._log.warn("refused a request without a valid token from {client}", client=client)
+            return defer.succeed(
+                self._error_answer(
+                    Unauthorized('this server needs a valid "Token" in every request'), header
+                )
+            )
+        answer = defer.maybeDeferred(self._route, header, request, notify)
+        return answer.addErrback(self._failed, header)
+
+    def refuse(self, error: MeasuringError) -> Answer:
+        """The answer to something that could not be read as a request."""
+        return self._error_answer(error, None)
+
+    def _route(
+        self, header: object, request: dict[str, Any], notify: Notify
+    ) -> defer.Deferred[Answer]:
+        if not isinstance(header, str) or header not in self._routes:
+            self._stats.request("Other")
+            what = f"an unknown Header {header!r}" if "Header" in request else 'no "Header"'
+            raise BadRequest(
+                f"the request has {what}; it must be one of {_one_of(list(self._routes))}"
+            )
+        self._stats.request(header)
+        _only(request, KEYS[header], f"the {header} request")
+        return self._routes[header](request, notify)
+
+    def _failed(self, reason: Failure, header: object) -> Answer:
+        error = reason.value
+        if not isinstance(error, MeasuringError):
+            self._log.failure("request with Header {header!r} failed", reason, header=header)
+            error = Internal("the server failed answering this request; the details are in its log")
+        return self._error_answer(error, header)
+
+    def _error_answer(self, error: MeasuringError, header: object) -> Answer:
+        self._stats.error(error.code)
+        return {
+            "Header": header if isinstance(header, str) else "Error",
+            "Status": "Error",
+            **error.extra,
+            "Error": error.to_json(),
+        }
+
+    def _info_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
+        name = request.get("Request")
+        if not isinstance(name, str) or name not in INFO_REQUESTS:
+            raise BadRequest(
+                f'an Info "Request" must be one of {_one_of(INFO_REQUESTS)}, not {name!r}'
+            )
+        return self._info.answer(name).addCallback(
+            lambda response: {
+                "Header": "Info",
+                "Request": name,
+                "Status": "OK",
+                "Response": response,
+            }
+        )
+
+    def _dask_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
+        fields = request.get("Request")
+        spec = self.dask_spec(fields)  # checks Async and Progress too
+        assert isinstance(fields, dict)
+        background, progress = fields.get("Async", False), fields.get("Progress", False)
+
+        def submitted(job: Job) -> Answer | defer.Deferred[Answer]:
+            if progress:
+                job.listen(
+                    lambda done, total: notify(
+                        {"Header": "Progress", "Job": job.id, "Done": done, "Total": total}
+                    )
+                )
+            final = job.when_finished().addCallback(
+                lambda response: {
+                    "Header": "Dask",
+                    "Status": "OK",
+                    "Job": job.id,
+                    "Response": response,
+                }
+            )
+            accepted = {"Header": "Dask", "Status": "Accepted", "Job": job.id}
+            if not background:
+                return final
+            if progress:
+                # Accepted now; the job's own answer, when it ends, is this request's last line.
+                notify(accepted)
+                return final
+            final.addErrback(lambda _: None)
+            return accepted
+
+        return self._jobs.submit(spec).addCallback(submitted)
+
+    def dask_spec(self, fields: object) -> JobSpec:
+        """Check the ``Request`` object of a Dask request and resolve its paths."""
+        if not isinstance(fields, dict):
+            raise BadRequest(
+                'a Dask request needs "Request": {"Directory": ..., "Base": ..., "File": ...}, '
+                f"not {json_type(fields)}"
+            )
+        _only(fields, DASK_FIELDS, "the Dask Request")
+        for name in PATH_FIELDS:
+            if name not in fields:
+                raise BadRequest(f'the Dask Request has no "{name}"')
+            if not isinstance(fields[name], str):
+                raise BadRequest(f'"{name}" must be a string, not {json_type(fields[name])}')
+        functions = _functions(fields.get("Functions"))
+        output = _choice(fields, "Output", tuple(wire.OUTPUTS), "parquet")
+        engine = _choice(fields, "Engine", wire.ENGINES, "pyarrow")
+        timeout = _number(fields, "Timeout", 0.001, None, None)
+        _flag(fields, "Async")
+        _flag(fields, "Progress")
+        paths = data_paths.resolve_job(
+            self._data_roots, fields["Directory"], fields["Base"], fields["File"], self._private
+        )
+        return JobSpec(
+            paths=paths, functions=functions, output=output, engine=engine, timeout=timeout
+        )
+
+    def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
+        name = request.get("Request")
+        if not isinstance(name, str) or name not in JOB_REQUESTS:
+            raise BadRequest(
+                f'a Job "Request" must be one of {_one_of(JOB_REQUESTS)}, not {name!r}'
+            )
+
+        def answer(response: dict[str, Any], **extra: Any) -> Answer:
+            return {"Header": "Job", "Request": name, "Status": "OK", **extra, "Response": response}
+
+        if name == "List":
+            state = request.get("State")
+            if state is not None and state not in STATES:
+                raise BadRequest(f'"State" must be one of {_one_of(STATES)}, not {state!r}')
+            limit = _number(request, "Limit", 1, MAX_LIST, DEFAULT_LIST)
+            return self._jobs.recent(state, limit).addCallback(lambda jobs: answer({"Jobs": jobs}))
+        job = _text(request, "Job", f"a Job {name} request")
+        if name == "Status":
+            found = self._jobs.status(job)
+        elif name == "Cancel":
+            found = self._jobs.cancel(job).addCallback(lambda state: {"State": state})
+        elif name == "Log":
+            found = self._jobs.log(job).addCallback(lambda log: {"Log": log})
+        else:
+            result = _text(request, "Name", "a Job Result request")
+            offset = _number(request, "Offset", 0, None, 0)
+            limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
+            found = self._jobs.result(job, result, offset, limit)
+
+        def failed(reason: Failure) -> Failure:
+            if isinstance(reason.value, MeasuringError):
+                reason.value.extra.setdefault("Job", job)
+            return reason
+
+        return found.addCallbacks(lambda response: answer(response, Job=job), failed)

@@ -1,0 +1,117 @@
+"""
+Runs in the server's threads: a sandboxed worker's results placed into the job's Directory, and
+result files read back a page at a time (Job Result).
+
+Nothing here imports the reactor; pandas and pyarrow are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import stat
+from typing import TYPE_CHECKING, Any
+
+from measuring import files
+from measuring.errors import Forbidden
+from measuring.server.paths import resolve_inside
+from measuring.tables import records
+from measuring.wire import RESULTS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def place_results(outbox: str, directory: str, job: str) -> None:
+    """
+    Copy the results a sandboxed worker wrote in its ``outbox`` into ``directory``, the same way
+    they appear when written there: complete or not at all, made in place, so that they get the
+    folder's group and default ACLs as files written there do.
+    """
+    source = files.result_dir(outbox, job)
+    if not os.path.lexists(source):
+        return
+    # What a sandboxed formula left must not lead the server (which sees everything) elsewhere.
+    if os.path.realpath(source) != os.path.join(os.path.realpath(outbox), RESULTS, job):
+        raise Forbidden(f"{source} leads outside the worker's outbox")
+    for name in os.listdir(source):
+        if not stat.S_ISREG(os.lstat(os.path.join(source, name)).st_mode):
+            raise Forbidden(f"{name} in the results is not a plain file")
+    files.results_folder(directory)
+    partial = files.partial_dir(directory, job)
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        os.mkdir(partial)
+        for name in os.listdir(source):
+            shutil.copyfile(os.path.join(source, name), os.path.join(partial, name))
+            files.fsync(os.path.join(partial, name))
+        files.publish(directory, job)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, Any]:
+    """
+    Rows ``offset`` to ``offset + limit`` of a result file, as JSON records, and how many in all.
+
+    Reads only the row groups it needs from Parquet; reads CSV and JSON in one pass, keeping
+    only the page (they hold no row count to skip by). ``file`` is relative to ``directory``.
+    """
+    import pandas as pd
+
+    path = resolve_inside(directory, "File", file, os.path.isfile)
+    if path.endswith(".parquet"):
+        total, frame = _parquet_rows(path, offset, limit)
+    elif path.endswith(".csv"):
+        page = io.StringIO()
+        writer = csv.writer(page)
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)  # records, not lines: a value may hold a newline
+            writer.writerow(next(reader, []))
+            total = 0
+            for total, row in enumerate(reader, start=1):
+                if offset < total <= offset + limit:
+                    writer.writerow(row)
+        page.seek(0)
+        frame = pd.read_csv(page)
+    else:
+        # _write_json puts one record on each line: "[{...},", "{...},", ..., "{...}]".
+        total, rows = 0, []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                text = line.strip().removeprefix("[").removesuffix("]").removesuffix(",")
+                if not text:
+                    continue
+                if offset <= total < offset + limit:
+                    rows.append(json.loads(text))
+                total += 1
+        frame = pd.DataFrame(rows)
+    return {
+        "File": file,
+        "Rows": total,
+        "Offset": offset,
+        "Columns": [str(column) for column in frame.columns],
+        "Records": records(frame),
+    }
+
+
+def _parquet_rows(path: str, offset: int, limit: int) -> tuple[int, pd.DataFrame]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    first, groups, start = None, [], 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if start + rows > offset and start < offset + limit:
+            first = start if first is None else first
+            groups.append(group)
+        start += rows
+    if not groups:
+        return start, parquet.schema_arrow.empty_table().to_pandas()
+    table = pa.concat_tables([parquet.read_row_group(group) for group in groups])
+    return start, table.slice(offset - (first or 0), limit).to_pandas()

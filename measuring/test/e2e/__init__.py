@@ -1,0 +1,1 @@
+"""End-to-end tests: the real ``twistd -n measuring``, real worker processes, real files."""

@@ -1,0 +1,1 @@
+"""Fast, synchronous tests: no real server, no worker processes; the whole set runs in seconds."""

@@ -84,14 +84,17 @@ class Store(Protocol):
 
 @dataclass(frozen=True)
 class Limits:
-    """How much work the server takes on, and how long it keeps what is done."""
+    """
+    How much work the server takes on, and how long it keeps what is done: the settings of the
+    same names (``measuring.server.settings``), which also hold their defaults.
+    """
 
-    workers: int = 2
-    job_timeout: float = 3600.0
-    max_queued: int = 100
-    stop_grace: float = 30.0
-    keep_jobs: float = 30.0
-    keep_results: float | None = None
+    workers: int
+    job_timeout: float
+    max_queued: int
+    stop_grace: float
+    keep_jobs: float
+    keep_results: float | None
 
 
 def remove_results(directory: str, job: str) -> None:

@@ -17,32 +17,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.errors import JobFailed, TooLarge
 from measuring.server.dispatch import Dispatcher
-from measuring.server.jobs.scheduler import JobManager, Limits
+from measuring.server.jobs.scheduler import JobManager
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.stats import Stats
 from measuring.server.threads import Synchronous
 from measuring.test.support import write_formulas
-from measuring.test.unit.test_jobs import FakePool
+from measuring.test.support.fakes import FakeInfo, FakePool, limits
 from measuring.wire import INFO_REQUESTS as REQUESTS
-
-
-class FakeInfo:
-    """The InfoService's one method: answers at once, or holds each answer for the test."""
-
-    def __init__(self, error: Exception | None = None) -> None:
-        self.asked: list[str] = []
-        self.held: list[defer.Deferred[dict[str, Any]]] = []
-        self.hold = False
-        self._error = error
-
-    def answer(self, request: str) -> defer.Deferred[dict[str, Any]]:
-        self.asked.append(request)
-        if self._error is not None:
-            raise self._error
-        if self.hold:
-            self.held.append(defer.Deferred())
-            return self.held[-1]
-        return defer.succeed({"Asked": request})
 
 
 class Harness:
@@ -56,7 +37,7 @@ class Harness:
         case: SynchronousTestCase,
         roots: tuple[str, ...] = ("/",),
         info: FakeInfo | None = None,
-        **limits: Any,
+        **overrides: Any,
     ) -> None:
         self.clock = Clock()
         self.stats = Stats()
@@ -68,7 +49,7 @@ class Harness:
             self.pool,
             JobStore(self.database, Synchronous()),
             self.clock,
-            Limits(**{"workers": 1, "job_timeout": 60.0, **limits}),
+            limits(**{"workers": 1, "job_timeout": 60.0, **overrides}),
             Synchronous(),
         )
         self.jobs.startService()

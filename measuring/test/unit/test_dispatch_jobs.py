@@ -19,8 +19,8 @@ from measuring.errors import JobFailed
 from measuring.server.dispatch import JOB_REQUESTS
 from measuring.server.jobs.store import JobDatabase
 from measuring.test.support import write_formulas
+from measuring.test.support.fakes import FakeRunningJob
 from measuring.test.unit.test_dispatch import Harness
-from measuring.test.unit.test_jobs import FakeRunningJob
 from measuring.wire import STATES
 
 DASK = {"Directory": ".", "Base": "data.parquet", "File": "work.py"}

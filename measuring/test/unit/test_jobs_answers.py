@@ -16,7 +16,8 @@ from measuring import files
 from measuring.errors import Cancelled, JobFailed, NotFound
 from measuring.server.jobs import records
 from measuring.server.jobs.records import Job, new_job_id
-from measuring.test.unit.test_jobs import NOW, HeldRunner, JobsTestCase
+from measuring.test.support.fakes import HeldRunner
+from measuring.test.unit.test_jobs import NOW, JobsTestCase
 
 
 class CancelTests(JobsTestCase):

@@ -18,7 +18,8 @@ from measuring import files
 from measuring.errors import Busy, Cancelled, JobFailed, Timeout
 from measuring.server.jobs.records import Job, JobSpec, new_job_id
 from measuring.server.jobs.scheduler import DAY
-from measuring.test.unit.test_jobs import NOW, TIMEOUT, HeldRunner, JobsTestCase
+from measuring.test.support.fakes import HeldRunner
+from measuring.test.unit.test_jobs import NOW, TIMEOUT, JobsTestCase
 
 GRACE = 30.0
 HOUR = 3600.0

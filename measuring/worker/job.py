@@ -26,7 +26,7 @@ from typing import Any
 from dask.callbacks import Callback
 
 from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
-from measuring.messages import JOB_MARK, Message, job_tmp
+from measuring.messages import JOB_MARK, WARM_TMP_PREFIX, Message, job_tmp
 from measuring.wire import ENGINES
 from measuring.worker import dataset as datasets
 from measuring.worker.output import summarize
@@ -174,9 +174,17 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     limits = message.get("Limits") or {}
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
-        # A temporary folder of the job's own, which the server removes when the job has ended.
-        tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
-        os.makedirs(tempfile.tempdir, exist_ok=True)
+        # A temporary folder of the job's own, which the server removes when the job has ended:
+        # in the folder the server gave, never elsewhere (tempfile would fall back to /tmp).
+        tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(
+            os.environ.get("TMPDIR") or tempfile.gettempdir(), message["Job"]
+        )
+        try:
+            os.makedirs(tempfile.tempdir, exist_ok=True)
+        except OSError as e:
+            raise Internal(
+                f"the job's temporary folder {tempfile.tempdir} cannot be made: {e.strerror}"
+            ) from None
         os.chdir(message["Directory"])
         module = import_formulas(path)
         formulas = find_formulas(module, path, message.get("Functions"))
@@ -241,7 +249,7 @@ def warm_up() -> None:
     """Import and exercise what a job uses, so that the first job does not pay for it."""
     import pandas as pd
 
-    with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
+    with tempfile.TemporaryDirectory(prefix=WARM_TMP_PREFIX) as folder:
         path = os.path.join(folder, "warm.parquet")
         pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]}).to_parquet(path)
         for engine in ENGINES:

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 import measuring
 from measuring.errors import Cancelled, Internal, MemoryLimit
-from measuring.messages import JOB_FD, REPLY_FD, Message, job_tmp
+from measuring.messages import JOB_FD, OUTBOX_PREFIX, REPLY_FD, TMP_PREFIXES, Message, job_tmp
 from measuring.server import results
 from measuring.server.pool.process import RunningJob, WorkerProcess, describe_exit
 from measuring.server.pool.processes import (
@@ -145,7 +145,7 @@ class WorkerPool(Service):
         killed = kill_marked(SERVER_MARK, mark) if mark else []
         if tmp and os.path.isdir(tmp):
             for name in os.listdir(tmp):
-                if name.startswith("job-"):
+                if name.startswith(TMP_PREFIXES):
                     shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
         return killed
 
@@ -264,7 +264,7 @@ class WorkerPool(Service):
             argv = [*self._command, str(os.getpid())]
             if self._sandbox is not None:
                 # In its own PID namespace the worker cannot see the server: bwrap watches it.
-                worker.outbox = os.path.join(self._environment["TMPDIR"], f"worker-{worker.mark}")
+                worker.outbox = os.path.join(self._environment["TMPDIR"], OUTBOX_PREFIX + worker.mark)
                 environment.update(TMPDIR=worker.outbox, HOME=worker.outbox)
                 argv = self._sandbox.command([*self._command, "0"], worker.outbox)
             try:

@@ -4,7 +4,9 @@ One client connection: bytes in, request objects to the dispatcher, one JSON lin
 ``framing`` cuts the lines into requests; nothing here knows what a request means: objects go to
 the dispatcher, which returns a Deferred answer, and whatever cannot be read goes to it as an
 error to answer. The connection is paced (no reading while answers pile up), closed when idle,
-and the factory refuses connections beyond a limit. ``listening`` holds the services around it.
+and the factory refuses connections beyond a limit. A client that half-closes (``nc -N``: it
+sends its requests, then the end of its side) gets every answer, then the connection closes.
+``listening`` holds the services around it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet import protocol as twisted_protocol
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHalfCloseableProtocol,
     IPushProducer,
     IReactorTime,
 )
@@ -24,6 +27,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from measuring.errors import BadRequest, Busy, Internal, MeasuringError, Timeout, TooLarge
 from measuring.server.framing import Framer, parse, too_large
@@ -49,6 +53,7 @@ class Dispatcher(Protocol):
     def refuse(self, error: MeasuringError) -> Answer: ...
 
 
+@implementer(IHalfCloseableProtocol)
 class RequestProtocol(LineReceiver):
     """One client connection: lines in, one answer line out per request (with its ``Id``)."""
 
@@ -72,6 +77,7 @@ class RequestProtocol(LineReceiver):
         self._seen_request = False
         self._unsent = False
         self._reading = True
+        self._read_closed = False
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle: IDelayedCall | None = None
@@ -109,7 +115,7 @@ class RequestProtocol(LineReceiver):
             return
         self._reading = reading
         self.paused = not reading  # LineReceiver takes no more lines from its buffer meanwhile
-        if self.transport is not None and self.connected:
+        if self.transport is not None and self.connected and not self._read_closed:
             producer = cast(IPushProducer, self.transport)
             if reading:
                 producer.resumeProducing()
@@ -117,6 +123,31 @@ class RequestProtocol(LineReceiver):
                 producer.pauseProducing()
         if reading:
             self.dataReceived(b"")  # the lines that arrived in the meantime
+            self._close_if_answered()
+
+    # IHalfCloseableProtocol: the client has sent everything it will send.
+    def readConnectionLost(self) -> None:
+        """Answer every request already received (the last needs no newline), then close."""
+        if self._read_closed:
+            return
+        self._read_closed = True
+        if self._buffer and not self._buffer.endswith(self.delimiter):
+            self.dataReceived(self.delimiter)
+        self._close_if_answered()
+
+    def writeConnectionLost(self) -> None:
+        """The client reads no more: nothing more to say."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _close_if_answered(self) -> None:
+        """After the client's end: close once every request it sent has its answer."""
+        if not self._read_closed or self._pending or self._buffer or self.transport is None:
+            return
+        if self._framer.pending:
+            self._framer.reset()
+            self._refuse(BadRequest("the connection ended in the middle of a request"))
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
@@ -209,6 +240,7 @@ class RequestProtocol(LineReceiver):
         if self._pending == 0 and self.connected and self._seen_request:
             self._seen_request = False
             self._rearm()
+        self._close_if_answered()
 
     def _send(self, answer: Answer) -> None:
         try:

@@ -96,13 +96,16 @@ def secret_files(description: str) -> list[str]:
     return [keywords[name] for name in SECRET_ARGUMENTS if keywords.get(name)]
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (``127.0.0.0/8``, ``::1``, IPv4-mapped)."""
     if host.lower() in ("localhost", "localhost.localdomain"):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def beyond_loopback(description: str, fileno: int | None = None) -> bool:
@@ -115,9 +118,9 @@ def beyond_loopback(description: str, fileno: int | None = None) -> bool:
     if kind in ("unix",):
         return False
     if kind in ("tcp", "ssl"):
-        return not _loopback(keywords.get("interface", "0.0.0.0"))
+        return not is_loopback(keywords.get("interface", "0.0.0.0"))
     if kind == "tcp6":
-        return not _loopback(keywords.get("interface", "::"))
+        return not is_loopback(keywords.get("interface", "::"))
     if kind == "systemd":
         if fileno is None and "index" not in keywords and "name" in keywords:
             return True
@@ -139,7 +142,7 @@ def _passed_socket_beyond_loopback(fd: int) -> bool:
         with socket.socket(fileno=os.dup(fd)) as passed:
             if passed.family == socket.AF_UNIX:
                 return False
-            return not _loopback(passed.getsockname()[0])
+            return not is_loopback(passed.getsockname()[0])
     except OSError:
         return True
 

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from measuring.server.access import Tokens, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
+from measuring.server.factory import RequestFactory
 from measuring.server.info import InfoService
 from measuring.server.jobs.scheduler import JobManager, Limits
 from measuring.server.jobs.store import JobDatabase, JobStore
@@ -25,11 +26,11 @@ from measuring.server.listening import ClosingService, ListeningService, describ
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
-from measuring.server.protocol import RequestFactory
 from measuring.server.services import InOrder, ProcessSetup
 from measuring.server.stats import Stats
 from measuring.server.systemd import NotifyService
 from measuring.server.threads import ThreadRunner
+from measuring.server.throttle import Throttle
 
 
 def limits(settings: Config) -> Limits:
@@ -88,12 +89,19 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     pool = _pool(settings, reactor, watching, config_file)
     jobs = JobManager(pool, store, reactor, limits(settings), blocking)
     info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking)
+    # What clients can make the server log (refusals, closes) is held to a rate.
+    throttle = Throttle(reactor)
     dispatcher = Dispatcher(
-        info, jobs, stats, settings.data_roots, (settings.state_dir,), Tokens(settings.tokens)
-    )
+        info, jobs, stats, settings.data_roots, (settings.state_dir,), Tokens(settings.tokens),
+        throttle,
+    )  # fmt: skip
     factory = RequestFactory(
         dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,
         settings.max_connections,
+        max_client_connections=settings.max_client_connections,
+        first_request_timeout=settings.first_request_timeout,
+        trust_tokens=bool(settings.tokens),
+        throttle=throttle,
     )  # fmt: skip
     listener = ListeningService(
         [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports], factory

@@ -43,6 +43,8 @@ class Config:
     insecure_no_token: bool = False
     idle_timeout: float = 300.0
     max_connections: int = 1000
+    first_request_timeout: float = 10.0
+    max_client_connections: int = 100
     max_result_bytes: int = 10 * 2**30
     max_job_processes: int | None = None
     sandbox: str = "none"
@@ -170,6 +172,8 @@ def load(
         insecure_no_token=settings["insecure-no-token"],
         idle_timeout=settings["idle-timeout"],
         max_connections=settings["max-connections"],
+        first_request_timeout=settings["first-request-timeout"],
+        max_client_connections=settings["max-client-connections"],
         max_result_bytes=settings["max-result-bytes"],
         max_job_processes=settings["max-job-processes"],
         sandbox=settings["sandbox"],

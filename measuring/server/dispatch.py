@@ -23,6 +23,7 @@ from measuring.server.framing import json_type
 from measuring.server.jobs.records import Job, JobSpec
 from measuring.server.protocol import Answer, Notify
 from measuring.server.stats import Stats
+from measuring.server.throttle import Throttle
 from measuring.wire import INFO_REQUESTS, JOB_REQUESTS, STATES
 
 KEYS = {
@@ -36,6 +37,8 @@ DASK_FIELDS = (
 DEFAULT_LIST, MAX_LIST = 100, 1000
 DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
 PATH_FIELDS = ("Directory", "Base", "File")
+#: The kind of warning a request without a valid token logs (``throttle``).
+UNAUTHORIZED_WARNINGS = "requests without a valid token"
 
 
 def _one_of(values: tuple[str, ...] | list[str]) -> str:
@@ -136,6 +139,7 @@ class Dispatcher:
         data_roots: tuple[str, ...],
         private: tuple[str, ...] = (),
         tokens: Tokens | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self._info = info
         self._jobs = jobs
@@ -143,6 +147,9 @@ class Dispatcher:
         self._data_roots = data_roots
         self._private = private
         self._tokens = tokens or Tokens()
+        # Anyone who can connect can send requests without a token: their warnings are held to
+        # a rate (the counters of All statistic count every one).
+        self._throttle = throttle or Throttle(None)
         self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Answer]]] = {
             "Info": self._info_request,
             "Dask": self._dask_request,
@@ -155,7 +162,11 @@ class Dispatcher:
         """The answer to one request; never fails (errors become error answers)."""
         header = request.get("Header")
         if not self._tokens.valid(request.get("Token")):
-            self._log.warn("refused a request without a valid token from {client}", client=client)
+            self._throttle.warn(
+                UNAUTHORIZED_WARNINGS,
+                "refused a request without a valid token from {client}",
+                client=client,
+            )
             return defer.succeed(
                 self._error_answer(
                     Unauthorized('this server needs a valid "Token" in every request'), header

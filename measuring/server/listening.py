@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from measuring.server.protocol import RequestFactory
+from measuring.server.factory import RequestFactory
 
 
 class ClosingService(Service):

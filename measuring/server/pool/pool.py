@@ -264,7 +264,9 @@ class WorkerPool(Service):
             argv = [*self._command, str(os.getpid())]
             if self._sandbox is not None:
                 # In its own PID namespace the worker cannot see the server: bwrap watches it.
-                worker.outbox = os.path.join(self._environment["TMPDIR"], OUTBOX_PREFIX + worker.mark)
+                worker.outbox = os.path.join(
+                    self._environment["TMPDIR"], OUTBOX_PREFIX + worker.mark
+                )
                 environment.update(TMPDIR=worker.outbox, HOME=worker.outbox)
                 argv = self._sandbox.command([*self._command, "0"], worker.outbox)
             try:

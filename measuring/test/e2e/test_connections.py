@@ -1,6 +1,8 @@
 """
 End to end, connections as clients and attackers make them: a client that half-closes its side
-(``nc -N``, ``ncat``, ``socat`` at the end of their input) still gets every answer.
+(``nc -N``, ``ncat``, ``socat`` at the end of their input) still gets every answer; connections
+that send nothing are closed soon; one address flooding the server with sockets does not shut
+out a new client; a flood of requests without a token does not flood the log.
 
 Each test starts the real ``twistd -n measuring`` (``support.ServerTestCase``) and speaks to it
 over plain sockets.
@@ -8,11 +10,26 @@ over plain sockets.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import socket
+import time
 from typing import Any
 
-from measuring.test.support import PATIENCE, STATUS, Server, ServerTestCase
+import psutil
+from twisted.trial.unittest import SkipTest
+
+from measuring.server.throttle import BURST
+from measuring.test.support import (
+    PATIENCE,
+    STATUS,
+    TOKEN,
+    Connection,
+    Server,
+    ServerTestCase,
+    write_token_file,
+)
 
 
 def half_closed(server: Server, *requests: dict[str, Any] | bytes) -> list[dict[str, Any]]:
@@ -59,3 +76,88 @@ class HalfCloseTests(ServerTestCase):
         [answer] = half_closed(server, self.dask("mean_by_sensor"))
         self.assertEqual(answer["Status"], "OK", answer)
         self.assert_means(answer["Response"]["Results"])
+
+
+def outside_address() -> str:
+    """An address of this machine other than loopback, for a client that counts as remote."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    raise SkipTest("this machine has no IPv4 address besides loopback")
+
+
+def port_on(server: Server, host: str) -> int:
+    """The port the server logged it listens on at ``host``."""
+    found = re.search(rf"measuring listening on {re.escape(host)}:(\d+)", server.log())
+    assert found is not None, server.log()
+    return int(found.group(1))
+
+
+def with_token(request: dict[str, Any]) -> dict[str, Any]:
+    return {**request, "Token": TOKEN}
+
+
+class FloodTests(ServerTestCase):
+    """Sockets held open without requests; many requests without a token."""
+
+    def test_silentConnectionClosedSoon(self) -> None:
+        """A connection that sends nothing gets Timeout naming the setting, then the close."""
+        server = self.start("--first-request-timeout", "1")
+        with server.connect() as silent:
+            started = time.monotonic()
+            closed = silent.receive()
+            self.assertLess(time.monotonic() - started, 10)
+            self.assertEqual(closed["Error"]["Code"], "Timeout", closed)
+            self.assertIn("--first-request-timeout", closed["Error"]["Message"])
+            self.assertRaises(ConnectionError, silent.receive)
+
+    def test_oneAddressFloods(self) -> None:
+        """One remote address holding sockets gets Busy past its bound; a new client is served."""
+        remote = outside_address()
+        tokens = write_token_file(self.folder)
+        server = self.start(
+            "--port", f"tcp:0:interface={remote}", "--token-file", tokens,
+            "--max-client-connections", "20", "--max-connections", "40",
+        )  # fmt: skip
+        port = port_on(server, remote)
+        with contextlib.ExitStack() as stack:
+            flood = [
+                stack.enter_context(Connection(port, host=remote, timeout=PATIENCE))
+                for _ in range(20)
+            ]
+            refused = stack.enter_context(Connection(port, host=remote, timeout=PATIENCE))
+            busy = refused.receive()
+            self.assertEqual(busy["Error"]["Code"], "Busy", busy)
+            self.assertIn(f"{remote} has 20 connections open", busy["Error"]["Message"])
+            self.assertIn("--max-client-connections", busy["Error"]["Message"])
+            for _ in range(3):
+                answer = server.ask(with_token(STATUS))
+                self.assertEqual(answer["Status"], "OK", answer)
+            # The flood's sockets still work: the bound refused only the ones past it.
+            self.assertEqual(flood[0].ask(with_token(STATUS))["Status"], "OK")
+
+    def test_fullServerMakesRoom(self) -> None:
+        """With every place held by idle loopback sockets, a new client's Status is answered."""
+        server = self.start("--max-connections", "30")
+        with contextlib.ExitStack() as stack:
+            idle = [stack.enter_context(server.connect()) for _ in range(30)]
+            for _ in range(5):
+                answer = server.ask(STATUS)
+                self.assertEqual(answer["Status"], "OK", answer)
+            made_room = idle[0].receive()
+            self.assertEqual(made_room["Error"]["Code"], "Busy", made_room)
+            self.assertIn("its place went to a new connection", made_room["Error"]["Message"])
+
+    def test_unauthorizedFloodLoggedAtARate(self) -> None:
+        """300 requests without a token on as many connections: few log lines, exact counters."""
+        tokens = write_token_file(self.folder)
+        server = self.start("--token-file", tokens)
+        for _ in range(300):
+            refused = server.ask(STATUS)
+            self.assertEqual(refused["Error"]["Code"], "Unauthorized", refused)
+        statistic = server.ask(with_token({"Header": "Info", "Request": "All statistic"}))
+        self.assertEqual(statistic["Response"]["Errors"]["Unauthorized"], 300)
+        warned = server.log().count("without a valid token")
+        self.assertGreaterEqual(warned, 1)
+        self.assertLessEqual(warned, BURST, server.log()[-4000:])

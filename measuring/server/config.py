@@ -17,8 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python.usage import UsageError
 
+from measuring.server import fdlimit
 from measuring.server.access import beyond_loopback, load_tokens
 from measuring.server.settings import SETTINGS
 
@@ -119,22 +121,29 @@ def load(
     check_endpoint: Callable[[str], object],
     environ: Mapping[str, str] = os.environ,
     cwd: str | None = None,
+    file_limit: fdlimit.FileLimit | None = None,
 ) -> Config:
     """
     Settle the settings: defaults, then ``config_file``, then ``flags`` (only those given).
 
     ``check_endpoint`` parses one endpoint description and raises on a bad one. Every error
-    names where the bad value came from: the flag, the file and key, or the environment.
+    names where the bad value came from: the flag, the file and key, or the environment. With
+    a ``file_limit`` (this process's), it is raised for ``max-connections``, or that is lowered
+    or refused (``fdlimit.fit``).
     """
     cwd = os.getcwd() if cwd is None else cwd
     settings = _defaults(environ, cwd)
     sources = {name: f"--{name}" for name in settings}
     if environ.get("STATE_DIRECTORY"):
         sources["state-dir"] = "$STATE_DIRECTORY"
+    given = set(flags)
     if config_file is not None:
         file_settings = _read_file(config_file)
         _parsed(file_settings, lambda name: f"{config_file}: {name}", settings, sources)
+        given.update(file_settings)
     _parsed(flags, lambda name: f"--{name}", settings, sources)
+    if file_limit is not None:
+        settings["max-connections"] = _connections(settings, sources, given, file_limit)
 
     filenos: dict[str, int | None] = {}
     for description in settings["port"]:
@@ -199,6 +208,22 @@ def _tokens(
             f"listen on 127.0.0.1, or give --insecure-no-token if you really mean it"
         )
     return tokens
+
+
+def _connections(
+    settings: dict[str, Any], sources: dict[str, str], given: set[str], limit: fdlimit.FileLimit
+) -> int:
+    """``max-connections``, once the file limit holds it (lowered, saying so, if a default)."""
+    wanted = settings["max-connections"]
+    try:
+        connections, lowered = fdlimit.fit(
+            wanted, settings["workers"], "max-connections" in given, limit
+        )
+    except ValueError as e:
+        raise UsageError(f"{sources['max-connections']} {wanted}: {e}") from None
+    if lowered is not None:
+        Logger().warn("{lowered}", lowered=lowered)
+    return connections
 
 
 def _job_memory(setting: int | str | None, workers: int) -> int | None:

@@ -14,6 +14,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from measuring.server import config
+from measuring.server.fdlimit import ProcessFileLimit
 from measuring.server.settings import SETTINGS, Setting
 
 
@@ -76,6 +77,7 @@ class Options(usage.Options):
             flags,
             self["config"],
             check_endpoint=lambda description: endpoints.serverFromString(reactor, description),
+            file_limit=ProcessFileLimit(),
         )
 
 

@@ -2,7 +2,8 @@
 End to end, connections as clients and attackers make them: a client that half-closes its side
 (``nc -N``, ``ncat``, ``socat`` at the end of their input) still gets every answer; connections
 that send nothing are closed soon; one address flooding the server with sockets does not shut
-out a new client; a flood of requests without a token does not flood the log.
+out a new client; a flood of requests without a token does not flood the log; the server starts
+only with the file descriptors its ``--max-connections`` needs.
 
 Each test starts the real ``twistd -n measuring`` (``support.ServerTestCase``) and speaks to it
 over plain sockets.
@@ -12,14 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import resource
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
 from twisted.trial.unittest import SkipTest
 
+from measuring.local import LISTENING, environment, twistd
+from measuring.server.fdlimit import reserve
 from measuring.server.throttle import BURST
 from measuring.test.support import (
     PATIENCE,
@@ -161,3 +168,68 @@ class FloodTests(ServerTestCase):
         warned = server.log().count("without a valid token")
         self.assertGreaterEqual(warned, 1)
         self.assertLessEqual(warned, BURST, server.log()[-4000:])
+
+
+def soft_file_limit(pid: int) -> int:
+    """The soft RLIMIT_NOFILE of process ``pid``."""
+    return resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+
+
+@contextlib.contextmanager
+def server_under(folder: str, nofile: tuple[int, int], *arguments: str) -> Iterator[str]:
+    """
+    ``twistd -n measuring arguments`` started with RLIMIT_NOFILE ``nofile``; gives its log once
+    it listens (or has exited), and stops it at the end.
+    """
+    log_path = os.path.join(folder, "limited.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*twistd(), "-n", "--pidfile=", "measuring", "--port", "tcp:0:interface=127.0.0.1",
+             "--state-dir", os.path.join(folder, ".measuring"), "--data-root", folder, *arguments],
+            cwd=folder, env=environment(), stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline and process.poll() is None:
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                if LISTENING in f.read():
+                    break
+            time.sleep(0.05)
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            yield f"exit code {process.poll()}\n" + f.read()
+    finally:
+        process.terminate()
+        process.wait(PATIENCE)
+
+
+class FileLimitTests(ServerTestCase):
+    """RLIMIT_NOFILE against --max-connections at start."""
+
+    def test_softLimitRaised(self) -> None:
+        """With a soft limit of 1024 below a hard one, 3000 connections raise the soft limit."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = 3000 + reserve(2)
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise SkipTest(f"the hard RLIMIT_NOFILE here is {hard}; the test needs {needed}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        server = self.start("--max-connections", "3000")  # inherits the soft limit of 1024
+        self.assertGreaterEqual(soft_file_limit(server.process.pid), needed)
+        self.assertEqual(server.ask(STATUS)["Status"], "OK")
+
+    def test_givenValueRefused(self) -> None:
+        """--max-connections 3000 under a hard limit of 1024: the start stops, saying why."""
+        with server_under(self.folder, (1024, 1024), "--max-connections", "3000") as log:
+            self.assertTrue(log.startswith("exit code 1"), log)
+            self.assertIn("--max-connections 3000: 3000 connections need", log)
+            self.assertIn(f"--max-connections {1024 - reserve(2)} or fewer", log)
+
+    def test_defaultLowered(self) -> None:
+        """The default 1000 under a hard limit of 1024 is lowered, the log says so, it serves."""
+        with server_under(self.folder, (1024, 1024)) as log:
+            self.assertTrue(log.startswith("exit code None"), log)
+            self.assertIn(f"--max-connections lowered from 1000 to {1024 - reserve(2)}", log)
+            port = int(log.split(LISTENING)[1].split()[0])
+            with Connection(port, timeout=PATIENCE) as connection:
+                self.assertEqual(connection.ask(STATUS)["Status"], "OK")

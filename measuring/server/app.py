@@ -20,6 +20,7 @@ from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
 from measuring.server.factory import RequestFactory
 from measuring.server.info import InfoService
+from measuring.server.jobs.journal import Journal
 from measuring.server.jobs.scheduler import JobManager, Limits
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.listening import ClosingService, ListeningService, describe
@@ -87,7 +88,8 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
     pool = _pool(settings, reactor, watching, config_file)
-    jobs = JobManager(pool, store, reactor, limits(settings), blocking)
+    journal = Journal(store, reactor, settings.state_dir)
+    jobs = JobManager(pool, store, reactor, limits(settings), blocking, journal)
     info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking)
     # What clients can make the server log (refusals, closes) is held to a rate.
     throttle = Throttle(reactor)

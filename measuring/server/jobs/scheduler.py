@@ -10,10 +10,8 @@ Time comes from the injected clock; blocking work goes to the store's thread or 
 
 from __future__ import annotations
 
-import shutil
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -30,77 +28,18 @@ from measuring.errors import (
     NotFound,
     Timeout,
 )
-from measuring.messages import Message
 from measuring.server import results
-from measuring.server.jobs.records import Job, JobSpec, Progress, new_job_id, stored_response
+from measuring.server.jobs import outcomes
+from measuring.server.jobs.journal import Journal
+from measuring.server.jobs.parts import Limits, Pool, RunningJob, Store
+from measuring.server.jobs.records import Job, JobSpec, new_job_id, stored_response
+from measuring.server.jobs.recovery import Recovery
+from measuring.server.jobs.retention import DAY, SWEEP_EVERY, Retention
 from measuring.server.threads import Runner
 
-MOST_INTERRUPTIONS = 3
-SWEEP_EVERY = 3600.0
-DAY = 86400.0
 _STATES = {Timeout: "timeout", Cancelled: "cancelled"}
 
-__all__ = ["Job", "JobManager", "JobSpec", "Limits"]
-
-
-class RunningJob(Protocol):
-    """What the pool gives back for a job it runs (``measuring.server.pool.process.RunningJob``)."""
-
-    result: defer.Deferred[dict[str, Any]]
-    on_progress: Progress | None
-
-    def kill(self, reason: MeasuringError) -> None: ...
-
-    def log_text(self) -> str: ...
-
-
-class Pool(Protocol):
-    """Where jobs run (``measuring.server.pool.pool.WorkerPool``)."""
-
-    def run(self, message: Message) -> RunningJob: ...
-
-
-class Store(Protocol):
-    """Where job records live (``measuring.server.jobs.store.JobStore``)."""
-
-    def add(self, record: dict[str, Any]) -> defer.Deferred[None]: ...
-
-    def update(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
-
-    def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
-
-    def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
-
-    def recover(self, most: int, now: float) -> defer.Deferred[list[dict[str, Any]]]: ...
-
-    def expired_results(self, before: float) -> defer.Deferred[list[dict[str, Any]]]: ...
-
-    def mark_cleaned(self, jobs: list[str]) -> defer.Deferred[None]: ...
-
-    def sweep(self, before: float, cleaned_only: bool) -> defer.Deferred[int]: ...
-
-    def counters(self, since: float) -> defer.Deferred[dict[str, Any]]: ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    """
-    How much work the server takes on, and how long it keeps what is done: the settings of the
-    same names (``measuring.server.settings``), which also hold their defaults.
-    """
-
-    workers: int
-    job_timeout: float
-    max_queued: int
-    stop_grace: float
-    keep_jobs: float
-    keep_results: float | None
-
-
-def remove_results(directory: str, job: str) -> None:
-    """Remove a job's result folder and anything half-written it left."""
-    shutil.rmtree(files.result_dir(directory, job), ignore_errors=True)
-    files.remove_partial(directory, job)
+__all__ = ["DAY", "Job", "JobManager", "JobSpec", "Limits"]
 
 
 def _waits_for_next_start(job: Job) -> Busy:
@@ -118,10 +57,18 @@ class JobManager(Service):
     _log = Logger()
 
     def __init__(
-        self, pool: Pool, store: Store, clock: IReactorTime, limits: Limits, blocking: Runner
+        self,
+        pool: Pool,
+        store: Store,
+        clock: IReactorTime,
+        limits: Limits,
+        blocking: Runner,
+        journal: Journal | None = None,
     ) -> None:
         self._pool = pool
         self._store = store
+        # Records of jobs already accepted are written through it: retried until written.
+        self._journal = journal or Journal(store, clock, "of this server")
         self._clock = clock
         self.limits = limits
         self._blocking = blocking
@@ -135,6 +82,10 @@ class JobManager(Service):
         self._stopping = False
         self._again: set[str] = set()
         self._writes: set[defer.Deferred[Any]] = set()
+        #: Outcomes of finished jobs being kept beside their results (``outcomes``).
+        self._kept: dict[str, defer.Deferred[Any]] = {}
+        self._recovery: Recovery | None = None
+        self._retention = Retention(store, clock, limits, blocking)
         self._sweeper = task.LoopingCall(self.sweep)
         self._sweeper.clock = clock
 
@@ -142,19 +93,12 @@ class JobManager(Service):
 
     def startService(self) -> None:
         super().startService()
-        recovering = self._store.recover(MOST_INTERRUPTIONS, self._clock.seconds())
-        recovering.addCallbacks(self._requeue, self._unrecovered)
+        self._recovery = Recovery(
+            self._store, self._journal, self._clock, self._blocking, self._live, self._stored
+        )
+        recovering = defer.Deferred.fromCoroutine(self._recovery.run())
+        recovering.addCallbacks(self._queued_again, self._unrecovered)
         self._sweeper.start(SWEEP_EVERY, now=True)
-
-    def _requeue(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
-        jobs = [Job.from_record(record) for record in records]
-        for job in jobs:
-            self._live[job.id] = job
-        if jobs:
-            self._log.info("{n} jobs queued from before the last stop", n=len(jobs))
-        # What their interrupted runs half-wrote goes before they run again.
-        done = defer.DeferredList([self._remove_partial(job) for job in jobs], consumeErrors=True)
-        return done.addCallback(lambda _: self._queued_again(jobs))
 
     def _queued_again(self, jobs: list[Job]) -> None:
         self._queue = deque([*jobs, *self._queue])
@@ -175,6 +119,8 @@ class JobManager(Service):
         """Stop starting jobs; give running ones ``stop_grace`` seconds, then stop them too."""
         super().stopService()
         self._stopping = True
+        if self._recovery is not None:
+            self._recovery.stopped = True
         if self._sweeper.running:
             self._sweeper.stop()
         for job in self._queue:
@@ -192,7 +138,11 @@ class JobManager(Service):
         def stopped(_: object) -> defer.Deferred[Any]:
             if timer.active():
                 timer.cancel()
-            return defer.DeferredList(list(self._writes), consumeErrors=True)
+            # Records the disk refuses are not waited for: their outcomes are kept on disk.
+            journal = self._journal.stop()
+            return journal.addCallback(
+                lambda _: defer.DeferredList(list(self._writes), consumeErrors=True)
+            )
 
         return ended.addBoth(stopped).addCallback(lambda _: None)
 
@@ -222,6 +172,9 @@ class JobManager(Service):
             raise Busy("the server is stopping; send the job again once it is back")
         if self._broken is not None:
             raise Internal(self._broken)
+        refusal = self._journal.refusal()
+        if refusal is not None:
+            raise refusal
         waiting = len(self._queue) + self._recording
         if waiting >= self.limits.max_queued:
             raise Busy(
@@ -234,6 +187,7 @@ class JobManager(Service):
 
         def recorded(_: object) -> Job:
             self._recording -= 1
+            self._journal.succeeded()
             self._live[job.id] = job
             self._queue.append(job)
             if self._stopping:
@@ -244,8 +198,7 @@ class JobManager(Service):
 
         def failed(reason: Failure) -> Failure:
             self._recording -= 1
-            self._log.failure("recording job {job}", reason, job=job.id)
-            return Failure(Internal("the job could not be recorded; see the server's log"))
+            return Failure(self._journal.failed(reason))
 
         return self._store.add(job.record()).addCallbacks(recorded, failed)
 
@@ -260,11 +213,7 @@ class JobManager(Service):
                 self._clock.seconds(),
                 job.attempts + 1,
             )
-            self._track(
-                self._store.update(
-                    job.id, state="running", started=job.started, attempts=job.attempts
-                )
-            )
+            self._journal.write(job.id, state="running", started=job.started, attempts=job.attempts)
             running = self._pool.run(job.spec.message(job.id))
             running.on_progress = job.progress
             self._running[job.id] = running
@@ -296,7 +245,7 @@ class JobManager(Service):
             self._again.discard(job.id)
             job.state, job.started = "queued", None
             self._remove_partial(job)
-            self._track(self._store.update(job.id, state="queued", started=None))
+            self._journal.write(job.id, state="queued", started=None)
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):
@@ -328,11 +277,15 @@ class JobManager(Service):
         state: str,
         response: dict[str, Any] | None,
         error: MeasuringError | None,
-    ) -> defer.Deferred[Any]:
-        """Write how a job ended, then tell those waiting for it."""
+    ) -> None:
+        """
+        Write how a job ended, then tell those waiting for it. If the disk refuses the record,
+        they are told all the same: the outcome is kept in memory and beside the job's results
+        (``outcomes``) until the record is written.
+        """
         job.finished = self._clock.seconds()
         job.log = (response or {}).get("Log") or (error.extra.get("Log", "") if error else "")
-        written = self._store.update(
+        write = self._journal.write(
             job.id,
             state=state,
             finished=job.finished,
@@ -341,20 +294,53 @@ class JobManager(Service):
             log=job.log,
         )
 
-        def told(_: object) -> None:
+        def told(written: bool) -> None:
             job.settle(state, response, error)
-            self._live.pop(job.id, None)
+            if not written:
+                self._keep_outcome(job)
             message = (
                 error.message if error is not None else f"in {response and response['Elapsed']} s"
             )
             self._log.info("job {job} {state}: {message}", job=job.id, state=state, message=message)
 
-        return self._track(written).addBoth(told)
+        write.tried.addCallback(told)
+        write.done.addCallback(lambda _: self._stored(job, kept=write.retried))
+
+    def _keep_outcome(self, job: Job) -> None:
+        """Keep a finished job's record beside its results until the database takes it."""
+        kept = self._blocking.run(outcomes.keep, job.spec.paths.directory, job.id, job.record())
+
+        def unkept(reason: Failure) -> None:
+            self._log.warn(
+                "the outcome of job {job} could not be kept beside its results either ({why}): "
+                "if the server stops before its record is written, the job runs again",
+                job=job.id,
+                why=reason.getErrorMessage(),
+            )
+
+        self._kept[job.id] = self._track(kept.addErrback(unkept))
+
+    def _stored(self, job: Job, kept: bool) -> None:
+        """A finished job's record is written: it is answered for from the database now."""
+        if self._live.get(job.id) is job:
+            del self._live[job.id]
+        if kept:
+            keeping = self._kept.pop(job.id, defer.succeed(None))
+            forgotten = keeping.addCallback(
+                lambda _: self._blocking.run(outcomes.forget, job.spec.paths.directory, job.id)
+            )
+            self._track(forgotten)
 
     # -- answering for jobs
 
     def _job(self, job_id: str) -> defer.Deferred[Job]:
         """The job, live or from the database; NotFound when there is none."""
+        if not self._recovered and self._broken is None and self._journal.trouble is None:
+            # Recovery is sorting out what the last server left (the database says "queued"
+            # of a job it may find ended): answer once it has.
+            waiting: defer.Deferred[None] = defer.Deferred()
+            self._after_recovery.append(waiting)
+            return waiting.addCallback(lambda _: self._job(job_id))
         if job_id in self._live:
             return defer.succeed(self._live[job_id])
 
@@ -440,31 +426,4 @@ class JobManager(Service):
 
     def sweep(self) -> defer.Deferred[None]:
         """Remove finished jobs older than ``keep_jobs`` days (and results, with keep_results)."""
-        now = self._clock.seconds()
-        keep_results = self.limits.keep_results
-        done: defer.Deferred[Any] = defer.succeed(None)
-        if keep_results is not None:
-            done = self._store.expired_results(now - keep_results * DAY)
-            done.addCallback(self._remove_results)
-        done.addCallback(
-            lambda _: self._store.sweep(now - self.limits.keep_jobs * DAY, keep_results is not None)
-        )
-        done.addCallback(self._swept)
-        done.addErrback(lambda f: self._log.failure("removing old jobs", f))
-        return done.addCallback(lambda _: None)
-
-    def _swept(self, removed: int) -> None:
-        if removed:
-            self._log.info(
-                "removed {n} finished jobs older than {days} days",
-                n=removed,
-                days=self.limits.keep_jobs,
-            )
-
-    def _remove_results(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
-        def remove() -> None:
-            for record in records:
-                remove_results(record["spec"]["paths"]["directory"], record["id"])
-
-        removed = self._blocking.run(remove)
-        return removed.addCallback(lambda _: self._store.mark_cleaned([r["id"] for r in records]))
+        return self._retention.sweep()

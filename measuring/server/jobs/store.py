@@ -9,6 +9,7 @@ also holds the state directory's lock, so two servers never share one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -197,6 +198,13 @@ class JobDatabase:
             "LastHour": {state.capitalize(): n for state, n in recent.items()},
             "MeanSeconds": round(mean, 3) if mean is not None else None,
         }
+
+
+def is_full(error: BaseException) -> bool:
+    """True when ``error`` says the disk (or the user's quota) is full."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class StateLocked(Exception):

@@ -1,6 +1,7 @@
 """
 End to end, the server's own files: what a server that died left in ``<state>/tmp`` is removed at
-the next start.
+the next start; a state directory on a small real file system (a tmpfs) that fills up loses no
+accepted job, runs none twice, and says so once.
 
 Each test starts the real ``twistd -n measuring`` (``support.ServerTestCase``).
 """
@@ -9,7 +10,21 @@ from __future__ import annotations
 
 import os
 
-from measuring.test.support import ServerTestCase
+from measuring.server.pool.process import LOG_BYTES
+from measuring.test.support import LIFECYCLE_FORMULAS, Server, ServerTestCase
+from measuring.test.support.filesystems import fill, mount_tmpfs
+
+#: ``chatty`` waits like ``held``, then prints 200 KB: more than the log keeps of it.
+CHATTY_FORMULAS = (
+    LIFECYCLE_FORMULAS
+    + """
+
+def chatty(df):
+    rows = held(df)
+    print("x" * 200_000)
+    return rows
+"""
+)
 
 
 class StartSweepTests(ServerTestCase):
@@ -32,3 +47,72 @@ class StartSweepTests(ServerTestCase):
             lambda: f"the leftovers to go (still there: {sorted(os.listdir(tmp))})",
         )
         self.assertTrue(os.path.isdir(kept), "a folder the server did not make was removed")
+
+
+class FullStateDirTests(ServerTestCase):
+    """The state directory on an 8 MiB tmpfs, filled while jobs run."""
+
+    formulas = {"lifecycle.py": CHATTY_FORMULAS}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.state = mount_tmpfs(self, os.path.join(self.folder, "state"), "8m")
+
+    def start_on_tmpfs(self) -> Server:
+        return self.start("--state-dir", self.state, "--workers", "2")
+
+    def jobs_ended_while_full(self, server: Server) -> list[str]:
+        """Four held jobs; the disk filled; then they end (each printing 200 KB)."""
+        self.hold()
+        server.wait_until_ready()
+        jobs = [self.submit(server, "chatty") for _ in range(4)]
+        self.wait_started(*jobs[:2])
+        server.wait_until_ready()  # the replacements are warm before the disk fills
+        self.filler = fill(self.state)
+        self.release_all()
+        for job in jobs:
+            self.wait_for_job(server, job, "done", "failed")
+        return jobs
+
+    def test_nothingLostNothingTwice(self) -> None:
+        """Jobs ending on a full disk: answered, refused new ones, logged once, recorded later."""
+        server = self.start_on_tmpfs()
+        jobs = self.jobs_ended_while_full(server)
+        statuses = [self.status(server, job) for job in jobs]
+        self.assertEqual([status["State"] for status in statuses], ["done"] * 4, statuses)
+        counts = self.info(server, "Status")["Jobs"]
+        self.assertEqual(counts, {"Running": 0, "Queued": 0})
+        cancel = self.job(server, "Cancel", jobs[0])
+        self.assertEqual(cancel["Response"], {"State": "done"}, cancel)
+        refused = server.ask(self.dask("total", Async=True))
+        self.assertEqual(refused["Error"]["Code"], "Busy", refused)
+        self.assertIn(f"state directory {self.state} is full", refused["Error"]["Message"])
+        self.assertEqual(server.log().count("cannot write job records"), 1, server.log())
+        log = self.job(server, "Log", jobs[0])["Response"]["Log"]
+        self.assertLess(len(log), LOG_BYTES + 100)
+        self.assertIn("bytes cut ...]", log)
+
+        os.remove(self.filler)
+        self.wait_for(lambda: "job records are written in" in server.log(), "records written")
+        server.stop()
+        again = self.start_on_tmpfs()
+        for job, before in zip(jobs, statuses, strict=True):
+            after = self.status(again, job)
+            self.assertEqual((after["State"], after["Attempts"]), (before["State"], 1), after)
+        self.assertNotIn("queued from before the last stop", again.log())
+        left = [name for name in os.listdir(os.path.join(self.state, "tmp")) if "job-" in name]
+        self.assertEqual(left, [])
+        self.assertEqual([job for job in jobs if os.path.exists(f"/tmp/job-{job}")], [])
+
+    def test_killedWhileFull(self) -> None:
+        """Killed while records wait, the server's next start records the jobs, runs none again."""
+        server = self.start_on_tmpfs()
+        jobs = self.jobs_ended_while_full(server)
+        self.assertEqual([self.status(server, job)["State"] for job in jobs], ["done"] * 4)
+        self.crash(server)
+        os.remove(self.filler)
+        again = self.start_on_tmpfs()
+        for job in jobs:
+            after = self.status(again, job)
+            self.assertEqual((after["State"], after["Attempts"]), ("done", 1), after)
+            self.assertIn(f"job {job} ended done before the last stop", again.log())

@@ -1,0 +1,70 @@
+"""
+How long finished jobs are kept: their records for ``keep_jobs`` days, their result folders for
+``keep_results`` days (when set). ``Retention.sweep`` runs once an hour (``JobManager`` starts
+it); time comes from the injected clock, removing files goes to a thread.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from measuring import files
+from measuring.server.jobs.parts import Limits, Store
+from measuring.server.threads import Runner
+
+SWEEP_EVERY = 3600.0
+DAY = 86400.0
+
+
+def remove_results(directory: str, job: str) -> None:
+    """Remove a job's result folder and anything half-written it left."""
+    shutil.rmtree(files.result_dir(directory, job), ignore_errors=True)
+    files.remove_partial(directory, job)
+
+
+class Retention:
+    """Removes what is older than the limits say: finished jobs' records and results."""
+
+    _log = Logger()
+
+    def __init__(self, store: Store, clock: IReactorTime, limits: Limits, blocking: Runner) -> None:
+        self._store = store
+        self._clock = clock
+        self.limits = limits
+        self._blocking = blocking
+
+    def sweep(self) -> defer.Deferred[None]:
+        """Remove finished jobs older than ``keep_jobs`` days (and results, with keep_results)."""
+        now = self._clock.seconds()
+        keep_results = self.limits.keep_results
+        done: defer.Deferred[Any] = defer.succeed(None)
+        if keep_results is not None:
+            done = self._store.expired_results(now - keep_results * DAY)
+            done.addCallback(self._remove_results)
+        done.addCallback(
+            lambda _: self._store.sweep(now - self.limits.keep_jobs * DAY, keep_results is not None)
+        )
+        done.addCallback(self._swept)
+        done.addErrback(lambda f: self._log.failure("removing old jobs", f))
+        return done.addCallback(lambda _: None)
+
+    def _swept(self, removed: int) -> None:
+        if removed:
+            self._log.info(
+                "removed {n} finished jobs older than {days} days",
+                n=removed,
+                days=self.limits.keep_jobs,
+            )
+
+    def _remove_results(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
+        def remove() -> None:
+            for record in records:
+                remove_results(record["spec"]["paths"]["directory"], record["id"])
+
+        removed = self._blocking.run(remove)
+        return removed.addCallback(lambda _: self._store.mark_cleaned([r["id"] for r in records]))

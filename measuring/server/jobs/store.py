@@ -9,6 +9,7 @@ also holds the state directory's lock, so two servers never share one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -20,12 +21,19 @@ from typing import Any, TypeVar
 from twisted.application.service import Service
 from twisted.internet import defer
 
+from measuring.errors import Internal
 from measuring.server.threads import Runner
 from measuring.wire import FINISHED
 
 T = TypeVar("T")
 
 JSON_FIELDS = ("spec", "response", "error")
+COLUMNS = (
+    "id", "state", "spec", "submitted", "started", "finished", "attempts", "interrupted",
+    "response", "error", "log", "cleaned",
+)  # fmt: skip
+#: SQLite's codes for a file that is damaged, or no database at all.
+DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -50,13 +58,35 @@ Record = dict[str, Any]
 
 
 def _row(row: sqlite3.Row | None) -> Record | None:
+    """A row as a record, its JSON fields decoded; ValueError when they cannot be."""
     if row is None:
         return None
     record = dict(row)
     for field in JSON_FIELDS:
-        if record[field] is not None:
+        if record.get(field) is not None:
             record[field] = json.loads(record[field])
+    spec = record.get("spec")
+    if "spec" in record and not (isinstance(spec, dict) and isinstance(spec.get("paths"), dict)):
+        raise ValueError("its request is not a job's request")
     return record
+
+
+class DamagedDatabase(Exception):
+    """The job database file is damaged (or no SQLite database): the server must not use it."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        state_dir = os.path.dirname(path)
+        super().__init__(
+            f"the job database {path} is damaged ({problem}). The server does not start on it, "
+            f"so that no accepted job is lost. Run: measuring-admin recover {state_dir} -- it "
+            f"copies every job it can read into a fresh database and keeps the damaged one "
+            f"beside it; then start the server again (docs/deploy.md, Operations)"
+        )
+
+
+def damaged(error: BaseException) -> bool:
+    """True when ``error`` says the database file is damaged."""
+    return getattr(error, "sqlite_errorcode", None) in DAMAGED_CODES
 
 
 def _encoded(fields: Record) -> Record:
@@ -81,15 +111,28 @@ class JobDatabase:
         assert self._db is not None
         return self._db
 
-    def open(self) -> None:
-        """Open (or create, readable by this user only) the database, in WAL mode, synced."""
+    def open(self, check: bool = False) -> None:
+        """
+        Open (or create, readable by this user only) the database, in WAL mode, synced; with
+        ``check``, its pages are checked (``PRAGMA quick_check``). DamagedDatabase when damaged.
+        """
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check")] if check else []
+        except sqlite3.DatabaseError as e:
+            self.close()
+            if damaged(e):
+                raise DamagedDatabase(self.path, str(e)) from None
+            raise
+        if problems and problems != ["ok"]:
+            self.close()
+            raise DamagedDatabase(self.path, "PRAGMA quick_check: " + "; ".join(problems[:3]))
 
     def close(self) -> None:
         if self._db is not None:
@@ -111,8 +154,23 @@ class JobDatabase:
         with self.db:
             self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**values, "id": job})
 
+    def insert_raw(self, rows: list[Record]) -> None:
+        """Insert rows as the table keeps them (JSON fields as text): for ``salvage``."""
+        marks = ", ".join(f":{name}" for name in COLUMNS)
+        with self.db:
+            self.db.executemany(f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({marks})", rows)
+
     def get(self, job: str) -> Record | None:
-        return _row(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job,)).fetchone())
+        """The record of ``job``; Internal naming it when the record cannot be read."""
+        try:
+            return _row(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job,)).fetchone())
+        except (sqlite3.DatabaseError, ValueError) as e:
+            raise Internal(
+                f"the record of job {job} cannot be read ({e}): the job database is damaged; "
+                f"run measuring-admin recover {os.path.dirname(self.path)} with the server "
+                f"stopped",
+                Job=job,
+            ) from None
 
     def recent(self, state: str | None, limit: int) -> list[Record]:
         """Jobs, newest first, without their logs and answers."""
@@ -123,7 +181,11 @@ class JobDatabase:
             + " ORDER BY submitted DESC, id DESC LIMIT ?",
             (state, limit) if state else (limit,),
         ).fetchall()
-        return [{**dict(row), "spec": json.loads(row["spec"])} for row in rows]
+        records = []
+        for row in rows:
+            with contextlib.suppress(ValueError):  # a damaged record: Job Status says more
+                records.append(_row(row))
+        return [record for record in records if record is not None]
 
     def recover(self, most_interruptions: int, now: float) -> list[Record]:
         """
@@ -153,7 +215,18 @@ class JobDatabase:
         rows = self.db.execute(
             "SELECT * FROM jobs WHERE state = 'queued' ORDER BY submitted, id"
         ).fetchall()
-        return [record for record in map(_row, rows) if record is not None]
+        records, unreadable = [], []
+        for row in rows:
+            try:
+                records.append(_row(row))
+            except ValueError as e:
+                unreadable.append((now, _unreadable(e), row["id"]))
+        with self.db:
+            # A job whose request cannot be read cannot run: it fails, and the others run.
+            self.db.executemany(
+                "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?", unreadable
+            )
+        return [record for record in records if record is not None]
 
     def expired_results(self, before: float) -> list[Record]:
         """Finished jobs that ended before ``before`` and whose results are still on disk."""
@@ -207,6 +280,12 @@ def is_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _unreadable(error: ValueError) -> str:
+    return json.dumps(
+        {"Code": "Internal", "Message": f"the job's record is damaged ({error}); it cannot run"}
+    )
+
+
 class StateLocked(Exception):
     """Another server holds the state directory."""
 
@@ -249,7 +328,9 @@ class JobStore(Service):
                 raise SystemExit(f"measuring: {e}") from None
             # Open it now (a quick local file), so that a start without a usable database fails.
             try:
-                self._database.open()
+                self._database.open(check=True)
+            except DamagedDatabase as e:
+                raise SystemExit(f"measuring: {e}") from None
             except (sqlite3.Error, OSError) as e:
                 raise SystemExit(
                     f"measuring: cannot open the job database {self._database.path}: {e}"

@@ -1,17 +1,33 @@
 """
 End to end, the server's own files: what a server that died left in ``<state>/tmp`` is removed at
 the next start; a state directory on a small real file system (a tmpfs) that fills up loses no
-accepted job, runs none twice, and says so once.
+accepted job, runs none twice, and says so once; a damaged job database stops the start, saying
+what to run, and ``measuring-admin recover`` brings its jobs back; a damaged row fails alone.
 
 Each test starts the real ``twistd -n measuring`` (``support.ServerTestCase``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
+import subprocess
+import sys
 
+from measuring.local import environment
+from measuring.server.jobs.records import Job, JobSpec, new_job_id
+from measuring.server.jobs.store import JobDatabase
+from measuring.server.paths import JobPaths
 from measuring.server.pool.process import LOG_BYTES
-from measuring.test.support import LIFECYCLE_FORMULAS, Server, ServerTestCase
+from measuring.test.support import (
+    BASE,
+    FINISHED,
+    LIFECYCLE_FORMULAS,
+    Server,
+    ServerTestCase,
+    run_twistd,
+)
 from measuring.test.support.filesystems import fill, mount_tmpfs
 
 #: ``chatty`` waits like ``held``, then prints 200 KB: more than the log keeps of it.
@@ -116,3 +132,89 @@ class FullStateDirTests(ServerTestCase):
             after = self.status(again, job)
             self.assertEqual((after["State"], after["Attempts"]), ("done", 1), after)
             self.assertIn(f"job {job} ended done before the last stop", again.log())
+
+
+def measuring_admin(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run ``measuring-admin arguments`` (the console script beside this Python, or the module)."""
+    script = os.path.join(os.path.dirname(sys.executable), "measuring-admin")
+    command = (
+        [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "measuring.server.admin"]
+    )
+    return subprocess.run(
+        [*command, *arguments], env=environment(), capture_output=True, text=True, timeout=300
+    )
+
+
+class DamagedDatabaseTests(ServerTestCase):
+    """jobs.sqlite damaged as a disk damages it: garbage over a page, or over one row."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.state = os.path.join(self.folder, ".measuring")
+        os.makedirs(self.state)
+        self.path = os.path.join(self.state, "jobs.sqlite")
+
+    def queued(self, count: int) -> list[str]:
+        """``count`` queued jobs of lifecycle.py's "total", as a server left them."""
+        spec = JobSpec(
+            JobPaths(
+                self.folder,
+                os.path.join(self.folder, BASE),
+                os.path.join(self.folder, "lifecycle.py"),
+            ),
+            functions=("total",),
+        )
+        database = JobDatabase(self.path)
+        database.open()
+        ids = []
+        with contextlib.closing(database.db):
+            for n in range(count):
+                job = Job(
+                    id=new_job_id(1_800_000_000.0 + n), spec=spec, submitted=1_800_000_000.0 + n
+                )
+                database.add(job.record())
+                ids.append(job.id)
+        return ids
+
+    def test_damagedPageStopsTheStartThenRecovered(self) -> None:
+        """200 queued jobs, 4 KiB of garbage mid-file: no start; recovered, the jobs run."""
+        ids = self.queued(200)
+        size = os.path.getsize(self.path)
+        with open(self.path, "r+b") as f:
+            f.seek(size // 2 // 4096 * 4096)
+            f.write(os.urandom(4096))
+        refused = run_twistd(self.folder, "--state-dir", self.state, "--data-root", self.folder,
+                             "--port", "tcp:0:interface=127.0.0.1")  # fmt: skip
+        said = refused.stdout + refused.stderr
+        self.assertEqual(refused.returncode, 1, said)
+        self.assertIn(f"the job database {self.path} is damaged", said)
+        self.assertIn(f"measuring-admin recover {self.state}", said)
+
+        recovered = measuring_admin("recover", self.state)
+        self.assertEqual(recovered.returncode, 0, recovered.stdout + recovered.stderr)
+        self.assertIn("the damaged database is kept as", recovered.stdout)
+        self.assertEqual(len([n for n in os.listdir(self.state) if ".damaged-" in n]), 1)
+
+        server = self.start()
+        listed = self.job(server, "List", "", Limit=1000)["Response"]["Jobs"]
+        back = {job["Job"] for job in listed}
+        self.assertGreaterEqual(len(back), 150)
+        self.assertLessEqual(back, set(ids))
+        self.assertIn(f"recovered {len(back)} jobs", recovered.stdout)
+        first = min(back)
+        self.assertEqual(self.wait_for_job(server, first, *FINISHED)["State"], "done")
+
+    def test_damagedRowFailsAlone(self) -> None:
+        """A queued job whose record is garbled fails, Job Status naming it; the others run."""
+        damaged, *others = self.queued(3)
+        with contextlib.closing(sqlite3.connect(self.path)) as db, db:
+            db.execute("UPDATE jobs SET spec = ? WHERE id = ?", ("\x00garbage{", damaged))
+        server = self.start()
+        for job in others:
+            self.assertEqual(self.wait_for_job(server, job, *FINISHED)["State"], "done")
+        answer = self.job(server, "Status", damaged)
+        self.assertEqual((answer["Error"]["Code"], answer["Job"]), ("Internal", damaged), answer)
+        self.assertIn(f"the record of job {damaged} cannot be read", answer["Error"]["Message"])
+        self.assertIn("measuring-admin recover", answer["Error"]["Message"])
+        new = self.submit(server, "total")
+        self.assertEqual(self.wait_for_job(server, new, *FINISHED)["State"], "done")

@@ -139,7 +139,7 @@ def page_rows(path: str) -> list[dict[str, Any]]:
 def job_row(row: dict[str, Any]) -> dict[str, Any] | None:
     """``row`` as a job record of the fresh database, or None when it cannot be one."""
     try:
-        record = {name: row.get(name) for name in COLUMNS}
+        record: dict[str, Any] = {name: row.get(name) for name in COLUMNS}
         spec = json.loads(record["spec"])
         if not (
             isinstance(record["id"], str)

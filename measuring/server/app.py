@@ -27,7 +27,7 @@ from measuring.server.listening import ClosingService, ListeningService, describ
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
-from measuring.server.services import InOrder, ProcessSetup
+from measuring.server.services import InOrder, ProcessSetup, UserSetup
 from measuring.server.stats import Stats
 from measuring.server.systemd import NotifyService
 from measuring.server.threads import ThreadRunner
@@ -58,7 +58,7 @@ def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: s
         reactor,
         settings.workers,
         settings.state_dir,
-        worker_environment(os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir),
+        worker_environment(os.environ, workers_tmp(settings), settings.state_dir),
         watching,
         settings.job_memory,
         sandbox=sandbox,
@@ -70,8 +70,14 @@ def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: s
     )
 
 
+def workers_tmp(settings: Config) -> str:
+    """The workers' temporary folder (their TMPDIR), in the state directory."""
+    return os.path.join(settings.state_dir, "tmp")
+
+
 def build(settings: Config, reactor: Any, config_file: str | None = None) -> IService:
     """The whole server on ``reactor`` (which provides every reactor interface used below)."""
+    tmp = workers_tmp(settings)
     if settings.insecure_no_token and not settings.tokens:
         Logger().warn(
             "measuring runs WITHOUT a token (--insecure-no-token): anyone who can reach "
@@ -114,6 +120,8 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     top = InOrder()
     for service in (
         ProcessSetup(keep_private, adopt_orphans),
+        # The workers' temporary folder, made by the user the server runs as (after --uid).
+        UserSetup(lambda: os.makedirs(tmp, mode=0o700, exist_ok=True)),
         blocking,
         watching,
         database,

@@ -3,8 +3,9 @@ The server's settings settled: defaults, overridden by a TOML file (``--config``
 flags. What the settings are is declared once, in ``settings``.
 
 Every setting is validated here and a bad one raises ``usage.UsageError`` with one line that names
-the setting and where it came from. Nothing here starts anything; the only side effect is creating
-the state directory, so that an unusable one stops the start instead of the first job.
+the setting and where it came from. Nothing here starts anything; the side effects are creating
+the state directory (for the user the server runs as), so that an unusable one stops the start
+instead of the first job, and raising the file limit for the connections (``fdlimit``).
 """
 
 from __future__ import annotations
@@ -101,18 +102,45 @@ def _data_root(path: str, cwd: str, source: str) -> str:
     return real
 
 
-def _state_dir(path: str, cwd: str, source: str) -> str:
+def _state_dir(path: str, cwd: str, source: str, owner: tuple[int, int] | None) -> str:
+    """
+    The state directory, made if missing. With an ``owner`` (the user and group a server
+    started as root runs as, ``--uid``/``--gid``), what is made is given to them, and they must
+    be able to write it; what goes inside is made once privileges are dropped.
+    """
     real = _real(path, cwd)
+    made = []
+    folder = real
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:
         # The server's own: job records and logs, workers' temporary files. Not for others.
-        os.makedirs(os.path.join(real, "tmp"), mode=0o700, exist_ok=True)
+        os.makedirs(real, mode=0o700, exist_ok=True)
+        for folder in made if owner is not None else []:
+            os.chown(folder, *owner)
     except OSError as e:
         raise UsageError(f"{source}: cannot create {path!r}: {e.strerror}") from None
-    if not os.access(real, os.W_OK | os.X_OK):
+    if owner is not None and not _writable_by(real, *owner):
+        raise UsageError(
+            f"{source} {path!r} is not writable by uid {owner[0]}, whom the server runs as "
+            f"(--uid): give it to that user (chown)"
+        )
+    if owner is None and not os.access(real, os.W_OK | os.X_OK):
         raise UsageError(f"{source} {path!r} is not writable by this user")
     with contextlib.suppress(OSError):  # best effort: it may belong to someone else
         os.chmod(real, 0o700)
     return real
+
+
+def _writable_by(path: str, uid: int, gid: int) -> bool:
+    """Whether ``uid`` (in group ``gid``) may make files in the folder ``path`` (mode bits)."""
+    info = os.stat(path)
+    if info.st_uid == uid:
+        return info.st_mode & 0o300 == 0o300
+    if info.st_gid == gid:
+        return info.st_mode & 0o030 == 0o030
+    return info.st_mode & 0o003 == 0o003
 
 
 def load(
@@ -122,6 +150,7 @@ def load(
     environ: Mapping[str, str] = os.environ,
     cwd: str | None = None,
     file_limit: fdlimit.FileLimit | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> Config:
     """
     Settle the settings: defaults, then ``config_file``, then ``flags`` (only those given).
@@ -129,7 +158,7 @@ def load(
     ``check_endpoint`` parses one endpoint description and raises on a bad one. Every error
     names where the bad value came from: the flag, the file and key, or the environment. With
     a ``file_limit`` (this process's), it is raised for ``max-connections``, or that is lowered
-    or refused (``fdlimit.fit``).
+    or refused (``fdlimit.fit``). ``owner``: the (uid, gid) a server started as root runs as.
     """
     cwd = os.getcwd() if cwd is None else cwd
     settings = _defaults(environ, cwd)
@@ -167,7 +196,7 @@ def load(
     return Config(
         ports=tuple(settings["port"]),
         data_roots=tuple(dict.fromkeys(roots)),
-        state_dir=_state_dir(settings["state-dir"], cwd, sources["state-dir"]),
+        state_dir=_state_dir(settings["state-dir"], cwd, sources["state-dir"], owner),
         workers=settings["workers"],
         job_timeout=settings["job-timeout"],
         max_request_bytes=settings["max-request-bytes"],

@@ -7,6 +7,8 @@ settled ``Config`` and the installed reactor to ``app.build``.
 
 from __future__ import annotations
 
+import os
+import pwd
 from typing import Any
 
 from twisted.application.service import IService
@@ -78,7 +80,17 @@ class Options(usage.Options):
             self["config"],
             check_endpoint=lambda description: endpoints.serverFromString(reactor, description),
             file_limit=ProcessFileLimit(),
+            owner=self._owner(),
         )
+
+    def _owner(self) -> tuple[int, int] | None:
+        """The user and group twistd switches to after the start (``--uid``, ``--gid``), if any."""
+        twistd = getattr(self, "parent", None)
+        uid = twistd.get("uid") if twistd is not None else None
+        if uid is None or os.geteuid() != 0:
+            return None
+        gid = twistd.get("gid")
+        return uid, gid if gid is not None else pwd.getpwuid(uid).pw_gid
 
 
 for _setting in SETTINGS:

@@ -319,8 +319,10 @@ class JobStore(Service):
         self._state_dir = state_dir
         self._lock: int | None = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+    def startService(self) -> None:
+        # In startService, not privilegedStartService: the lock and the database are made by
+        # the user the server runs as, once twistd has dropped privileges (--uid).
+        super().startService()
         if self._state_dir is not None and self._lock is None:
             try:
                 self._lock = lock_state_dir(self._state_dir)
@@ -335,11 +337,6 @@ class JobStore(Service):
                 raise SystemExit(
                     f"measuring: cannot open the job database {self._database.path}: {e}"
                 ) from None
-
-    def startService(self) -> None:
-        if self._lock is None:
-            self.privilegedStartService()
-        super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

@@ -56,8 +56,18 @@ class Server(LocalServer):
     may pass its own ``--stop-grace``; the last one given wins).
     """
 
-    def __init__(self, folder: str, *arguments: str, patience: float = PATIENCE) -> None:
-        super().__init__(folder, "--stop-grace", "2", *arguments, patience=patience)
+    def __init__(
+        self,
+        folder: str,
+        *arguments: str,
+        patience: float = PATIENCE,
+        twistd_options: tuple[str, ...] = (),
+        python: str | None = None,
+    ) -> None:
+        super().__init__(
+            folder, "--stop-grace", "2", *arguments, patience=patience,
+            twistd_options=twistd_options, python=python,
+        )  # fmt: skip
 
     def descendants(self) -> list[int]:
         """Pids of every process below the server."""
@@ -103,7 +113,9 @@ class ServerTestCase(SynchronousTestCase):
         self.servers: list[Server] = []
         self.crashed: list[Server] = []
 
-    def start(self, *arguments: str) -> Server:
+    def start(
+        self, *arguments: str, twistd_options: tuple[str, ...] = (), python: str | None = None
+    ) -> Server:
         """
         A server on this folder (and its state directory, so a second one takes over the first
         one's jobs). ``--stop-grace 1`` comes first, so a stop never waits long for a job a test
@@ -112,7 +124,10 @@ class ServerTestCase(SynchronousTestCase):
         log = os.path.join(self.folder, "server.log")
         if os.path.exists(log):
             shutil.copy(log, os.path.join(self.folder, f"server-{len(self.servers)}.log"))
-        server = Server(self.folder, "--data-root", self.folder, "--stop-grace", "1", *arguments)
+        server = Server(
+            self.folder, "--data-root", self.folder, "--stop-grace", "1", *arguments,
+            twistd_options=twistd_options, python=python,
+        )  # fmt: skip
         self.servers.append(server)
         self.addCleanup(self.stop_and_check, server)
         return server

@@ -127,7 +127,7 @@ class DamagedAtStartTests(SalvageTestCase):
         garble(self.path, 10)
         store = JobStore(JobDatabase(self.path), Synchronous(), self.state)
         with self.assertRaises(SystemExit) as raised:
-            store.privilegedStartService()
+            store.startService()
         self.assertIn("measuring-admin recover", str(raised.exception.code))
 
 

@@ -117,8 +117,9 @@ def _state_dir(path: str, cwd: str, source: str, owner: tuple[int, int] | None) 
     try:
         # The server's own: job records and logs, workers' temporary files. Not for others.
         os.makedirs(real, mode=0o700, exist_ok=True)
-        for folder in made if owner is not None else []:
-            os.chown(folder, *owner)
+        if owner is not None:
+            for folder in made:
+                os.chown(folder, *owner)
     except OSError as e:
         raise UsageError(f"{source}: cannot create {path!r}: {e.strerror}") from None
     if owner is not None and not _writable_by(real, *owner):

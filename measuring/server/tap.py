@@ -85,8 +85,8 @@ class Options(usage.Options):
 
     def _owner(self) -> tuple[int, int] | None:
         """The user and group twistd switches to after the start (``--uid``, ``--gid``), if any."""
-        twistd = getattr(self, "parent", None)
-        uid = twistd.get("uid") if twistd is not None else None
+        twistd: dict[str, Any] = getattr(self, "parent", None) or {}
+        uid = twistd.get("uid")
         if uid is None or os.geteuid() != 0:
             return None
         gid = twistd.get("gid")

@@ -69,9 +69,7 @@ class RunAsNobodyTests(ServerTestCase):
         self.state = os.path.join(self.folder, ".measuring")  # made by the server, for nobody
 
     def start_as_nobody(self, *arguments: str) -> Server:
-        return self.start(
-            *arguments, twistd_options=("--uid", NOBODY, "--gid", "nogroup"), python=self.python
-        )
+        return self.start_twistd(arguments, ("--uid", NOBODY, "--gid", "nogroup"), self.python)
 
     def assert_owned(self, path: str) -> None:
         info = os.lstat(path)

@@ -113,14 +113,21 @@ class ServerTestCase(SynchronousTestCase):
         self.servers: list[Server] = []
         self.crashed: list[Server] = []
 
-    def start(
-        self, *arguments: str, twistd_options: tuple[str, ...] = (), python: str | None = None
-    ) -> Server:
+    def start(self, *arguments: str) -> Server:
         """
         A server on this folder (and its state directory, so a second one takes over the first
         one's jobs). ``--stop-grace 1`` comes first, so a stop never waits long for a job a test
         left running; the previous server's log is kept as ``server-<n>.log``.
         """
+        return self.start_twistd(arguments)
+
+    def start_twistd(
+        self,
+        arguments: tuple[str, ...],
+        twistd_options: tuple[str, ...] = (),
+        python: str | None = None,
+    ) -> Server:
+        """``start``, with twistd's own options (``--uid``) and another Python if given."""
         log = os.path.join(self.folder, "server.log")
         if os.path.exists(log):
             shutil.copy(log, os.path.join(self.folder, f"server-{len(self.servers)}.log"))

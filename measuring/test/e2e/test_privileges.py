@@ -2,6 +2,7 @@
 End to end, a server started as root that runs as ``nobody`` (twistd's ``--uid``/``--gid``), with
 and without ``--sandbox bwrap``: everything in its state directory belongs to that user, jobs run
 as that user and use their temporary folder in the state directory, and nothing is left in /tmp.
+And what the documentation warns of: without a sandbox a formula can signal the server.
 
 The tests need root (they skip otherwise, saying why); the test's folder is given to ``nobody``,
 and the server runs with a Python that user can start (``support.users``).
@@ -18,7 +19,13 @@ import psutil
 from twisted.trial.unittest import SkipTest
 
 from measuring.local import PACKAGE_ROOT
-from measuring.test.support import FINISHED, LIFECYCLE_FORMULAS, Server, ServerTestCase
+from measuring.test.support import (
+    FINISHED,
+    LIFECYCLE_FORMULAS,
+    Server,
+    ServerTestCase,
+    bwrap_missing,
+)
 from measuring.test.support.users import python_for_others, reachable
 
 NOBODY = "nobody"
@@ -26,6 +33,19 @@ NOBODY = "nobody"
 WHERE_FORMULAS = (
     LIFECYCLE_FORMULAS
     + """
+
+def server_reachable(df):
+    # Whether this formula could signal the server, found among its worker's parents (signal 0).
+    import psutil
+    for process in psutil.Process().parents():
+        if "twistd" in " ".join(process.cmdline()):
+            try:
+                os.kill(process.pid, 0)
+            except OSError as e:
+                return e.strerror
+            return process.pid
+    return "not seen"
+
 
 def where(df):
     import tempfile
@@ -126,3 +146,26 @@ class RunAsNobodyTests(ServerTestCase):
         with self.assertRaises(RuntimeError) as raised:
             self.start_as_nobody()
         self.assertIn(f"is not writable by uid {self.user.pw_uid}", str(raised.exception))
+
+
+class FormulaReachTests(ServerTestCase):
+    """What docs/deploy.md warns of, and what the sandbox takes away."""
+
+    formulas = {"lifecycle.py": WHERE_FORMULAS}
+
+    def reach(self, server: Server) -> object:
+        answer = server.ask(self.dask("server_reachable"))
+        self.assertEqual(answer["Status"], "OK", answer)
+        return answer["Response"]["Results"]["server_reachable"]["Value"]
+
+    def test_withoutSandboxTheServerCanBeSignalled(self) -> None:
+        """Without a sandbox a formula finds the server's process and may signal it."""
+        server = self.start()
+        self.assertEqual(self.reach(server), server.process.pid)
+
+    def test_sandboxedCannot(self) -> None:
+        """In the sandbox the server's process is not even seen."""
+        reason = bwrap_missing()
+        if reason is not None:
+            raise SkipTest(reason)
+        self.assertEqual(self.reach(self.start("--sandbox", "bwrap")), "not seen")

@@ -204,6 +204,8 @@ class RequestProtocol(LineReceiver):
         if self._framer.pending:
             self._framer.reset()
             self._refuse(BadRequest("the connection ended in the middle of a request"))
+        # Done with: its place is free now, not once the close is through.
+        self._connections.discard(self)
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

@@ -110,6 +110,15 @@ class MakingRoomTests(FactoryTestCase):
         self.assertClosedWith(flood_one, "Busy")
         self.assertFalse(flood_two.disconnecting)
 
+    def test_endedConnectionLeavesAtOnce(self) -> None:
+        """A client's end frees its place at once, before its close is through."""
+        self.factory(max_connections=1)
+        protocol, transport = self.tcp("192.0.2.1")
+        self.assertServed(protocol, transport)
+        protocol.readConnectionLost()
+        self.assertEqual(len(self.made.connections), 0)
+        self.assertServed(*self.tcp("192.0.2.2"))
+
     def test_waitingConnectionKeepsItsPlace(self) -> None:
         """A connection waiting for its first answer is in use: the newcomer is refused."""
         self.harness.info.hold = True

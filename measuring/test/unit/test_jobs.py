@@ -26,8 +26,10 @@ from measuring.errors import (
     JobFailed,
     MemoryLimit,
 )
+from measuring.server.jobs.queries import JobQueries
 from measuring.server.jobs.records import Job, JobSpec, new_job_id
-from measuring.server.jobs.scheduler import JobManager
+from measuring.server.jobs.retention import Retention
+from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.paths import JobPaths
 from measuring.server.threads import Runner, Synchronous
@@ -43,7 +45,7 @@ TIMEOUT = 60.0
 
 
 class JobsTestCase(SynchronousTestCase):
-    """JobManagers over a fake pool, a clock, and a job database in a folder of the test's own."""
+    """Schedulers over a fake pool, a clock, and a job database in a folder of the test's own."""
 
     def setUp(self) -> None:
         self.clock = task.Clock()
@@ -65,25 +67,30 @@ class JobsTestCase(SynchronousTestCase):
 
     def manager(
         self, runner: Runner | None = None, blocking: Runner | None = None, **overrides: Any
-    ) -> JobManager:
+    ) -> Scheduler:
         """
-        A started JobManager (one worker, TIMEOUT unless told) on the test's database; its store
+        A started Scheduler (one worker, TIMEOUT unless told) on the test's database; its store
         runs on ``runner``, its blocking calls on ``blocking`` (``self.blocking`` unless told).
         """
         database = JobDatabase(self.path)
         self.addCleanup(database.close)
         store = JobStore(database, Synchronous() if runner is None else runner)
-        manager = JobManager(
-            self.pool,
-            store,
-            self.clock,
-            limits(**{"workers": 1, "job_timeout": TIMEOUT, **overrides}),
-            self.blocking if blocking is None else blocking,
-        )
+        held = limits(**{"workers": 1, "job_timeout": TIMEOUT, **overrides})
+        blocking = self.blocking if blocking is None else blocking
+        manager = Scheduler(self.pool, store, self.clock, held, blocking)
         manager.startService()
+        self.queries = JobQueries(manager, store, self.clock, blocking, held)
+        self.retention = Retention(store, self.clock, held, blocking)
+        self.retention.startService()
+        self.addCleanup(self.retention.stopService)
         return manager
 
-    def submit(self, manager: JobManager, spec: JobSpec | None = None) -> Job:
+    def ask(self, **overrides: Any) -> JobQueries:
+        """The read side of a started Scheduler (``manager``)."""
+        self.manager(**overrides)
+        return self.queries
+
+    def submit(self, manager: Scheduler, spec: JobSpec | None = None) -> Job:
         """Submit a job and return it, recorded."""
         return self.successResultOf(manager.submit(self.spec if spec is None else spec))
 

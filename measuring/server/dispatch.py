@@ -3,7 +3,8 @@ Requests to answers: validate each request, route it by ``Header``, turn every e
 ``{"Code", "Message"}``.
 
 ``Dispatcher`` knows nothing about connections: it takes a request object and returns a Deferred
-answer. ``_error_answer`` is the one place where an error becomes an answer.
+answer. ``_error_answer`` is the one place where an error becomes an answer. What a request names
+on disk is checked (``submission``) through the blocking-call runner, never on the reactor.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from twisted.python.failure import Failure
 
 from measuring import wire
 from measuring.errors import BadRequest, Internal, MeasuringError, Unauthorized
-from measuring.server import paths as data_paths
+from measuring.server import submission
 from measuring.server.access import Tokens
 from measuring.server.framing import json_type
 from measuring.server.jobs.records import Job, JobSpec
+from measuring.server.paths import JobPaths
 from measuring.server.protocol import Answer, Notify
 from measuring.server.stats import Stats
+from measuring.server.threads import Runner, Synchronous
 from measuring.wire import INFO_REQUESTS, JOB_REQUESTS, STATES
 
 KEYS = {
@@ -65,6 +68,11 @@ def _functions(value: object) -> tuple[str, ...] | None:
     if len(set(value)) != len(value):
         raise BadRequest('"Functions" names a formula more than once')
     return tuple(value)
+
+
+Check = Callable[
+    [tuple[str, ...], str, str, str, tuple[str, ...] | None, tuple[str, ...]], JobPaths
+]
 
 
 class Info(Protocol):
@@ -136,13 +144,21 @@ class Dispatcher:
         data_roots: tuple[str, ...],
         private: tuple[str, ...] = (),
         tokens: Tokens | None = None,
+        blocking: Runner | None = None,
+        check: Check = submission.check_job,
     ) -> None:
+        """
+        ``blocking`` runs the checks of a Dask request's files (``check``, which may block on a
+        slow disk) off the reactor; synchronously when not given, for tests.
+        """
         self._info = info
         self._jobs = jobs
         self._stats = stats
         self._data_roots = data_roots
         self._private = private
         self._tokens = tokens or Tokens()
+        self._blocking = blocking or Synchronous()
+        self._check = check
         self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Answer]]] = {
             "Info": self._info_request,
             "Dask": self._dask_request,
@@ -214,7 +230,7 @@ class Dispatcher:
 
     def _dask_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
         fields = request.get("Request")
-        spec = self.dask_spec(fields)  # checks Async and Progress too
+        checked = self.dask_spec(fields)  # checks Async and Progress too
         assert isinstance(fields, dict)
         background, progress = fields.get("Async", False), fields.get("Progress", False)
 
@@ -243,10 +259,14 @@ class Dispatcher:
             final.addErrback(lambda _: None)
             return accepted
 
-        return self._jobs.submit(spec).addCallback(submitted)
+        return checked.addCallback(self._jobs.submit).addCallback(submitted)
 
-    def dask_spec(self, fields: object) -> JobSpec:
-        """Check the ``Request`` object of a Dask request and resolve its paths."""
+    def dask_spec(self, fields: object) -> defer.Deferred[JobSpec]:
+        """
+        Check the ``Request`` object of a Dask request; then, in the blocking-call runner, resolve
+        its paths and check its files. Raises at once for a bad field; the Deferred fails with
+        the error a file check found.
+        """
         if not isinstance(fields, dict):
             raise BadRequest(
                 'a Dask request needs "Request": {"Directory": ..., "Base": ..., "File": ...}, '
@@ -264,11 +284,19 @@ class Dispatcher:
         timeout = _number(fields, "Timeout", 0.001, None, None)
         _flag(fields, "Async")
         _flag(fields, "Progress")
-        paths = data_paths.resolve_job(
-            self._data_roots, fields["Directory"], fields["Base"], fields["File"], self._private
+        checked = self._blocking.run(
+            self._check,
+            self._data_roots,
+            fields["Directory"],
+            fields["Base"],
+            fields["File"],
+            functions,
+            self._private,
         )
-        return JobSpec(
-            paths=paths, functions=functions, output=output, engine=engine, timeout=timeout
+        return checked.addCallback(
+            lambda paths: JobSpec(
+                paths=paths, functions=functions, output=output, engine=engine, timeout=timeout
+            )
         )
 
     def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:

@@ -219,7 +219,13 @@ def makeService(options: Options) -> IService:
     jobs = JobManager(pool, store, reactor, limits, blocking)
     info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking)
     dispatcher = Dispatcher(
-        info, jobs, stats, settings.data_roots, (settings.state_dir,), Tokens(settings.tokens)
+        info,
+        jobs,
+        stats,
+        settings.data_roots,
+        (settings.state_dir,),
+        Tokens(settings.tokens),
+        blocking,
     )
     factory = RequestFactory(
         dispatcher,

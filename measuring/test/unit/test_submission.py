@@ -8,7 +8,6 @@ request.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -19,6 +18,7 @@ from measuring.server import submission
 from measuring.server.dispatch import Dispatcher
 from measuring.test.support import sample_frame, write_dataset, write_formulas, write_parts
 from measuring.test.unit.test_dispatch import Harness
+from measuring.test.unit.test_jobs import HeldRunner
 
 
 class FormulaFileTests(SynchronousTestCase):
@@ -169,23 +169,6 @@ class DatasetTests(SynchronousTestCase):
             self.refused(parts, "mixed"),
             "mixed/day=2/readings.csv is not a Parquet file (it looks like CSV text)",
         )
-
-
-class HeldRunner:
-    """A blocking-call runner whose calls wait until the test lets them run: a slow thread."""
-
-    def __init__(self) -> None:
-        self.held: list[tuple[defer.Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        self.held.append((defer.Deferred(), f, args))
-        return self.held[-1][0]
-
-    def release(self) -> None:
-        """Run every held call (in the test's thread) and fire its Deferred."""
-        held, self.held = self.held, []
-        for done, f, args in held:
-            defer.maybeDeferred(f, *args).chainDeferred(done)
 
 
 class SubmissionDispatchTests(SynchronousTestCase):

@@ -23,7 +23,7 @@ from measuring.server.access import Tokens
 from measuring.server.framing import json_type
 from measuring.server.jobs.records import Job, JobSpec
 from measuring.server.paths import JobPaths
-from measuring.server.protocol import Answer, Notify
+from measuring.server.protocol import Answer, Notify, Streamed
 from measuring.server.stats import Stats
 from measuring.server.threads import Runner, Synchronous
 from measuring.wire import INFO_REQUESTS, JOB_REQUESTS, STATES
@@ -31,8 +31,9 @@ from measuring.wire import INFO_REQUESTS, JOB_REQUESTS, STATES
 KEYS = {
     "Info": ("Header", "Request", "Id", "Token"),
     "Dask": ("Header", "Request", "Id", "Token"),
-    "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset"),
-}
+    "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset",
+            "Format"),
+}  # fmt: skip
 DASK_FIELDS = (
     "Directory", "Base", "File", "Functions", "Output", "Engine", "Async", "Timeout", "Progress",
 )  # fmt: skip
@@ -94,7 +95,9 @@ class Jobs(Protocol):
 
     def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
 
-    def result(self, job: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]: ...
+    def result(
+        self, job: str, name: str, offset: int, limit: int | None, form: str = ...
+    ) -> defer.Deferred[Any]: ...
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:
@@ -159,7 +162,7 @@ class Dispatcher:
         self._tokens = tokens or Tokens()
         self._blocking = blocking or Synchronous()
         self._check = check
-        self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Answer]]] = {
+        self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Any]]] = {
             "Info": self._info_request,
             "Dask": self._dask_request,
             "Job": self._job_request,
@@ -299,15 +302,19 @@ class Dispatcher:
             )
         )
 
-    def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
+    def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Any]:
         name = request.get("Request")
         if not isinstance(name, str) or name not in JOB_REQUESTS:
             raise BadRequest(
                 f'a Job "Request" must be one of {_one_of(JOB_REQUESTS)}, not {name!r}'
             )
 
-        def answer(response: dict[str, Any], **extra: Any) -> Answer:
-            return {"Header": "Job", "Request": name, "Status": "OK", **extra, "Response": response}
+        def answer(response: Any, **extra: Any) -> Answer | Streamed:
+            body = None
+            if isinstance(response, tuple):  # an Arrow stream: the fields, and the bytes after
+                response, body = response
+            line = {"Header": "Job", "Request": name, "Status": "OK", **extra, "Response": response}
+            return line if body is None else Streamed(line, body, response["Bytes"])
 
         if name == "List":
             state = request.get("State")
@@ -324,9 +331,13 @@ class Dispatcher:
             found = self._jobs.log(job).addCallback(lambda log: {"Log": log})
         else:
             result = _text(request, "Name", "a Job Result request")
+            form = _choice(request, "Format", wire.RESULT_FORMATS, "json")
             offset = _number(request, "Offset", 0, None, 0)
-            limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
-            found = self._jobs.result(job, result, offset, limit)
+            if form == "arrow":  # the whole result, or as many rows as asked for
+                limit = _number(request, "Limit", 1, None, None)
+            else:
+                limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
+            found = self._jobs.result(job, result, offset, limit, form)
 
         def failed(reason: Failure) -> Failure:
             if isinstance(reason.value, MeasuringError):

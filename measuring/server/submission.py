@@ -232,9 +232,9 @@ def outline(tree: ast.Module) -> Outline:
         if isinstance(node, ast.Global):
             found.bound.update(node.names)  # a function may bind them when the module runs
             all_bindings += 2 * ("__all__" in node.names)
-        elif isinstance(node, ast.Name) and node.id in DYNAMIC:
-            found.dynamic = True
-        elif isinstance(node, ast.Attribute) and node.attr in ("modules", "__dict__"):
+        elif (isinstance(node, ast.Name) and node.id in DYNAMIC) or (
+            isinstance(node, ast.Attribute) and node.attr in ("modules", "__dict__")
+        ):
             found.dynamic = True
     found.bound = {name for name in found.bound if words.is_public(name)}
     if all_bindings:
@@ -287,8 +287,10 @@ def _literal_all(tree: ast.Module) -> tuple[str, ...] | None:
             continue
         if not isinstance(value, ast.List | ast.Tuple):
             return None
-        names = [item.value for item in value.elts if isinstance(item, ast.Constant)]
-        if len(names) != len(value.elts) or not all(isinstance(n, str) for n in names):
-            return None
-        return tuple(names)
+        names = [
+            item.value
+            for item in value.elts
+            if isinstance(item, ast.Constant) and isinstance(item.value, str)
+        ]
+        return tuple(names) if len(names) == len(value.elts) else None
     return None

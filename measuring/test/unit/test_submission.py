@@ -69,7 +69,7 @@ class FormulaFileTests(SynchronousTestCase):
         self.assertIn("work.py defines no formulas", message)
 
     def test_leftToTheWorker(self) -> None:
-        """Where ``ast`` cannot tell (assignments, a computed __all__, import *), nothing is refused."""
+        """Where ``ast`` cannot tell (an assignment, a computed __all__...), nothing is refused."""
         for source in [
             "import functools\n\npeak = functools.partial(max)\n",
             "__all__ = [name for name in dir() if name.startswith('p')]\n\ndef peak(df): pass\n",
@@ -197,11 +197,12 @@ class SubmissionDispatchTests(SynchronousTestCase):
         """A misspelled formula, a CSV Base, a syntax error: refused, and no job is recorded."""
         sample_frame(5).to_csv(os.path.join(self.root, "time_series.csv"), index=False)
         write_formulas(self.root, "def a(df):\n    return (\n", "broken.py")
-        for fields, code, message in [
+        cases: list[tuple[dict[str, Any], str, str]] = [
             ({"Functions": ["hourly_maen"]}, "NotFound", "no formula named 'hourly_maen'"),
             ({"Base": "time_series.csv"}, "BadRequest", "time_series.csv is not a Parquet file"),
             ({"File": "broken.py"}, "BadRequest", "broken.py line 2: SyntaxError"),
-        ]:
+        ]
+        for fields, code, message in cases:
             answer = self.successResultOf(
                 self.ask(self.harness.dispatcher, self.dask(Async=True, **fields))
             )
@@ -211,7 +212,7 @@ class SubmissionDispatchTests(SynchronousTestCase):
         self.assertNoJob()
 
     def test_slowCheckHoldsUpNothing(self) -> None:
-        """While a Dask request's paths are being resolved, Status is answered; then the job runs."""
+        """While a Dask request's paths are resolved, Status is answered; then the job runs."""
         runner, checked = HeldRunner(), []
 
         def slow_check(*arguments: Any) -> Any:

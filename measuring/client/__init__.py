@@ -470,6 +470,10 @@ class Job:
         state: str = self._client._job_request("Cancel", self.id)["State"]
         return state
 
+    def result_page(self, name: str, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """One page of the result ``name`` as JSON records (for a single value, its Value)."""
+        return self._client._job_request("Result", self.id, Name=name, Offset=offset, Limit=limit)
+
     def log(self) -> str:
         """What the job's formulas printed (so far)."""
         log: str = self._client._job_request("Log", self.id)["Log"]
@@ -521,9 +525,7 @@ class Result:
 
     def rows_page(self, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
         """One page of rows, fetched through the server (``Records``, ``Rows``, ``Columns``)."""
-        return self._client._job_request(
-            "Result", self.job, Name=self.name, Offset=offset, Limit=limit
-        )
+        return self._client.job(self.job).result_page(self.name, offset, limit)
 
     def records(self, progress: Progress | bool | None = None) -> Iterator[dict[str, Any]]:
         """

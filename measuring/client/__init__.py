@@ -357,6 +357,10 @@ class Client:
             job._done(_follow(lines, report))
         except ClientError:
             return job.wait(progress=report)  # the connection broke; the job runs on
+        except JobError as e:
+            if e.log is None:  # a job stopped by the server: its answer has no log
+                e.log = job._quiet_log()
+            raise
         finally:
             if progress is True:
                 _close(report)
@@ -461,7 +465,7 @@ class Job:
     def error(self, status: dict[str, Any]) -> JobError:
         """The error a job that ended without results (its ``status``) stands for, with its log."""
         error = status.get("Error") or {"Code": "JobFailed", "Message": status["State"]}
-        found = error_from({"Error": error, "Job": self.id, "Log": self.log()})
+        found = error_from({"Error": error, "Job": self.id, "Log": self._quiet_log()})
         found.answer = {"Header": "Job", "Request": "Status", "Job": self.id, "Response": status}
         return found
 
@@ -473,6 +477,16 @@ class Job:
     def result_page(self, name: str, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
         """One page of the result ``name`` as JSON records (for a single value, its Value)."""
         return self._client._job_request("Result", self.id, Name=name, Offset=offset, Limit=limit)
+
+    def _quiet_log(self) -> str | None:
+        """The log, asked without recording the answer; None when it cannot be had."""
+        record, self._client.record = self._client.record, None
+        try:
+            return self.log()
+        except (JobError, ClientError):
+            return None
+        finally:
+            self._client.record = record
 
     def log(self) -> str:
         """What the job's formulas printed (so far)."""

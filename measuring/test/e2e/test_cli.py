@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -400,6 +401,9 @@ class DemoTests(CliTestCase):
         self.assertIn(f"\npeak: {float(data.value.max())!r}\n", done.stdout)
         self.assertIn(f"\nalarm_count: {(data.value > 31.0).sum()}\n", done.stdout)
         self.assertIn("Server stopped.", done.stdout)
+        with open(os.path.join(folder, "server.log")) as f:
+            [address] = re.findall(r"measuring listening on (\S+) ", f.read())
+        self.assertIn(f"\nListening on {address}\n", done.stdout)
         [job] = os.listdir(os.path.join(folder, "results"))
         self.assertIn(f"Job {job}: done in ", done.stdout)
         self.assertEqual(naming(folder), [], "the demo left its server or workers running")

@@ -639,7 +639,7 @@ def _typed(frame: Any, types: dict[str, str]) -> Any:
 def _read(path: str) -> Any:
     import pandas as pd
 
-    if path.endswith(".parquet"):
+    if path.endswith(".parquet") or os.path.isdir(path):  # a file, or a folder of parts
         return pd.read_parquet(path)
     if path.endswith(".csv"):
         return pd.read_csv(path)

@@ -108,10 +108,19 @@ def results(job: str, status: dict[str, Any], heading: bool = True) -> None:
 
 
 def plot(data: Any, title: str, out: str) -> None:
+    """A chart of a table (``chart``) written to the image file ``out``."""
+    import matplotlib.pyplot as plt
+
+    figure = chart(data, title)
+    figure.savefig(out)
+    plt.close(figure)
+
+
+def chart(data: Any, title: str) -> Any:
     """
-    A chart of a table into the image file ``out``: a line over time, or bars for a grouped
-    result; each numeric column of a DataFrame on an axis of its own, so that a count beside a
-    mean does not flatten it.
+    A matplotlib Figure of a table: a line over time, or bars for a grouped result; each numeric
+    column of a DataFrame on an axis of its own, so that a count beside a mean does not flatten
+    it. ValueError for a table with no numeric column.
     """
     import matplotlib
 
@@ -122,7 +131,7 @@ def plot(data: Any, title: str, out: str) -> None:
     kind = "line" if isinstance(data.index, pd.DatetimeIndex) else "bar"
     if isinstance(data, pd.DataFrame):
         data = data.select_dtypes("number")
-        if data.empty and not len(data.columns):
+        if not len(data.columns):
             raise ValueError("it has no numeric column to plot")
     panels = data.shape[1] if data.ndim > 1 else 1
     figure, axes = plt.subplots(
@@ -134,5 +143,4 @@ def plot(data: Any, title: str, out: str) -> None:
         axis.set_ylabel(str(column.name or ""))
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(out)
-    plt.close(figure)
+    return figure

@@ -17,8 +17,8 @@ from measuring.errors import BadRequest, MeasuringError, NotFound
 from measuring.server import submission
 from measuring.server.dispatch import Dispatcher
 from measuring.test.support import sample_frame, write_dataset, write_formulas, write_parts
+from measuring.test.support.fakes import HeldRunner
 from measuring.test.unit.test_dispatch import Harness
-from measuring.test.unit.test_jobs import HeldRunner
 
 
 class FormulaFileTests(SynchronousTestCase):
@@ -191,7 +191,7 @@ class SubmissionDispatchTests(SynchronousTestCase):
 
     def assertNoJob(self) -> None:
         self.assertEqual(self.harness.pool.runs, [])
-        self.assertEqual(self.successResultOf(self.harness.jobs.recent(None, 10)), [])
+        self.assertEqual(self.successResultOf(self.harness.queries.recent(None, 10)), [])
 
     def test_mistakesRefusedWithoutJob(self) -> None:
         """A misspelled formula, a CSV Base, a syntax error: refused, and no job is recorded."""
@@ -221,8 +221,8 @@ class SubmissionDispatchTests(SynchronousTestCase):
 
         harness = self.harness
         dispatcher = Dispatcher(
-            harness.info, harness.jobs, harness.stats, (self.root,), blocking=runner,
-            check=slow_check,
+            harness.info, harness.jobs, harness.queries, harness.stats, (self.root,),
+            blocking=runner, check=slow_check,
         )  # fmt: skip
         submitted = self.ask(dispatcher, self.dask(Async=True))
         self.assertNoResult(submitted)

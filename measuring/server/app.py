@@ -97,7 +97,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking)
     dispatcher = Dispatcher(
         info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
-        Tokens(settings.tokens),
+        Tokens(settings.tokens), blocking,
     )  # fmt: skip
     factory = RequestFactory(
         dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,

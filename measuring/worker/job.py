@@ -24,7 +24,8 @@ from typing import Any
 
 from dask.callbacks import Callback
 
-from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
+from measuring import formulas as words
+from measuring.errors import Internal, JobFailed, MeasuringError
 from measuring.messages import JOB_MARK, Message, job_tmp
 from measuring.wire import ENGINES
 from measuring.worker import dataset as datasets
@@ -72,7 +73,7 @@ def import_formulas(path: str) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         _print_traceback(e)
-        raise JobFailed(f"{filename} line {e.lineno}: {type(e).__name__}: {e.msg}") from None
+        raise JobFailed(words.syntax_error(path, e)) from None
     except BaseException as e:
         _print_traceback(e)
         raise JobFailed(f"importing {filename} raised {describe(e, path)}") from None
@@ -86,30 +87,23 @@ def find_formulas(module: ModuleType, path: str, wanted: list[str] | None) -> di
     A formula is a public top-level function defined in the file itself, narrowed by ``__all__``
     and then by ``wanted``.
     """
-    filename = os.path.basename(path)
     public: dict[str, Formula] = {
         name: value
         for name, value in vars(module).items()
         if inspect.isfunction(value)
         and value.__module__ == module.__name__
-        and not name.startswith("_")
+        and words.is_public(name)
     }
     exported = getattr(module, "__all__", None)
     if exported is not None:
         public = {name: value for name, value in public.items() if name in exported}
     if wanted is None:
         if not public:
-            raise JobFailed(
-                f"{filename} defines no formulas: a formula is a public top-level function "
-                f"that takes the dataset"
-            )
+            raise JobFailed(words.none_defined(path))
         return public
     missing = [name for name in wanted if name not in public]
     if missing:
-        raise NotFound(
-            f"{filename} has no formula named {missing[0]!r} "
-            f"(its formulas: {', '.join(public) or 'none'})"
-        )
+        raise words.missing(path, missing[0], public)
     return {name: public[name] for name in wanted}
 
 

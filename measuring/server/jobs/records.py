@@ -189,20 +189,23 @@ class Job:
         )
 
     def summary(self) -> dict[str, Any]:
-        """The job as a line of a List answer."""
-        return {
+        """The job as a line of a List answer (with its Error when it ended without results)."""
+        summary: dict[str, Any] = {
             "Job": self.id,
             "State": self.state,
             "Submitted": iso(self.submitted),
             "Directory": self.spec.paths.directory,
+            "Base": self.spec.paths.base,
             "File": self.spec.paths.file,
         }
+        if self.error is not None:
+            summary["Error"] = self.error.to_json()
+        return summary
 
     def status(self) -> dict[str, Any]:
         """The Response of a Job Status request."""
         status: dict[str, Any] = {
             **self.summary(),
-            "Base": self.spec.paths.base,
             "Functions": list(self.spec.functions) if self.spec.functions else None,
             "Started": iso(self.started),
             "Finished": iso(self.finished),
@@ -214,8 +217,6 @@ class Job:
         if self.response is not None:
             status["Results"] = self.response["Results"]
             status["Elapsed"] = self.response.get("Elapsed")
-        if self.error is not None:
-            status["Error"] = self.error.to_json()
         return status
 
 

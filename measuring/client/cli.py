@@ -161,7 +161,7 @@ def status() -> None:
             f"measuring {answer['Version']} at {_settings().server}: {answer['State']}, "
             f"up {_duration(answer['Uptime'])}\n"
             f"jobs: {jobs['Running']} running, {jobs['Queued']} queued\n"
-            f"workers: {workers['Size']} ({workers['Ready']} warm)"
+            f"workers: {workers['Busy']} of {workers['Size']} busy, template {workers['Template']}"
         )
 
     _show(answer, human)

@@ -67,6 +67,8 @@ class Store(Protocol):
 
     def update(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
 
+    def note(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
+
     def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
 
     def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
@@ -260,10 +262,9 @@ class JobManager(Service):
                 self._clock.seconds(),
                 job.attempts + 1,
             )
+            # Not synced: a job interrupted while running is queued again at the next start.
             self._track(
-                self._store.update(
-                    job.id, state="running", started=job.started, attempts=job.attempts
-                )
+                self._store.note(job.id, state="running", started=job.started, attempts=job.attempts)
             )
             running = self._pool.run(job.spec.message(job.id))
             running.on_progress = job.progress
@@ -296,7 +297,7 @@ class JobManager(Service):
             self._again.discard(job.id)
             job.state, job.started = "queued", None
             self._remove_partial(job)
-            self._track(self._store.update(job.id, state="queued", started=None))
+            self._track(self._store.note(job.id, state="queued", started=None))
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):

@@ -5,7 +5,7 @@ wrong token; and listening beyond loopback without one.
 
 Each test starts its own server in its own folder (``support.HostileTestCase``). Each case checks
 the answer that docs/protocol.md and README.md's Security section promise and that the server
-still answers Status; at cleanup, that the server's only descendants are its warm workers, that no
+still answers Status; at cleanup, that the server's only descendant is its template process, that no
 process carries the mark of any of its jobs, and that it stops cleanly taking every process with
 it.
 """

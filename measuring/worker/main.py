@@ -114,7 +114,6 @@ def run_forked(fds: Sequence[int], request: Message) -> None:
     template = os.getppid()
     take_fds(fds)
     settle_in(template)
-    single_threaded_no_more()
     # Every process below this one inherits the mark (a process it runs reads it in its
     # environment; this one's own /proc environ is the template's).
     os.environ[WORKER_MARK] = secrets.token_hex(16)
@@ -123,9 +122,11 @@ def run_forked(fds: Sequence[int], request: Message) -> None:
     pid = os.getpid()
     sandbox = request.get("Sandbox")
     if sandbox:
+        # Joining a mount namespace takes a process of one thread: before OpenBLAS has its own.
         from measuring.worker import enter
 
         enter.sandbox(sandbox)
+    single_threaded_no_more()
     run_one(pid)
 
 

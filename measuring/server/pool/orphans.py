@@ -1,6 +1,7 @@
 """
 Orphan reaping: what a dead job process left running came to the server (its subreaper), and is
-ended and reaped here, every two seconds: a child found unknown twice in a row.
+ended and reaped here, every two seconds and after each job: one that has ended at once, one
+that runs once it is found unknown twice in a row.
 
 Only the server's own children are read (``processes.end_orphans``), in ``blocking``'s thread.
 The template, and every process the reactor spawned and reaps itself, are spared.
@@ -41,6 +42,13 @@ class OrphanReaper:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+
+    def last(self) -> defer.Deferred[list[int]]:
+        """End every child not known, suspect or not: the server is stopping, nothing starts."""
+        spared = self._known() | set(twisted_process.reapProcessHandlers)
+        reaped = self._blocking.run(lambda: end_orphans(spared, None)[0])
+        reaped.addErrback(lambda f: self._log.failure("ending what dead job processes left", f))
+        return reaped
 
     def sweep(self) -> defer.Deferred[list[int]]:
         """End and reap the orphans there are now; fires with their pids."""

@@ -187,7 +187,10 @@ class WorkerPool(Service):
             template.stop()
             ends.append(template.ended)
         self._template_state = "stopped"
-        return defer.gatherResults(ends).addCallback(lambda _: None)
+        done = defer.gatherResults(ends)
+        if self._orphans is not None:
+            done.addCallback(lambda _: self._orphans and self._orphans.last())
+        return done.addCallback(lambda _: None)
 
     # -- the template
 
@@ -330,6 +333,9 @@ class WorkerPool(Service):
 
     def _cleaned(self, problem: str | None, job: RunningJob, ending: Ending, again: bool) -> None:
         self._running.discard(job)
+        if self._orphans is not None:
+            # What the job process left that has ended (a sandbox's processes) is reaped now.
+            self._orphans.sweep()
         if again:
             self._log.warn("job {job} runs again: the template ended while it ran", job=job.job)
             job.reruns += 1

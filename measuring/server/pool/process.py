@@ -263,12 +263,14 @@ class JobProcess:
             self._close_pipes()
             return
         pid = self.pid
-        self._signal_group(signal.SIGTERM)
-        self._timers.append(self._clock.callLater(KILL_GRACE, self._signal_group, signal.SIGKILL))
-        # Its subreaper holds everything below it, also what left its group: end that at once.
-        self._blocking.run(procfs.kill_tree, pid).addErrback(
+        # Everything below it first (its subreaper holds all of it, also what left its group),
+        # while it lives: once it has ended, what is below it is no longer found below it.
+        ending = self._blocking.run(procfs.kill_tree, pid)
+        ending.addErrback(
             lambda f: self._log.failure("ending the processes below job process {pid}", f, pid=pid)
         )
+        ending.addCallback(lambda _: self._signal_group(signal.SIGTERM))
+        self._timers.append(self._clock.callLater(KILL_GRACE, self._signal_group, signal.SIGKILL))
 
     def _signal_group(self, number: int) -> None:
         if self.pid is None or self._exited:

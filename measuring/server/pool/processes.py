@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
 
 import psutil
 
@@ -69,24 +70,47 @@ def adopt_orphans() -> None:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def end_orphans(known: set[int], suspects: set[int]) -> tuple[list[int], set[int]]:
+def end_orphans(known: set[int], suspects: set[int] | None) -> tuple[list[int], set[int]]:
     """
     End and reap this process's children that are not ``known`` (the template, and the processes
-    the reactor spawned and reaps itself) and were already ``suspects`` (found unknown the last
-    time): what dead job processes left, adopted by this subreaper. A child seen unknown for the
-    first time may be one the reactor is spawning and has not yet noted; it becomes a suspect.
-    Returns the pids ended, and the suspects for next time. Reads this process's own children.
+    the reactor spawned and reaps itself): what dead job processes left, adopted by this
+    subreaper. One that has ended is reaped at once; one still running is ended if it was a
+    suspect already (found unknown the last time: one seen for the first time may be a process
+    the reactor is spawning and has not yet noted), or with ``suspects`` None. Returns the pids
+    ended and the suspects for next time. Reads this process's own children only, and never
+    waits on one child: the first process of a sandbox's PID namespace ends only once every
+    process in it is reaped, and one of those may be a child of this process too.
     """
-    ended, unknown = [], set()
+    ended, unknown, killed = [], set(), set()
     for child in procfs.children(os.getpid()):
         if child in known:
             continue
-        if child not in suspects:
-            unknown.add(child)
-            continue
-        if not procfs.is_zombie(child):
+        if procfs.is_zombie(child):
+            if _reap(child):
+                ended.append(child)
+        elif suspects is None or child in suspects:
             procfs.kill_tree(child, including=True)
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(child, 0)
-        ended.append(child)
-    return ended, unknown
+            killed.add(child)
+        else:
+            unknown.add(child)
+    deadline = time.monotonic() + REAPING
+    while killed and time.monotonic() < deadline:
+        for child in procfs.children(os.getpid()):
+            if child not in known and child not in unknown and procfs.is_zombie(child):
+                if _reap(child):
+                    killed.discard(child)
+                    ended.append(child)
+        time.sleep(0.01)
+    return ended, unknown | killed
+
+
+#: How long ``end_orphans`` reaps what it killed before it leaves the rest for next time.
+REAPING = 2.0
+
+
+def _reap(pid: int) -> bool:
+    """Reap child ``pid`` if it has ended; True when it was reaped."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False

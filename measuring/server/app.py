@@ -19,7 +19,10 @@ from measuring.server.access import Tokens, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
 from measuring.server.info import InfoService
-from measuring.server.jobs.scheduler import JobManager, Limits
+from measuring.server.jobs.queries import JobQueries
+from measuring.server.jobs.records import Limits
+from measuring.server.jobs.retention import Retention
+from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.listening import ClosingService, ListeningService, describe
 from measuring.server.pool.pool import WorkerPool, worker_environment
@@ -44,7 +47,9 @@ def limits(settings: Config) -> Limits:
     )
 
 
-def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None):
+def _pool(
+    settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None
+) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
         secrets = server_secrets(
@@ -86,11 +91,14 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
     pool = _pool(settings, reactor, watching, config_file)
-    jobs = JobManager(pool, store, reactor, limits(settings), blocking)
-    info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking)
+    held = limits(settings)
+    jobs = Scheduler(pool, store, reactor, held, blocking)
+    queries = JobQueries(jobs, store, reactor, blocking, held)
+    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking)
     dispatcher = Dispatcher(
-        info, jobs, stats, settings.data_roots, (settings.state_dir,), Tokens(settings.tokens)
-    )
+        info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
+        Tokens(settings.tokens),
+    )  # fmt: skip
     factory = RequestFactory(
         dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,
         settings.max_connections,
@@ -111,6 +119,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         pool,
         ClosingService(factory, reactor),
         jobs,
+        Retention(store, reactor, held, blocking),
         info,
         listener,
         NotifyService(reactor, lambda: [describe(port) for port in listener.ports]),

@@ -74,13 +74,17 @@ class Info(Protocol):
 
 
 class Jobs(Protocol):
-    """What runs jobs (``measuring.server.jobs.scheduler.JobManager``)."""
+    """What runs jobs (``measuring.server.jobs.scheduler.Scheduler``)."""
 
     def submit(self, spec: JobSpec) -> defer.Deferred[Job]: ...
 
-    def status(self, job: str) -> defer.Deferred[dict[str, Any]]: ...
-
     def cancel(self, job: str) -> defer.Deferred[str]: ...
+
+
+class Queries(Protocol):
+    """What answers for jobs (``measuring.server.jobs.queries.JobQueries``)."""
+
+    def status(self, job: str) -> defer.Deferred[dict[str, Any]]: ...
 
     def log(self, job: str) -> defer.Deferred[str]: ...
 
@@ -132,6 +136,7 @@ class Dispatcher:
         self,
         info: Info,
         jobs: Jobs,
+        queries: Queries,
         stats: Stats,
         data_roots: tuple[str, ...],
         private: tuple[str, ...] = (),
@@ -139,6 +144,7 @@ class Dispatcher:
     ) -> None:
         self._info = info
         self._jobs = jobs
+        self._queries = queries
         self._stats = stats
         self._data_roots = data_roots
         self._private = private
@@ -188,14 +194,21 @@ class Dispatcher:
             error = Internal("the server failed answering this request; the details are in its log")
         return self._error_answer(error, header)
 
-    def _error_answer(self, error: MeasuringError, header: object) -> Answer:
+    def _error_answer(self, error: MeasuringError, header: object, **fields: Any) -> Answer:
+        """The one place an error becomes an answer; ``fields`` (``Job``, ``Log``) go with it."""
         self._stats.error(error.code)
         return {
             "Header": header if isinstance(header, str) else "Error",
             "Status": "Error",
-            **error.extra,
+            **fields,
             "Error": error.to_json(),
         }
+
+    def _job_failed(self, reason: Failure, header: str, job: str) -> Answer | Failure:
+        """An error about one job, answered with the job's id."""
+        if isinstance(reason.value, MeasuringError):
+            return self._error_answer(reason.value, header, Job=job)
+        return reason
 
     def _info_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
         name = request.get("Request")
@@ -225,13 +238,8 @@ class Dispatcher:
                         {"Header": "Progress", "Job": job.id, "Done": done, "Total": total}
                     )
                 )
-            final = job.when_finished().addCallback(
-                lambda response: {
-                    "Header": "Dask",
-                    "Status": "OK",
-                    "Job": job.id,
-                    "Response": response,
-                }
+            final = job.when_finished().addCallbacks(
+                self._ended_answer, self._job_failed, errbackArgs=("Dask", job.id)
             )
             accepted = {"Header": "Dask", "Status": "Accepted", "Job": job.id}
             if not background:
@@ -244,6 +252,13 @@ class Dispatcher:
             return accepted
 
         return self._jobs.submit(spec).addCallback(submitted)
+
+    def _ended_answer(self, job: Job) -> Answer:
+        """The answer to a Dask request whose job has ended: its Response, or its error."""
+        if job.error is not None or job.response is None:
+            error = job.error or Internal(f"job {job.id} ended without results")
+            return self._error_answer(error, "Dask", Job=job.id, Log=job.log)
+        return {"Header": "Dask", "Status": "OK", "Job": job.id, "Response": job.response}
 
     def dask_spec(self, fields: object) -> JobSpec:
         """Check the ``Request`` object of a Dask request and resolve its paths."""
@@ -286,23 +301,22 @@ class Dispatcher:
             if state is not None and state not in STATES:
                 raise BadRequest(f'"State" must be one of {_one_of(STATES)}, not {state!r}')
             limit = _number(request, "Limit", 1, MAX_LIST, DEFAULT_LIST)
-            return self._jobs.recent(state, limit).addCallback(lambda jobs: answer({"Jobs": jobs}))
+            return self._queries.recent(state, limit).addCallback(
+                lambda jobs: answer({"Jobs": jobs})
+            )
         job = _text(request, "Job", f"a Job {name} request")
         if name == "Status":
-            found = self._jobs.status(job)
+            found = self._queries.status(job)
         elif name == "Cancel":
             found = self._jobs.cancel(job).addCallback(lambda state: {"State": state})
         elif name == "Log":
-            found = self._jobs.log(job).addCallback(lambda log: {"Log": log})
+            found = self._queries.log(job).addCallback(lambda log: {"Log": log})
         else:
             result = _text(request, "Name", "a Job Result request")
             offset = _number(request, "Offset", 0, None, 0)
             limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
-            found = self._jobs.result(job, result, offset, limit)
+            found = self._queries.result(job, result, offset, limit)
 
-        def failed(reason: Failure) -> Failure:
-            if isinstance(reason.value, MeasuringError):
-                reason.value.extra.setdefault("Job", job)
-            return reason
-
-        return found.addCallbacks(lambda response: answer(response, Job=job), failed)
+        return found.addCallbacks(
+            lambda response: answer(response, Job=job), self._job_failed, errbackArgs=("Job", job)
+        )

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from measuring import procfs
 from measuring.errors import JobFailed, MeasuringError, from_json
 from measuring.messages import JOB_FD, REPLY_FD, Message, MessageBuffer, encode
+from measuring.server.jobs.records import Outcome
 from measuring.server.threads import Runner
 from measuring.wire import KINDS
 
@@ -79,14 +80,14 @@ class RunningJob:
     """
     One job handed to the pool: waits for its process, then runs in it.
 
-    ``result`` fires with ``{"Results": ..., "Log": ...}`` or fails with a MeasuringError whose
-    ``extra`` carries the ``Log``. Killed while it waits, it fails at once; the pool, watching
-    ``result``, drops it from its queue.
+    ``result`` fires with the job's ``Outcome`` (its results or its error, and its log); it
+    never fails. Killed while it waits, it ends at once; the pool, watching ``result``, drops it
+    from its queue.
     """
 
     def __init__(self, message: Message) -> None:
         self.message = message
-        self.result: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.result: defer.Deferred[Outcome] = defer.Deferred()
         #: Fires once the pool is done with the job's process (after ``result``).
         self.settled: defer.Deferred[None] = defer.Deferred()
         self.log = OutputLog()
@@ -103,7 +104,7 @@ class RunningJob:
         return str(self.message["Job"])
 
     def kill(self, reason: MeasuringError) -> None:
-        """Stop the job (its whole process tree); ``result`` fails with ``reason``."""
+        """Stop the job (its whole process tree); its outcome is the error ``reason``."""
         if self.result.called or self.stop_error is not None:
             return
         self.stop_error = reason
@@ -121,11 +122,10 @@ class RunningJob:
         return self.log.text()
 
     def succeed(self, results: dict[str, Any]) -> None:
-        self.result.callback({"Results": results, "Log": self.log.text()})
+        self.result.callback(Outcome(results, None, self.log.text()))
 
     def fail(self, reason: MeasuringError) -> None:
-        reason.extra.setdefault("Log", self.log.text())
-        self.result.errback(reason)
+        self.result.callback(Outcome(None, reason, self.log.text()))
 
 
 def malformed(message: Message) -> str | None:

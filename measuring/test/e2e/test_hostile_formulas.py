@@ -218,8 +218,11 @@ class FormulaTests(HostileTestCase):
         """A timed-out job's worker is ended with every process below it, marked or not."""
         write_formulas(self.folder, ORPHANS, name="orphans.py")
         server = self.start()
-        # A job's time counts from when the server hands it to the pool, template loading or not.
-        server.wait_until_ready()
+        # The job's time counts while it waits for the template: on a busy machine, wait for it.
+        self.wait_for(
+            lambda: self.ask(server, STATUS)["Response"]["Workers"]["Template"] == "ready",
+            "a ready template",
+        )
         job = self.submit(server, "loop", File="orphans.py", Timeout=2)
         pid = self.sleeper()
         self.assertEqual(alive([pid]), [pid])

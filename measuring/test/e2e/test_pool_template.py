@@ -13,7 +13,7 @@ import signal
 import pandas as pd
 from twisted.trial.unittest import TestCase
 
-from measuring.test.e2e.test_pool_workers import job_message, start_pool, wait_until
+from measuring.test.e2e.test_pool_workers import job_message, job_results, start_pool, wait_until
 from measuring.test.support import FORMULAS, gone, sample_frame
 
 #: A formula that notes each run of it; the first run waits (for the template to be killed).
@@ -53,7 +53,7 @@ class TemplateTests(TestCase):
         await wait_until(lambda: pool.template_state == "ready", "a ready template")
         [template] = pool.processes()
         self.assertEqual(os.listdir(f"/proc/{template.pid}/task"), [str(template.pid)])
-        answer = await pool.run(job_message(self, FORMULAS)).result
+        answer = await job_results(pool.run(job_message(self, FORMULAS)))
         self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
         self.assertEqual(len(os.listdir(f"/proc/{template.pid}/task")), 1)
 
@@ -63,7 +63,7 @@ class TemplateTests(TestCase):
         expected = sample_frame().groupby("sensor").value.mean()
         for engine in ("pyarrow", "fastparquet", "pyarrow", "fastparquet"):
             message = job_message(self, FORMULAS, engine=engine, row_group_size=2500)
-            answer = await pool.run(message).result
+            answer = await job_results(pool.run(message))
             means = answer["Results"]["mean_by_sensor"]
             written = pd.read_parquet(os.path.join(message["Directory"], means["File"]))
             pd.testing.assert_series_equal(written["value"], expected, check_exact=False)
@@ -74,7 +74,7 @@ class TemplateTests(TestCase):
         pool = start_pool(self)
         draws = set()
         for _ in range(3):
-            answer = await pool.run(job_message(self, RANDOM_FORMULAS)).result
+            answer = await job_results(pool.run(job_message(self, RANDOM_FORMULAS)))
             draws.add(answer["Results"]["draw"]["Value"])
         self.assertEqual(len(draws), 3)
 
@@ -95,7 +95,7 @@ class TemplateKilledTests(TestCase):
         assert running.process is not None and running.process.pid is not None
         first = running.process.pid
         os.kill(template.pid, signal.SIGKILL)
-        answer = await running.result
+        answer = await job_results(running)
         self.assertEqual(answer["Results"]["runs"], {"Kind": "Scalar", "Value": 2})
         self.assertTrue(gone(first), f"the first job process {first} still runs")
         [again] = [info for info in pool.processes() if info.state == "template"]
@@ -110,6 +110,6 @@ class TemplateKilledTests(TestCase):
         await wait_until(lambda: pool.template_state != "ready", "the template's end")
         jobs = [pool.run(job_message(self, FORMULAS)) for _ in range(2)]
         for job in jobs:
-            answer = await job.result
+            answer = await job_results(job)
             self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
         self.assertEqual(pool.template_state, "ready")

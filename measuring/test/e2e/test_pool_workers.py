@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pandas as pd
 from twisted.internet import reactor, task
@@ -50,11 +50,18 @@ async def wait_until(
 
 async def job_error(running: RunningJob, kind: type[E]) -> E:
     """The ``kind`` of error a job fails with; the test fails if the job succeeds."""
-    try:
-        answer = await running.result
-    except kind as error:
-        return error
-    raise FailTest(f"the job succeeded: {answer}")
+    outcome = await running.result
+    if not isinstance(outcome.error, kind):
+        raise FailTest(f"the job did not fail with {kind.__name__}: {outcome}")
+    return outcome.error
+
+
+async def job_results(running: RunningJob) -> dict[str, Any]:
+    """The answer of a job that ends done: its Results and Log; the test fails otherwise."""
+    outcome = await running.result
+    if outcome.error is not None or outcome.results is None:
+        raise FailTest(f"the job failed: {outcome}")
+    return {"Results": outcome.results, "Log": outcome.log}
 
 
 def start_pool(
@@ -199,7 +206,7 @@ class WorkerPoolJobTests(TestCase):
         pool = start_pool(self)
         message = job_message(self, NOISY_FORMULAS)
         job = message["Job"]
-        answer = await pool.run(message).result
+        answer = await job_results(pool.run(message))
 
         frame = sample_frame()
         results = answer["Results"]
@@ -231,7 +238,7 @@ class WorkerPoolJobTests(TestCase):
         self.assertEqual(error.code, "JobFailed")
         self.assertIn("'broken'", error.message)
         self.assertIn("ZeroDivisionError", error.message)
-        self.assertIn("Traceback", error.extra["Log"])
+        self.assertIn("Traceback", self.successResultOf(running.result).log)
 
     async def test_workerThatExitsFailsTheJob(self) -> None:
         """A formula that ends its process with os._exit(3) fails the job, saying so."""
@@ -253,7 +260,7 @@ class WorkerPoolJobTests(TestCase):
         message = job_message(self, CHILDREN_FORMULAS.format(then="return 7"))
         running = pool.run(message)
         children = await started_children(self, message)
-        answer = await running.result
+        answer = await job_results(running)
         self.assertEqual(answer["Results"]["children"], {"Kind": "Scalar", "Value": 7})
         await all_ended(children)
 
@@ -287,7 +294,7 @@ class WorkerPoolJobTests(TestCase):
         running = pool.run(job_message(self, FORMULAS))
         reason = Cancelled("the job was cancelled")
         running.kill(reason)
-        self.assertIs(self.failureResultOf(running.result, Cancelled).value, reason)
+        self.assertIs(self.successResultOf(running.result).error, reason)
         self.assertEqual([(info.state, info.job) for info in pool.processes()], [("template", None)])
 
     async def test_eachJobInAFreshProcess(self) -> None:
@@ -299,7 +306,7 @@ class WorkerPoolJobTests(TestCase):
         for _ in range(2):
             message = job_message(self, FORMULAS)
             running = pool.run(message)
-            answer = await running.result
+            answer = await job_results(running)
             self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
             results = os.path.join(message["Directory"], "results", message["Job"])
             self.assertTrue(os.path.isdir(results))
@@ -331,7 +338,7 @@ class WorkerPoolJobTests(TestCase):
         running = pool.run(message)
         reports: list[tuple[int, int]] = []
         running.on_progress = lambda done, total: reports.append((done, total))
-        answer = await running.result
+        answer = await job_results(running)
         self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
         total = reports[-1][1]
         self.assertGreater(total, 1)
@@ -365,7 +372,8 @@ class WorkerPoolJobTests(TestCase):
         self.assertEqual([pid for pid in pids if not gone(pid)], [])
         self.assertEqual(pool.processes(), [])
         for job in (running, waiting):
-            error = self.failureResultOf(job.result, Cancelled).value
+            error = self.successResultOf(job.result).error
+            assert isinstance(error, Cancelled)
             self.assertEqual(error.message, "the server is stopping")
 
 

@@ -1,4 +1,4 @@
-"""``python -m measuring.worker SERVER_PID``: the template process (``measuring.worker.template``)."""
+"""``python -m measuring.worker SERVER_PID``: the template process (``worker.template``)."""
 
 import sys
 

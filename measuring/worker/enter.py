@@ -4,13 +4,13 @@ A forked job process enters a sandbox of its own: bubblewrap makes it, the job p
 bubblewrap (``bwrap``, its command line from ``measuring.server.pool.sandbox``) builds the
 namespaces and mounts of one job's sandbox around a process that only waits (``sleep``); its
 first process (bwrap's own, PID 1 there) ends with bwrap. This job process joins that process's
-namespaces (``setns``: user when
-it has one of its own, IPC, UTS, network, PID and mount, then its root), and forks: the child is
-inside the sandbox, in its PID namespace, and runs the job; this process stays outside as its
-parent, waits for it and ends as it ended. The child keeps what bwrap would leave what it runs:
-no new privileges, and no capability when the sandbox has a user namespace of its own. When this process ends, bubblewrap ends (it dies with
-its parent) and with it everything in the sandbox. Each job has a sandbox of its own, so no job
-sees another's files or processes. Never imports twisted or ``measuring.server``.
+namespaces (``setns``: the user namespaces bwrap made, if any, IPC, UTS, network, PID, mount) and
+its root, and forks: the child is inside the sandbox, in its PID namespace, and runs the job; this
+process stays outside as its parent, waits for it and ends as it ended. The child keeps to what
+bwrap leaves what it runs: no new privileges, and no capability when the sandbox has user
+namespaces of its own. When this process ends, bubblewrap ends (it dies with its parent) and with
+it everything in the sandbox. Each job has a sandbox of its own, so no job sees another's files or
+processes. Never imports twisted or ``measuring.server``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-import dask
 from dask.callbacks import Callback
 
 from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
@@ -250,10 +249,11 @@ def warm_up() -> None:
     """
     import io
 
-    import dask.dataframe  # noqa: F401  (the collections a formula gets)
+    import dask
+    import dask.dataframe  # the collections a formula gets
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.dataset  # noqa: F401  (what Dask reads Parquet through)
+    import pyarrow.dataset  # what Dask reads Parquet through
     import pyarrow.parquet as pq
 
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:

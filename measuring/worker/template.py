@@ -170,7 +170,7 @@ def settle_in(server: int, oom_score: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """The template: load single-threaded, warm up, say Ready, fork on request until told no more."""
+    """The template: load single-threaded, warm up, say Ready, fork on request until the end."""
     settle_in(int(argv[1]), OOM_SCORE)
     os.environ.update(SINGLE_THREADED)
     control = socket.socket(fileno=CONTROL_FD)
@@ -187,8 +187,6 @@ def main(argv: list[str]) -> None:
     template = Template(control)
     ready: dict[str, Any] = {"Type": "Ready", "Pid": os.getpid(), "Threads": threads()}
     template.send(ready)
-    try:
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         template.serve()
-    except (BrokenPipeError, ConnectionResetError):
-        pass
     sys.exit(0)

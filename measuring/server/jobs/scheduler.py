@@ -229,9 +229,10 @@ class Scheduler(Service):
                 job.attempts + 1,
             )
             # Not synced: a job interrupted while running is queued again at the next start.
-            self._track(
-                self._store.note(job.id, state="running", started=job.started, attempts=job.attempts)
+            noted = self._store.note(
+                job.id, state="running", started=job.started, attempts=job.attempts
             )
+            self._track(noted)
             running = self._pool.run(job.spec.message(job.id))
             running.on_progress = lambda done, total, job=job: job.progress(
                 done, total, self._clock.seconds()

@@ -91,12 +91,12 @@ class JobDatabase:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._synced: bool | None = None
+        self._synced = None
         self._sync(True)
         self._db.executescript(_SCHEMA)
 
     def _sync(self, synced: bool) -> None:
-        """Let the next commits wait for the disk (FULL) or not (NORMAL: WAL synced at checkpoints)."""
+        """Let the next commits wait for the disk (FULL), or not (NORMAL: synced at checkpoints)."""
         if synced != self._synced:
             self.db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
             self._synced = synced

@@ -58,7 +58,7 @@ class OrphanReaper:
             ended, self._suspects = found
             return ended
 
-        reaped = self._blocking.run(end_orphans, spared, set(self._suspects))
-        reaped.addCallback(swept)
+        found = self._blocking.run(end_orphans, spared, set(self._suspects))
+        reaped = found.addCallback(swept)
         reaped.addErrback(lambda f: self._log.failure("ending what dead job processes left", f))
         return reaped

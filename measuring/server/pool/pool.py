@@ -20,12 +20,11 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
-from twisted.application.internet import backoffPolicy
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 import measuring
 from measuring.errors import Cancelled, Internal
@@ -152,7 +151,7 @@ class WorkerPool(Service):
                 room.start()
 
     def _sweep_at_start(self) -> list[int]:
-        """End what a previous server left running, and empty the job processes' temporary folder."""
+        """End what a previous server left running; empty the job processes' temporary folder."""
         mark, tmp = self._environment.get(SERVER_MARK), self._environment.get("TMPDIR")
         killed = kill_marked(SERVER_MARK, mark) if mark else []
         if tmp and os.path.isdir(tmp):
@@ -322,7 +321,7 @@ class WorkerPool(Service):
             and ending.answer is None
             and job.stop_error is None
             and job.reruns < MOST_RERUNS
-            and self.running
+            and bool(self.running)
         )
         place = ending.done and outbox is not None
         finished = self._blocking.run(
@@ -373,4 +372,3 @@ class WorkerPool(Service):
     def busy(self) -> int:
         """How many job processes run now."""
         return len(self._running)
-

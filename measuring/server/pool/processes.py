@@ -10,7 +10,6 @@ template and every job process carry ``SERVER_MARK`` in their environment (see `
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
@@ -96,10 +95,10 @@ def end_orphans(known: set[int], suspects: set[int] | None) -> tuple[list[int], 
     deadline = time.monotonic() + REAPING
     while killed and time.monotonic() < deadline:
         for child in procfs.children(os.getpid()):
-            if child not in known and child not in unknown and procfs.is_zombie(child):
-                if _reap(child):
-                    killed.discard(child)
-                    ended.append(child)
+            ours = child not in known and child not in unknown
+            if ours and procfs.is_zombie(child) and _reap(child):
+                killed.discard(child)
+                ended.append(child)
         time.sleep(0.01)
     return ended, unknown | killed
 

@@ -5,9 +5,9 @@ exits.
 ``TemplateProcess`` spawns ``python -P -m measuring.worker SERVER_PID`` with a Unix socket as its
 file descriptor ``CONTROL_FD``, over which ``fork`` sends a Fork request with the four pipes of a
 job process (see ``measuring.messages``). ``ready`` fires once the template has loaded and warmed
-up; ``ended`` when its process has ended (``reason`` says how). Each fork answers a Deferred of the job process's pid
-and, through ``exit_of``, one of how it exited (None when the template ended first and could not
-tell). It never waits on a process: everything arrives through the reactor.
+up; ``ended`` when its process has ended (``reason`` says how). Each fork answers a Deferred of
+the job process's pid and, through ``exit_of``, one of how it exited (None when the template ended
+first and could not tell). It never waits on a process: everything arrives through the reactor.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ProcessExitedAlready
 from twisted.internet.interfaces import IReactorProcess, IReactorSocket
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -53,7 +53,7 @@ class _Control(Protocol):
         self._template.control_lost()
 
 
-class _One(Factory):
+class _One(ServerFactory):
     """A factory of the one protocol it was given."""
 
     def __init__(self, protocol: Protocol) -> None:
@@ -200,7 +200,8 @@ class TemplateProcess(ProcessProtocol):
         for exited in exits.values():
             exited.callback(None)
         if was == "starting":
-            self.ready.errback(Failure(TemplateLost("the template process ended before it was ready")))
+            early = TemplateLost("the template process ended before it was ready")
+            self.ready.errback(Failure(early))
         self.reason = reason
         self.ended.callback(None)
 

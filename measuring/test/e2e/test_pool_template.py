@@ -58,7 +58,7 @@ class TemplateTests(TestCase):
         self.assertEqual(len(os.listdir(f"/proc/{template.pid}/task")), 1)
 
     async def test_bothEnginesReadRightInForkedProcesses(self) -> None:
-        """pyarrow and fastparquet, in job processes forked one after another, give pandas' means."""
+        """pyarrow and fastparquet, in job processes forked give pandas' means."""
         pool = start_pool(self)
         expected = sample_frame().groupby("sensor").value.mean()
         for engine in ("pyarrow", "fastparquet", "pyarrow", "fastparquet"):

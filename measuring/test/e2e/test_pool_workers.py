@@ -295,7 +295,8 @@ class WorkerPoolJobTests(TestCase):
         reason = Cancelled("the job was cancelled")
         running.kill(reason)
         self.assertIs(self.successResultOf(running.result).error, reason)
-        self.assertEqual([(info.state, info.job) for info in pool.processes()], [("template", None)])
+        processes = [(info.state, info.job) for info in pool.processes()]
+        self.assertEqual(processes, [("template", None)])
 
     async def test_eachJobInAFreshProcess(self) -> None:
         """Each job runs in a process of its own, forked from the template; it ends with its job."""
@@ -401,7 +402,7 @@ class WorkerPoolStartTests(TestCase):
         self.assertEqual(later.message, error.message)
 
     async def test_processesAPreviousServerLeftAreEnded(self) -> None:
-        """At start, what a previous server of the same mark left is killed, then the template starts."""
+        """At start, what a previous server of the same mark left is killed; the template starts."""
         mark = os.path.abspath(self.mktemp())
         left = sleeper(self, {SERVER_MARK: mark})
         another = sleeper(self, {SERVER_MARK: mark + "-another"})

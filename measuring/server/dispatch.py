@@ -163,16 +163,22 @@ class Dispatcher:
         if not self._tokens.valid(request.get("Token")):
             self._log.warn("refused a request without a valid token from {client}", client=client)
             return defer.succeed(
-                self._error_answer(
-                    Unauthorized('this server needs a valid "Token" in every request'), header
+                self._counted(
+                    self._error_answer(
+                        Unauthorized('this server needs a valid "Token" in every request'), header
+                    )
                 )
             )
         answer = defer.maybeDeferred(self._route, header, request, notify)
-        return answer.addErrback(self._failed, header)
+        return answer.addErrback(self._failed, header).addCallback(self._counted)
 
     def refuse(self, error: MeasuringError) -> Answer:
         """The answer to something that could not be read as a request."""
-        return self._error_answer(error, None)
+        return self._counted(self._error_answer(error, None))
+
+    def _counted(self, answer: Answer) -> Answer:
+        self._stats.answered(answer)
+        return answer
 
     def _route(
         self, header: object, request: dict[str, Any], notify: Notify

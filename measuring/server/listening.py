@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -62,7 +66,7 @@ class ListeningService(Service):
     def __init__(
         self,
         endpoints: list[tuple[str, IStreamServerEndpoint]],
-        factory: Factory,
+        factory: IProtocolFactory,
         what: str = "measuring listening on",
     ) -> None:
         self._endpoints = endpoints

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import (
     FileLogObserver,
@@ -78,8 +78,11 @@ def _to_stdout(options: Mapping[str, Any]) -> bool:
     return logfile == "-" or bool(options.get("nodaemon") and not logfile)
 
 
-def _destination(to_stdout: bool, logfile: str | None) -> IO[str] | LogFile:
-    return sys.stdout if to_stdout else LogFile.fromFullPath(logfile or "twistd.log")
+def _destination(to_stdout: bool, logfile: str | None) -> IO[Any]:
+    if to_stdout:
+        return sys.stdout
+    # twistd's own log file (rotated at 1 MB), a file-like object as twisted.logger writes to.
+    return cast(IO[Any], LogFile.fromFullPath(logfile or "twistd.log"))
 
 
 def choose(

@@ -178,7 +178,9 @@ class Login(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, sessions: Sessions, form: Template, client: Callable[[Request], str]) -> None:
+    def __init__(
+        self, sessions: Sessions, form: Template, client: Callable[[Request], str]
+    ) -> None:
         super().__init__()
         self._sessions = sessions
         self._form = form

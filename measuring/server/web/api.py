@@ -115,9 +115,9 @@ def protocol_request(method: bytes, path: str, query: dict[str, list[str]]) -> d
         if match is None:
             continue
         if method not in (route.method, b"HEAD" if route.method == b"GET" else route.method):
+            asked = method.decode("ascii", "replace")
             raise WrongMethod(
-                f"/api/{path} takes {route.method.decode()}, not {method.decode('ascii', 'replace')}",
-                route.method,
+                f"/api/{path} takes {route.method.decode()}, not {asked}", route.method
             )
         request = route.request(match)
         for name, values in query.items():
@@ -164,7 +164,7 @@ class ApiResource(Resource):
         self._credential = credential
 
     def render(self, request: Request) -> int:
-        path = "/".join(part.decode("utf-8", "replace") for part in request.postpath)
+        path = "/".join(part.decode("utf-8", "replace") for part in request.postpath or [])
         path = path.removesuffix("/")
         query = {
             key.decode("utf-8", "replace"): [value.decode("utf-8", "replace") for value in values]

@@ -22,6 +22,7 @@ from twisted.logger import (
     LogEvent,
     LogLevel,
     eventAsJSON,
+    formatEvent,
     formatEventAsClassicLogText,
 )
 from twisted.python.logfile import LogFile
@@ -56,7 +57,8 @@ def formatter(log_format: str, journal: bool) -> Callable[[LogEvent], str | None
 
     def text(event: LogEvent) -> str | None:
         if log_format == "json":
-            return eventAsJSON(event) + "\n"
+            # The event's own fields, and its message in words (``text``) for a reader.
+            return eventAsJSON({**event, "text": formatEvent(event)}) + "\n"
         return formatEventAsClassicLogText(event)
 
     if not journal:

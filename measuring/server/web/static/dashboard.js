@@ -350,6 +350,7 @@
   async function renderResults(id, status) {
     const holder = $('job-results');
     holder.replaceChildren();
+    delete holder.dataset.rendered;
     MeasuringCharts.sweep();
     const results = Object.entries(status.Results || {});
     if (results.length) holder.append(el('h2', { text: 'Results' }));
@@ -368,6 +369,7 @@
         box.append(el('div', { class: 'error', text: `${e.code}: ${e.message}` }));
       }
     }
+    holder.dataset.rendered = id;   // every result is on the page
   }
 
   async function pollJob(id) {

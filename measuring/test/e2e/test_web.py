@@ -11,22 +11,11 @@ import subprocess
 import sys
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from measuring.local import environment
 from measuring.test.support import TOKEN, ClientTestCase, write_token_file
-from measuring.test.support.web import fetch, http_port
+from measuring.test.support.web import fetch, http_port, metric_samples
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def counters(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The samples of a scrape, by name and labels."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 class WebTests(ClientTestCase):
@@ -81,11 +70,11 @@ class WebTests(ClientTestCase):
 
     def test_metricsMove(self) -> None:
         """/metrics counts the jobs that ran and failed, and the requests, as they happen."""
-        before = counters(fetch(self.port, "/metrics", headers=BEARER).body.decode())
+        before = metric_samples(fetch(self.port, "/metrics", headers=BEARER).body.decode())
         self.assertEqual(self.ask(self.dask("peak", Async=False))["Status"], "OK")
         failed = self.ask(self.dask(File="bad.py", Async=False))
         self.assertEqual(failed["Error"]["Code"], "JobFailed", failed)
-        after = counters(fetch(self.port, "/metrics", headers=BEARER).body.decode())
+        after = metric_samples(fetch(self.port, "/metrics", headers=BEARER).body.decode())
 
         def moved(name: str, **labels: str) -> float:
             key = (name, tuple(sorted(labels.items())))

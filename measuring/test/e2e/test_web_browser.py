@@ -13,25 +13,13 @@ from typing import Any
 from measuring.test.support import PATIENCE, TOKEN, ClientTestCase, write_dataset, write_token_file
 from measuring.test.support.web import browser_missing, chromium, http_port
 
-#: A formula whose job runs long enough to watch: a second in each of the dataset's files.
-CRAWL = '''
-import time
-
-
-def crawl(df):
-    """Waits a second in each partition: a job whose progress can be watched."""
-    def wait(part):
-        time.sleep(1.0)
-        return part
-    return df.map_partitions(wait).value.mean()
-'''
+#: Files of the dataset slow.py runs over: 1.5 s in each, long enough to watch.
 PARTS = 40
 
 
 class BrowserTests(ClientTestCase):
     """The dashboard as a person sees it."""
 
-    formulas = {**ClientTestCase.formulas, "crawl.py": CRAWL}
     skip = browser_missing()
 
     def setUp(self) -> None:
@@ -65,7 +53,7 @@ class BrowserTests(ClientTestCase):
 
     def test_liveJobs(self) -> None:
         """A running job's progress moves on the page; its Cancel button stops it."""
-        job = self.ask(self.dask(Base="parts", File="crawl.py", Async=True))["Job"]
+        job = self.ask(self.dask(Base="parts", File="slow.py", Async=True))["Job"]
         self.assertEqual(self.browser.current_url, f"http://127.0.0.1:{self.port}/")
         row = f"document.querySelector('#running tr[data-key=\"{job}\"]')"
         first = int(self.until(f"return {row} && {row}.dataset.done", "progress on the page"))

@@ -27,6 +27,20 @@ CHROMIUM_FLAGS = (
 )  # fmt: skip
 
 
+def metric_samples(text: str, parse: Any = None) -> dict[tuple[Any, ...], float]:
+    """
+    Every sample of a /metrics scrape, (name, sorted labels) to its value; ``parse`` is one of
+    prometheus_client's parsers (by default that of the text format).
+    """
+    if parse is None:
+        from prometheus_client.parser import text_string_to_metric_families as parse
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in parse(text)
+        for sample in family.samples
+    }
+
+
 def http_port(server: LocalServer, patience: float = 60.0) -> int:
     """The port the server's HTTP side listens on, as its log says."""
     deadline = time.monotonic() + patience

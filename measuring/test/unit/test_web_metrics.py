@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring import __version__
 from measuring.server.stats import Histogram, Stats
 from measuring.server.web.metrics import ServerCollector, registry
+from measuring.test.support.web import metric_samples
 
 
 class Worker(NamedTuple):
@@ -33,15 +33,6 @@ class Workers:
         return [Worker("busy"), Worker("ready"), Worker("ready")]
 
 
-def samples(text: str, parse: Any = text_string_to_metric_families) -> dict[tuple[Any, ...], float]:
-    """Every sample of a scrape: (name, sorted labels) to its value."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in parse(text)
-        for sample in family.samples
-    }
-
-
 class MetricsTests(SynchronousTestCase):
     """Counters moving with what happens; gauges from the parts' state; both formats parse."""
 
@@ -54,8 +45,8 @@ class MetricsTests(SynchronousTestCase):
         from prometheus_client.openmetrics.exposition import generate_latest as generate_om
 
         if openmetrics_format:
-            return samples(generate_om(self.registry).decode(), openmetrics)
-        return samples(generate_latest(self.registry).decode())
+            return metric_samples(generate_om(self.registry).decode(), openmetrics)
+        return metric_samples(generate_latest(self.registry).decode())
 
     def test_counters(self) -> None:
         """Answers by Header and Code, and jobs by state, count what happened."""

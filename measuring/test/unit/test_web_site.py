@@ -11,7 +11,6 @@ import json
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.interfaces import IListeningPort
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
@@ -113,7 +112,9 @@ class SiteCase(TestCase):
         )
         collector = ServerCollector(h.stats, h.jobs, NoWorkers(), lambda: 0)
         web = site(self.dispatcher, MetricsPage(registry(collector)), self.tokens, True, reactor)
-        self.port: IListeningPort = reactor.listenTCP(0, web, interface="127.0.0.1")
+        listening: Any = reactor  # the installed reactor, a real one: IReactorTCP
+        self.port: Any = listening.listenTCP(0, web, interface="127.0.0.1")
+        self.number: int = self.port.getHost().port
         self.addCleanup(self.port.stopListening)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent = Agent(reactor, pool=self.pool)
@@ -130,7 +131,7 @@ class SiteCase(TestCase):
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}"
+        return f"http://127.0.0.1:{self.number}"
 
     async def fetch(
         self, path: str, method: str = "GET", headers: dict[str, str] | None = None
@@ -216,7 +217,7 @@ class ApiTests(SiteCase):
         self.assertEqual(got.code, 403)
         self.assertIn("attacker.example", got.json()["Error"]["Message"])
         for host in ("localhost", "127.0.0.1", "[::1]"):
-            named = {"Host": f"{host}:{self.port.getHost().port}"}
+            named = {"Host": f"{host}:{self.number}"}
             got = await self.fetch("/api/jobs", headers=named)
             self.assertEqual(got.code, 200, host)
 

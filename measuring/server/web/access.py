@@ -199,7 +199,7 @@ class Login(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         if not self._sessions.tokens.required:
-            return self._page(request, "This server needs no token.", "")
+            return _redirect(request, b"./")  # nothing to log in to
         return self._page(request, "", self._field(request, b"next"))
 
     def render_POST(self, request: Request) -> bytes:

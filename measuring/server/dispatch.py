@@ -10,7 +10,7 @@ on disk is checked (``submission``) through the blocking-call runner, never on t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -74,6 +74,9 @@ def _functions(value: object) -> tuple[str, ...] | None:
 Check = Callable[
     [tuple[str, ...], str, str, str, tuple[str, ...] | None, tuple[str, ...]], JobPaths
 ]
+
+
+Counted = TypeVar("Counted", dict[str, Any], Streamed)
 
 
 class Info(Protocol):
@@ -182,16 +185,23 @@ class Dispatcher:
         if not self._tokens.valid(request.get("Token")):
             self._log.warn("refused a request without a valid token from {client}", client=client)
             return defer.succeed(
-                self._error_answer(
-                    Unauthorized('this server needs a valid "Token" in every request'), header
+                self._counted(
+                    self._error_answer(
+                        Unauthorized('this server needs a valid "Token" in every request'), header
+                    )
                 )
             )
         answer = defer.maybeDeferred(self._route, header, request, notify)
-        return answer.addErrback(self._failed, header)
+        return answer.addErrback(self._failed, header).addCallback(self._counted)
 
     def refuse(self, error: MeasuringError) -> Answer:
         """The answer to something that could not be read as a request."""
-        return self._error_answer(error, None)
+        return self._counted(self._error_answer(error, None))
+
+    def _counted(self, answer: Counted) -> Counted:
+        """Count ``answer`` (a line, or the line of a streamed one) and pass it on."""
+        self._stats.answered(answer.answer if isinstance(answer, Streamed) else answer)
+        return answer
 
     def _route(
         self, header: object, request: dict[str, Any], notify: Notify

@@ -20,6 +20,7 @@ from typing import Any
 from measuring.wire import DEFAULT_ENDPOINT
 
 SANDBOXES = ("none", "bwrap")
+LOG_FORMATS = ("text", "json")
 Parser = Callable[[object], Any]
 
 
@@ -321,6 +322,23 @@ SETTINGS: tuple[Setting, ...] = (
         "Threads and processes a job may start beyond those its user runs at its start "
         "(RLIMIT_NPROC: user-wide; not for root, nor in the sandbox).",
         "N",
+    ),
+    Setting(
+        "http",
+        text,
+        None,
+        "off",
+        "A Twisted endpoint for the dashboard, /metrics and the JSON API over HTTP, e.g. "
+        "tcp:8766:interface=127.0.0.1.",
+        "ENDPOINT",
+    ),
+    Setting(
+        "log-format",
+        one_of(LOG_FORMATS),
+        "text",
+        "text",
+        "text (twistd's lines), or json: one twisted.logger JSON event per line.",
+        "text|json",
     ),
     Setting(
         "sandbox",

@@ -105,27 +105,35 @@ def print_machine() -> None:
 # -- peak memory
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """Resident memory of ``process`` and every process below it (0 once it has gone)."""
+def tree_usage(process: psutil.Process) -> tuple[int, float] | None:
+    """
+    Resident memory (bytes) and CPU time (seconds, its reaped children's included) of
+    ``process`` and every process below it; None once it has gone.
+    """
     try:
         processes = [process, *process.children(recursive=True)]
+        times = process.cpu_times()
     except psutil.Error:
-        return 0
-    total = 0
+        return None
+    rss, cpu = 0, times.children_user + times.children_system
     for each in processes:
         try:
-            total += each.memory_info().rss
+            rss += each.memory_info().rss
+            times = each.cpu_times()
         except psutil.Error:
             continue
-    return total
+        cpu += times.user + times.system
+    return rss, cpu
 
 
 class PeakSampler:
     """
-    Samples the resident memory of process trees in a thread, every ``interval`` seconds.
+    Samples the resident memory and CPU time of process trees in a thread, every ``interval``
+    seconds.
 
     ``roots()`` gives the processes whose trees are watched (each tree summed on its own);
-    ``peak`` is the largest sum seen for any one of them.
+    ``peak`` is the largest sum seen for any one of them, ``cpu`` the CPU seconds that tree used
+    between its first and its last sample.
     """
 
     def __init__(self, roots: Callable[[], list[psutil.Process]], interval: float = 0.02) -> None:
@@ -134,17 +142,29 @@ class PeakSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.peaks: dict[int, int] = {}
+        self._cpu: dict[int, tuple[float, float]] = {}
 
     @property
     def peak(self) -> int:
         return max(self.peaks.values(), default=0)
 
+    @property
+    def cpu(self) -> float:
+        if not self.peaks:
+            return 0.0
+        first, last = self._cpu[max(self.peaks, key=self.peaks.__getitem__)]
+        return last - first
+
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             for root in self._roots():
-                size = tree_rss(root)
-                self.peaks[root.pid] = max(size, self.peaks.get(root.pid, 0))
-            self._stop.wait(self._interval)
+                usage = tree_usage(root)
+                if usage is not None:
+                    self.peaks[root.pid] = max(usage[0], self.peaks.get(root.pid, 0))
+                    first = self._cpu[root.pid][0] if root.pid in self._cpu else usage[1]
+                    self._cpu[root.pid] = (first, usage[1])
+            if self._stop.wait(self._interval):
+                return
 
     def __enter__(self) -> PeakSampler:
         self._thread.start()
@@ -170,10 +190,11 @@ def children_of(pid: int) -> Callable[[], list[psutil.Process]]:
 
 @dataclass
 class Run:
-    """One measured run: seconds of work, peak memory, and what the run reported."""
+    """One measured run: seconds of work, peak memory, CPU seconds, what the run reported."""
 
     seconds: float | None
     peak: int
+    cpu: float | None = None
     wall: float | None = None
     report: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -183,8 +204,9 @@ def run_python(arguments: list[str], timeout: float = 3600.0) -> Run:
     """
     Run ``python ARGUMENTS`` in a fresh process, sampling its tree's memory.
 
-    The process prints one JSON line last: ``seconds`` of work (imports excluded), and anything
-    else it reports; ``maxrss`` (its own peak, in bytes) raises the sampled peak if higher.
+    The process prints one JSON line last: ``seconds`` of work (imports excluded), ``cpu``
+    seconds the work took, and anything else it reports; ``maxrss`` (its own peak, in bytes)
+    raises the sampled peak if higher.
     """
     start = time.perf_counter()
     process = subprocess.Popen(
@@ -197,23 +219,29 @@ def run_python(arguments: list[str], timeout: float = 3600.0) -> Run:
     lines = out.strip().splitlines()
     if process.returncode != 0 or not lines:
         last = (err.strip().splitlines() or [f"exited with code {process.returncode}"])[-1]
-        return Run(None, sampler.peak, wall, error=last[:120])
+        return Run(None, sampler.peak, wall=wall, error=last[:120])
     report = json.loads(lines[-1])
     if report.get("error"):
-        return Run(None, sampler.peak, wall, error=report["error"])
+        return Run(None, sampler.peak, wall=wall, error=report["error"])
     peak = max(sampler.peak, int(report.get("maxrss", 0)))
-    return Run(report["seconds"], peak, wall, report)
+    return Run(report["seconds"], peak, report.get("cpu"), wall, report)
 
 
 def summarize(runs: list[Run]) -> Run:
-    """The median time and the highest peak of repeated runs (the first error, if any)."""
+    """The median time and CPU and the highest peak of repeated runs (the first error, if any)."""
     failed = [run for run in runs if run.error]
     if failed:
         return failed[0]
+
+    def middle(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return median(known) if known else None
+
     return Run(
-        median([run.seconds for run in runs if run.seconds is not None]),
+        middle([run.seconds for run in runs]),
         max(run.peak for run in runs),
-        median([run.wall for run in runs if run.wall is not None]) if runs[0].wall else None,
+        middle([run.cpu for run in runs]),
+        middle([run.wall for run in runs]),
         runs[-1].report,
     )
 

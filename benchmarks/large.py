@@ -141,7 +141,7 @@ class ServerRunner:
                 report["mean"] = float(values.mean())
         finally:
             _clear(os.path.join(self.folder, "results", job.id))
-        return Run(seconds, sampler.peak, report=report)
+        return Run(seconds, sampler.peak, sampler.cpu, report=report)
 
     def close(self) -> None:
         self.client.close()
@@ -192,7 +192,7 @@ def measure(case: Case, tools: list[str], works: list[str], folder: str, repeat:
 
 
 def _progress(case: Case, work: str, tool: str, run: Run) -> None:
-    figure = run.error or f"{run.seconds:.3f} s, {mib(run.peak)}"
+    figure = run.error or f"{run.seconds:.3f} s, {mib(run.peak)}, CPU {run.cpu or 0:.2f} s"
     print(f"  {case.label}: {work} / {tool}: {figure}", file=sys.stderr, flush=True)
 
 
@@ -205,7 +205,8 @@ def cell(run: Run | None, server: Run | None, is_server: bool) -> str:
     if not is_server:
         ratio = f"{server.seconds / run.seconds:.2f}x" if server and server.seconds else "—"
         text += f" · {ratio}"
-    return f"{text} · {mib(run.peak)}"
+    cpu = "" if run.cpu is None else f" · CPU {run.cpu:.2f} s"
+    return f"{text} · {mib(run.peak)}{cpu}"
 
 
 def report(case: Case, table: dict[str, dict[str, Run]], tools: list[str]) -> None:
@@ -223,7 +224,8 @@ def report(case: Case, table: dict[str, dict[str, Run]], tools: list[str]) -> No
     print(harness.markdown(["work", *tools], rows))
     print(
         "\nEach cell: seconds · the server's seconds ÷ this tool's (below 1: the server is"
-        " faster) · peak resident memory of the process tree doing the work."
+        " faster) · peak resident memory of the process tree doing the work · the CPU time it"
+        " used (all cores)."
     )
     if notes:
         print("\n" + "\n".join(notes))

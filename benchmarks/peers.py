@@ -5,9 +5,10 @@ The work of ``large.py``, as each tool a user might pick instead of the server d
 
 Runs one work (``groupby``, ``hourly``, ``filter``) with one tool in this fresh process and
 prints one JSON line: ``seconds`` of work (the tool's imports are done before the clock starts,
-as a warm server worker has done them), ``rows`` and ``mean`` of the answer (to check that every
-tool computed the same), ``maxrss`` (this process's peak resident memory, in bytes). The
-server's own formulas are ``FORMULAS``; the Dask peers run those same formulas, read their way.
+as a warm server worker has done them), ``cpu`` seconds of it, ``rows`` and ``mean`` of the
+answer (to check that every tool computed the same), ``maxrss`` (this process's peak resident
+memory, in bytes). The server's own formulas are ``FORMULAS``; the Dask peers run those same
+formulas, read their way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -153,6 +155,12 @@ def check(answer: Any, out: str) -> dict[str, Any]:
     return {"rows": len(values), "mean": sum(present) / len(present) if present else None}
 
 
+def _cpu() -> float:
+    """CPU seconds this process has used, all its threads together."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def high_water() -> int:
     """This process's peak resident memory in bytes (``VmHWM``: since its exec, unlike
     ``ru_maxrss``, which Linux carries over from the parent)."""
@@ -166,15 +174,17 @@ def high_water() -> int:
 def main(argv: list[str]) -> None:
     tool, work, path, out, formulas = argv
     run = prepare(tool, work, formulas)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     try:
         answer = run(path, out)
     except Exception as e:  # a tool that cannot do the work is a figure too
         first = (str(e).splitlines() or [""])[0][:100]
         print(json.dumps({"error": f"{type(e).__name__}: {first}"}))
         return
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "maxrss": high_water(), **check(answer, out)}))
+    seconds, cpu = time.perf_counter() - start, _cpu() - cpu
+    print(
+        json.dumps({"seconds": seconds, "cpu": cpu, "maxrss": high_water(), **check(answer, out)})
+    )
 
 
 if __name__ == "__main__":

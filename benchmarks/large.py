@@ -227,6 +227,7 @@ def report(case: Case, table: dict[str, dict[str, Run]], tools: list[str]) -> No
         " faster) · peak resident memory of the process tree doing the work · the CPU time it"
         " used (all cores)."
     )
+    print(f"The machine's {harness.machine()['load']} at the end.")
     if notes:
         print("\n" + "\n".join(notes))
 

@@ -114,7 +114,6 @@ class ServerRunner:
 
     def __init__(self, local: harness.LocalServer, folder: str) -> None:
         self.local, self.folder = local, folder
-        self.client = Client("127.0.0.1", local.port, timeout=3600.0)
         self.indexed = "index" in inspect.signature(Client.run).parameters
 
     def run(self, base: str, work: str) -> Run:
@@ -124,14 +123,17 @@ class ServerRunner:
         if work == "hourly" and self.indexed:
             name, options = "hourly_indexed", {"index": "time"}
         job = None
+        # A connection of its own: the server closes one left idle while the peers run.
+        client = Client("127.0.0.1", self.local.port, timeout=3600.0)
         with PeakSampler(children_of(self.local.process.pid)) as sampler:
             start = time.perf_counter()
             try:
-                job = self.client.run(self.folder, base, FORMULA_FILE, functions=[name], **options)
+                job = client.run(self.folder, base, FORMULA_FILE, functions=[name], **options)
             except JobError as e:
                 error = f"{e.code}: {e.message}"
             seconds = time.perf_counter() - start
         if job is None:
+            client.close()
             return Run(None, sampler.peak, error=error)
         try:
             result = job.results[name]
@@ -140,11 +142,9 @@ class ServerRunner:
                 values = result.to_pandas(source="file")
                 report["mean"] = float(values.mean())
         finally:
+            client.close()
             _clear(os.path.join(self.folder, "results", job.id))
         return Run(seconds, sampler.peak, sampler.cpu, report=report)
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def run_peer(tool: str, work: str, folder: str, base: str) -> Run:
@@ -174,20 +174,17 @@ def measure(case: Case, tools: list[str], works: list[str], folder: str, repeat:
     arguments = ["--job-memory", case.job_memory] if case.job_memory else []
     with harness.server(folder, *arguments) as local:
         runner = ServerRunner(local, folder)
-        try:
-            for work in works:
-                for tool in tools:
-                    runs = []
-                    for _ in range(repeat):
-                        harness.settle(local)
-                        if tool == "server":
-                            runs.append(runner.run(base, work))
-                        else:
-                            runs.append(run_peer(tool, work, folder, base))
-                    table[work][tool] = harness.summarize(runs)
-                    _progress(case, work, tool, table[work][tool])
-        finally:
-            runner.close()
+        for work in works:
+            for tool in tools:
+                runs = []
+                for _ in range(repeat):
+                    harness.settle(local)
+                    if tool == "server":
+                        runs.append(runner.run(base, work))
+                    else:
+                        runs.append(run_peer(tool, work, folder, base))
+                table[work][tool] = harness.summarize(runs)
+                _progress(case, work, tool, table[work][tool])
     return table
 
 

@@ -31,7 +31,8 @@ KEYS = {
     "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset"),
 }
 DASK_FIELDS = (
-    "Directory", "Base", "File", "Functions", "Output", "Engine", "Async", "Timeout", "Progress",
+    "Directory", "Base", "File", "Functions", "Output", "Engine", "Index", "Async", "Timeout",
+    "Progress",
 )  # fmt: skip
 DEFAULT_LIST, MAX_LIST = 100, 1000
 DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
@@ -65,6 +66,18 @@ def _functions(value: object) -> tuple[str, ...] | None:
     if len(set(value)) != len(value):
         raise BadRequest('"Functions" names a formula more than once')
     return tuple(value)
+
+
+def _index(value: object) -> str | None:
+    """The column to index the dataset by (whether it exists, the worker finds out)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(
+            f'"Index" must be the name of a column of the dataset, such as "time", not '
+            f"{json_type(value) if not isinstance(value, str) else 'an empty string'}"
+        )
+    return value
 
 
 class Info(Protocol):
@@ -262,13 +275,19 @@ class Dispatcher:
         output = _choice(fields, "Output", tuple(wire.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", wire.ENGINES, "pyarrow")
         timeout = _number(fields, "Timeout", 0.001, None, None)
+        index = _index(fields.get("Index"))
         _flag(fields, "Async")
         _flag(fields, "Progress")
         paths = data_paths.resolve_job(
             self._data_roots, fields["Directory"], fields["Base"], fields["File"], self._private
         )
         return JobSpec(
-            paths=paths, functions=functions, output=output, engine=engine, timeout=timeout
+            paths=paths,
+            functions=functions,
+            output=output,
+            engine=engine,
+            timeout=timeout,
+            index=index,
         )
 
     def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:

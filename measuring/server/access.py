@@ -8,13 +8,13 @@ listens where other machines can connect. Plain Python; nothing here logs a secr
 
 from __future__ import annotations
 
-import ctypes
 import hmac
 import ipaddress
 import os
 import socket
 import stat
 
+from measuring.server.pool.processes import prctl
 from measuring.wire import token_lines
 
 MIN_TOKEN = 16
@@ -153,4 +153,4 @@ def keep_private() -> None:
     readable only by root, not by the formulas the server's workers run as the same user.
     """
     if os.uname().sysname == "Linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        prctl(PR_SET_DUMPABLE, 0)

@@ -1,5 +1,6 @@
 """
-The server's settings: defaults, overridden by a TOML file (``--config``), overridden by flags.
+The server's settings settled: defaults, overridden by a TOML file (``--config``), overridden by
+flags. What the settings are is declared once, in ``settings``.
 
 Every setting is validated here and a bad one raises ``usage.UsageError`` with one line that names
 the setting and where it came from. Nothing here starts anything; the only side effect is creating
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tomllib
 from collections.abc import Callable, Mapping
@@ -20,9 +20,7 @@ from typing import Any
 from twisted.python.usage import UsageError
 
 from measuring.server.access import beyond_loopback, load_tokens
-from measuring.wire import DEFAULT_ENDPOINT
-
-SANDBOXES = ("none", "bwrap")
+from measuring.server.settings import SETTINGS
 
 
 @dataclass(frozen=True)
@@ -50,181 +48,11 @@ class Config:
     sandbox: str = "none"
 
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
-_UNITS = {"": 1, "b": 1}
-for _exponent, _letter in enumerate("kmgt", start=1):
-    _UNITS[_letter] = _UNITS[_letter + "b"] = 1000**_exponent
-    _UNITS[_letter + "i"] = _UNITS[_letter + "ib"] = 1024**_exponent
-
-
-def parse_size(value: object) -> int:
-    """
-    Bytes from a number or a string such as ``"1MiB"``, ``"512 kB"`` or ``"4GB"``.
-
-    Units follow Dask's convention: kB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024.
-    """
-    if isinstance(value, bool):
-        raise ValueError("a size, not true/false")
-    if isinstance(value, int):
-        return value
-    match = _SIZE.fullmatch(str(value))
-    if match is None or match.group(2).lower() not in _UNITS:
-        raise ValueError("a size such as 1048576, 512KiB or 4GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def _whole(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
-    what = f"a whole number of at least {minimum}" + (
-        f" and at most {maximum}" if maximum is not None else ""
-    )
-
-    def parse(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ValueError(what)
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(what) from None
-        if number < minimum or (maximum is not None and number > maximum):
-            raise ValueError(what)
-        return number
-
-    return parse
-
-
-def _whole_or_none(minimum: int) -> Callable[[object], int | None]:
-    whole = _whole(minimum)
-
-    def parse(value: object) -> int | None:
-        if isinstance(value, str) and value.strip().lower() == "none":
-            return None
-        try:
-            return whole(value)
-        except ValueError:
-            raise ValueError(f"a whole number of at least {minimum}, or none") from None
-
-    return parse
-
-
-def _amount(unit: str, zero: bool = False) -> Callable[[object], float]:
-    """A number of ``unit`` (seconds, days): more than 0, or at least 0 with ``zero``."""
-    what = f"a number of {unit} {'of at least 0' if zero else 'greater than 0'}"
-
-    def parse(value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ValueError(what)
-        try:
-            amount = float(value)
-        except ValueError:
-            raise ValueError(what) from None
-        if not (amount >= 0 if zero else amount > 0) or amount == float("inf"):
-            raise ValueError(what)
-        return amount
-
-    return parse
-
-
-def _memory(value: object) -> int | str | None:
-    """``auto``, ``none``, or a size of at least 64 MiB."""
-    if isinstance(value, str) and value.strip().lower() in ("auto", "none"):
-        return None if value.strip().lower() == "none" else "auto"
-    try:
-        size = parse_size(value)
-    except ValueError:
-        raise ValueError("a size such as 4GB, or auto, or none") from None
-    if size < 64 * 2**20:
-        raise ValueError("at least 64MiB (or auto, or none)")
-    return size
-
-
-def _flag(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value in (0, 1):
-        return bool(value)
-    raise ValueError("true or false")
-
-
-def _result_bytes(value: object) -> int:
-    size = parse_size(value)
-    if size < 2**20:
-        raise ValueError("at least 1MiB")
-    return size
-
-
-def _sandbox(value: object) -> str:
-    if value not in SANDBOXES:
-        raise ValueError(f"one of {', '.join(SANDBOXES)}")
-    return str(value)
-
-
-def _request_bytes(value: object) -> int:
-    size = parse_size(value)
-    if size < 1024:
-        raise ValueError("at least 1024 bytes")
-    return size
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ValueError("a non-empty string")
-    return value
-
-
-def _texts(value: object) -> list[str]:
-    """A repeatable setting: one string or a list of them."""
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise ValueError("at least one value")
-    return [_text(one) for one in values]
-
-
-_PARSERS: dict[str, Callable[[object], Any]] = {
-    "port": _texts,
-    "data-root": _texts,
-    "state-dir": _text,
-    "workers": _whole(1, 256),
-    "job-timeout": _amount("seconds"),
-    "max-request-bytes": _request_bytes,
-    "job-memory": _memory,
-    "max-queued": _whole(1),
-    "keep-jobs": _amount("days"),
-    "keep-results": _amount("days"),
-    "stop-grace": _amount("seconds", zero=True),
-    "token-file": _text,
-    "insecure-no-token": _flag,
-    "idle-timeout": _amount("seconds"),
-    "max-connections": _whole(1),
-    "max-result-bytes": _result_bytes,
-    "max-job-processes": _whole_or_none(1),
-    "sandbox": _sandbox,
-}
-
-SETTINGS = tuple(_PARSERS)
+_PARSERS: dict[str, Callable[[object], Any]] = {s.name: s.parse for s in SETTINGS}
 
 
 def _defaults(environ: Mapping[str, str], cwd: str) -> dict[str, Any]:
-    return {
-        "port": [DEFAULT_ENDPOINT],
-        "data-root": [cwd],
-        "state-dir": environ.get("STATE_DIRECTORY", "").split(":")[0]
-        or os.path.join(cwd, ".measuring"),
-        "workers": 2,
-        "job-timeout": 3600.0,
-        "max-request-bytes": 1024 * 1024,
-        "job-memory": "auto",
-        "max-queued": 100,
-        "keep-jobs": 30.0,
-        "keep-results": None,
-        "stop-grace": 30.0,
-        "token-file": None,
-        "insecure-no-token": False,
-        "idle-timeout": 300.0,
-        "max-connections": 1000,
-        "max-result-bytes": 10 * 2**30,
-        "max-job-processes": None,
-        "sandbox": "none",
-    }
+    return {setting.name: setting.default_for(environ, cwd) for setting in SETTINGS}
 
 
 def _read_file(path: str) -> dict[str, Any]:

@@ -87,13 +87,17 @@ class Info(Protocol):
 
 
 class Jobs(Protocol):
-    """What runs jobs (``measuring.server.jobs.scheduler.JobManager``)."""
+    """What runs jobs (``measuring.server.jobs.scheduler.Scheduler``)."""
 
     def submit(self, spec: JobSpec) -> defer.Deferred[Job]: ...
 
-    def status(self, job: str) -> defer.Deferred[dict[str, Any]]: ...
-
     def cancel(self, job: str) -> defer.Deferred[str]: ...
+
+
+class Queries(Protocol):
+    """What answers for jobs (``measuring.server.jobs.queries.JobQueries``)."""
+
+    def status(self, job: str) -> defer.Deferred[dict[str, Any]]: ...
 
     def log(self, job: str) -> defer.Deferred[str]: ...
 
@@ -145,6 +149,7 @@ class Dispatcher:
         self,
         info: Info,
         jobs: Jobs,
+        queries: Queries,
         stats: Stats,
         data_roots: tuple[str, ...],
         private: tuple[str, ...] = (),
@@ -152,6 +157,7 @@ class Dispatcher:
     ) -> None:
         self._info = info
         self._jobs = jobs
+        self._queries = queries
         self._stats = stats
         self._data_roots = data_roots
         self._private = private
@@ -305,19 +311,21 @@ class Dispatcher:
             if state is not None and state not in STATES:
                 raise BadRequest(f'"State" must be one of {_one_of(STATES)}, not {state!r}')
             limit = _number(request, "Limit", 1, MAX_LIST, DEFAULT_LIST)
-            return self._jobs.recent(state, limit).addCallback(lambda jobs: answer({"Jobs": jobs}))
+            return self._queries.recent(state, limit).addCallback(
+                lambda jobs: answer({"Jobs": jobs})
+            )
         job = _text(request, "Job", f"a Job {name} request")
         if name == "Status":
-            found = self._jobs.status(job)
+            found = self._queries.status(job)
         elif name == "Cancel":
             found = self._jobs.cancel(job).addCallback(lambda state: {"State": state})
         elif name == "Log":
-            found = self._jobs.log(job).addCallback(lambda log: {"Log": log})
+            found = self._queries.log(job).addCallback(lambda log: {"Log": log})
         else:
             result = _text(request, "Name", "a Job Result request")
             offset = _number(request, "Offset", 0, None, 0)
             limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
-            found = self._jobs.result(job, result, offset, limit)
+            found = self._queries.result(job, result, offset, limit)
 
         def failed(reason: Failure) -> Failure:
             if isinstance(reason.value, MeasuringError):

@@ -21,8 +21,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from measuring import __version__
-from measuring.server.jobs.records import iso
-from measuring.server.jobs.scheduler import Limits
+from measuring.server.jobs.records import Limits, iso
 from measuring.server.pool.pool import WorkerInfo
 from measuring.server.stats import Stats
 from measuring.server.threads import Runner
@@ -43,7 +42,7 @@ class PoolView(Protocol):
 
 
 class JobsView(Protocol):
-    """What Info reads from the job manager."""
+    """What Info reads of the jobs (``measuring.server.jobs.queries.JobQueries``)."""
 
     limits: Limits
 

@@ -8,7 +8,9 @@ stop the threads the database runs in.
 
 from __future__ import annotations
 
-from twisted.application.service import IService, MultiService
+from collections.abc import Callable
+
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 
 
@@ -23,3 +25,19 @@ class InOrder(MultiService):
         # Service.stopService only marks this service as stopped; the children stop below.
         super(MultiService, self).stopService()
         return defer.Deferred.fromCoroutine(self._stop_all())
+
+
+class ProcessSetup(Service):
+    """
+    Settings of the whole server process, made in ``privilegedStartService``: after twistd has
+    daemonized (a forked child inherits neither a subreaper bit nor undumpability) and before
+    it drops privileges. A setting that fails stops the start.
+    """
+
+    def __init__(self, *steps: Callable[[], None]) -> None:
+        self._steps = steps
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        for step in self._steps:
+            step()

@@ -220,3 +220,18 @@ class Job:
         if self.error is not None:
             status["Error"] = self.error.to_json()
         return status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    How much work the server takes on, and how long it keeps what is done: the settings of the
+    same names (``measuring.server.settings``), which also hold their defaults.
+    """
+
+    workers: int
+    job_timeout: float
+    max_queued: int
+    stop_grace: float
+    keep_jobs: float
+    keep_results: float | None

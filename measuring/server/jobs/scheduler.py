@@ -1,7 +1,7 @@
 """
 Jobs from submission to their end: the queue, the limits, the durable records.
 
-``JobManager.submit`` records a checked ``JobSpec`` in the job database (committed, synced) and
+``Scheduler.submit`` records a checked ``JobSpec`` in the job database (committed, synced) and
 queues it; jobs start in arrival order while fewer than ``workers`` run, each with a time limit.
 A job's end is written to the database before anyone is told. At start, jobs a crash interrupted
 are queued again; on stop, running jobs get a grace period, then run again at the next start.
@@ -10,13 +10,11 @@ Time comes from the injected clock; blocking work goes to the store's thread or 
 
 from __future__ import annotations
 
-import shutil
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,20 +25,24 @@ from measuring.errors import (
     Cancelled,
     Internal,
     MeasuringError,
-    NotFound,
     Timeout,
 )
 from measuring.messages import Message
-from measuring.server import results
-from measuring.server.jobs.records import Job, JobSpec, Progress, new_job_id, stored_response
+from measuring.server.jobs.queries import find_job
+from measuring.server.jobs.records import (
+    Job,
+    JobSpec,
+    Limits,
+    Progress,
+    new_job_id,
+    stored_response,
+)
 from measuring.server.threads import Runner
 
 MOST_INTERRUPTIONS = 3
-SWEEP_EVERY = 3600.0
-DAY = 86400.0
 _STATES = {Timeout: "timeout", Cancelled: "cancelled"}
 
-__all__ = ["Job", "JobManager", "JobSpec", "Limits"]
+__all__ = ["Job", "JobSpec", "Limits", "Scheduler"]
 
 
 class RunningJob(Protocol):
@@ -69,35 +71,7 @@ class Store(Protocol):
 
     def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
 
-    def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
-
     def recover(self, most: int, now: float) -> defer.Deferred[list[dict[str, Any]]]: ...
-
-    def expired_results(self, before: float) -> defer.Deferred[list[dict[str, Any]]]: ...
-
-    def mark_cleaned(self, jobs: list[str]) -> defer.Deferred[None]: ...
-
-    def sweep(self, before: float, cleaned_only: bool) -> defer.Deferred[int]: ...
-
-    def counters(self, since: float) -> defer.Deferred[dict[str, Any]]: ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How much work the server takes on, and how long it keeps what is done."""
-
-    workers: int = 2
-    job_timeout: float = 3600.0
-    max_queued: int = 100
-    stop_grace: float = 30.0
-    keep_jobs: float = 30.0
-    keep_results: float | None = None
-
-
-def remove_results(directory: str, job: str) -> None:
-    """Remove a job's result folder and anything half-written it left."""
-    shutil.rmtree(files.result_dir(directory, job), ignore_errors=True)
-    files.remove_partial(directory, job)
 
 
 def _waits_for_next_start(job: Job) -> Busy:
@@ -109,8 +83,8 @@ def _waits_for_next_start(job: Job) -> Busy:
     )
 
 
-class JobManager(Service):
-    """Records, queues and runs jobs, and answers for them."""
+class Scheduler(Service):
+    """Records, queues and runs jobs; cancels them. What is asked of jobs: ``queries``."""
 
     _log = Logger()
 
@@ -132,8 +106,6 @@ class JobManager(Service):
         self._stopping = False
         self._again: set[str] = set()
         self._writes: set[defer.Deferred[Any]] = set()
-        self._sweeper = task.LoopingCall(self.sweep)
-        self._sweeper.clock = clock
 
     # -- start and stop
 
@@ -141,7 +113,6 @@ class JobManager(Service):
         super().startService()
         recovering = self._store.recover(MOST_INTERRUPTIONS, self._clock.seconds())
         recovering.addCallbacks(self._requeue, self._unrecovered)
-        self._sweeper.start(SWEEP_EVERY, now=True)
 
     def _requeue(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
         jobs = [Job.from_record(record) for record in records]
@@ -172,8 +143,6 @@ class JobManager(Service):
         """Stop starting jobs; give running ones ``stop_grace`` seconds, then stop them too."""
         super().stopService()
         self._stopping = True
-        if self._sweeper.running:
-            self._sweeper.stop()
         for job in self._queue:
             job.interrupt(_waits_for_next_start(job))
         running = list(self._running.values())
@@ -348,26 +317,23 @@ class JobManager(Service):
 
         return self._track(written).addBoth(told)
 
-    # -- answering for jobs
+    # -- what is live
+
+    def live(self, job_id: str) -> Job | None:
+        """The job, while it is queued or running (or its end is being written)."""
+        return self._live.get(job_id)
+
+    def running_log(self, job_id: str) -> str | None:
+        """What a running job's formulas printed so far; None when it is not running."""
+        running = self._running.get(job_id)
+        return None if running is None else running.log_text()
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs run and how many wait."""
+        return {"Running": len(self._running), "Queued": len(self._queue)}
 
     def _job(self, job_id: str) -> defer.Deferred[Job]:
-        """The job, live or from the database; NotFound when there is none."""
-        if job_id in self._live:
-            return defer.succeed(self._live[job_id])
-
-        def found(record: dict[str, Any] | None) -> Job:
-            if record is None:
-                raise NotFound(
-                    f"there is no job {job_id!r} on this server (finished jobs are kept "
-                    f"{self.limits.keep_jobs:g} days)"
-                )
-            return Job.from_record(record)
-
-        return self._store.get(job_id).addCallback(found)
-
-    def status(self, job_id: str) -> defer.Deferred[dict[str, Any]]:
-        """The Response of a Job Status request."""
-        return self._job(job_id).addCallback(lambda job: job.status())
+        return find_job(self, self._store, job_id, self.limits.keep_jobs)
 
     def cancel(self, job_id: str) -> defer.Deferred[str]:
         """Cancel a job (a queued one never starts, a running one stops); fires with its state."""
@@ -389,79 +355,3 @@ class JobManager(Service):
             return defer.succeed(job.state)
         # Otherwise its end is being written.
         return job.when_finished().addBoth(lambda _: job.state)
-
-    def log(self, job_id: str) -> defer.Deferred[str]:
-        """What the job's formulas printed so far (all of it once the job has ended)."""
-        if job_id in self._running:
-            return defer.succeed(self._running[job_id].log_text())
-        return self._job(job_id).addCallback(lambda job: job.log)
-
-    def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]:
-        """The newest jobs (in ``state``, when given), newest first."""
-
-        def summaries(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            jobs = [self._live.get(record["id"]) or Job.from_record(record) for record in records]
-            return [job.summary() for job in jobs if state is None or job.state == state]
-
-        return self._store.recent(state, limit).addCallback(summaries)
-
-    def result(self, job_id: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]:
-        """Rows ``offset`` to ``offset + limit`` of one result of a finished job."""
-
-        def read(job: Job) -> Any:
-            if job.response is None:
-                raise NotFound(f"job {job_id} has no results: it is {job.state}")
-            found = job.response["Results"]
-            if name not in found:
-                raise NotFound(
-                    f"job {job_id} has no result {name!r} (its results: {', '.join(found)})"
-                )
-            entry = found[name]
-            if entry["Kind"] == "Scalar":
-                return {"Name": name, **entry}
-            directory = job.spec.paths.directory
-            rows = self._blocking.run(results.read_rows, directory, entry["File"], offset, limit)
-            return rows.addCallback(lambda page: {"Name": name, "Kind": entry["Kind"], **page})
-
-        return self._job(job_id).addCallback(read)
-
-    def counts(self) -> dict[str, int]:
-        """How many jobs run and how many wait."""
-        return {"Running": len(self._running), "Queued": len(self._queue)}
-
-    def history(self) -> defer.Deferred[dict[str, Any]]:
-        """Finished jobs by state, in all and in the last hour, and their mean run time."""
-        return self._store.counters(self._clock.seconds() - 3600.0)
-
-    # -- retention
-
-    def sweep(self) -> defer.Deferred[None]:
-        """Remove finished jobs older than ``keep_jobs`` days (and results, with keep_results)."""
-        now = self._clock.seconds()
-        keep_results = self.limits.keep_results
-        done: defer.Deferred[Any] = defer.succeed(None)
-        if keep_results is not None:
-            done = self._store.expired_results(now - keep_results * DAY)
-            done.addCallback(self._remove_results)
-        done.addCallback(
-            lambda _: self._store.sweep(now - self.limits.keep_jobs * DAY, keep_results is not None)
-        )
-        done.addCallback(self._swept)
-        done.addErrback(lambda f: self._log.failure("removing old jobs", f))
-        return done.addCallback(lambda _: None)
-
-    def _swept(self, removed: int) -> None:
-        if removed:
-            self._log.info(
-                "removed {n} finished jobs older than {days} days",
-                n=removed,
-                days=self.limits.keep_jobs,
-            )
-
-    def _remove_results(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
-        def remove() -> None:
-            for record in records:
-                remove_results(record["spec"]["paths"]["directory"], record["id"])
-
-        removed = self._blocking.run(remove)
-        return removed.addCallback(lambda _: self._store.mark_cleaned([r["id"] for r in records]))

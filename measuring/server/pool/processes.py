@@ -89,13 +89,21 @@ def kill_tree(pid: int) -> list[int]:
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def prctl(option: int, value: int) -> None:
+    """Linux's ``prctl(option, value)``; OSError when the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl({option}, {value}): {os.strerror(error)}")
+
+
 def adopt_orphans() -> None:
     """
     Make this process a subreaper: a process left behind when its parent (a worker) dies comes
     to this one instead of to init, where ``end_orphans`` finds it.
     """
     if os.uname().sysname == "Linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def end_orphans(known: set[int], worker_command: str) -> list[int]:

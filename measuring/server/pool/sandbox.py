@@ -81,3 +81,16 @@ class Bubblewrap:
                 command += ["--ro-bind", "/dev/null", path]
         command += ["--bind", outbox, outbox, "--chdir", outbox, "--"]
         return [*command, *argv]
+
+
+def server_secrets(
+    state_dir: str, token_file: str | None, config_file: str | None, ports: tuple[str, ...]
+) -> tuple[str, ...]:
+    """
+    What a sandboxed formula must not read even where it may read: the server's own files (its
+    state directory, token file, ``--config`` file and TLS key files), as real paths.
+    """
+    from measuring.server.access import secret_files
+
+    named = [state_dir, token_file, config_file, *(f for port in ports for f in secret_files(port))]
+    return tuple(os.path.realpath(path) for path in named if path)

@@ -21,10 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from measuring import __version__
 from measuring.server.info import InfoService
-from measuring.server.jobs.scheduler import Limits
 from measuring.server.pool.pool import WorkerInfo
 from measuring.server.stats import Stats
 from measuring.server.threads import Synchronous
+from measuring.test.support.fakes import limits
 from measuring.wire import INFO_REQUESTS as REQUESTS
 
 STARTED = 1_800_000_000.0
@@ -68,7 +68,7 @@ class FakeJobs:
     """
 
     def __init__(self) -> None:
-        self.limits = Limits()
+        self.limits = limits()
         self.running, self.queued = 0, 0
         self.finished: dict[str, Any] = NO_HISTORY
         self.slow = False
@@ -145,7 +145,7 @@ class StatusTests(InfoTestCase):
 
     def test_limits(self) -> None:
         """Limits tells the job timeout, each job's memory limit (null: none) and the queue's."""
-        self.jobs.limits = Limits(job_timeout=90.0, max_queued=7)
+        self.jobs.limits = limits(job_timeout=90.0, max_queued=7)
         self.pool.memory_limit = 512 * 2**20
         self.assertEqual(
             self.answer("Status")["Limits"],

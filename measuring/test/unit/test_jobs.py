@@ -13,8 +13,6 @@ honest fake that behaves like ``measuring.server.pool.pool.WorkerPool`` seen fro
 from __future__ import annotations
 
 import os
-from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
@@ -26,122 +24,28 @@ from measuring.errors import (
     Cancelled,
     Internal,
     JobFailed,
-    MeasuringError,
     MemoryLimit,
 )
-from measuring.messages import Message
-from measuring.server.jobs.records import Job, JobSpec, Progress, new_job_id
-from measuring.server.jobs.scheduler import JobManager, Limits
+from measuring.server.jobs.queries import JobQueries
+from measuring.server.jobs.records import Job, JobSpec, new_job_id
+from measuring.server.jobs.retention import Retention
+from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.paths import JobPaths
 from measuring.server.threads import Runner, Synchronous
+from measuring.test.support.fakes import (
+    FakePool,
+    HeldRunner,
+    RecordingRunner,
+    limits,
+)
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 TIMEOUT = 60.0
 
 
-class FakeRunningJob:
-    """A job handed to ``FakePool``; the test ends it with ``succeed``, ``fail`` or ``exited``."""
-
-    def __init__(self, message: Message, in_worker: bool) -> None:
-        self.message = message
-        self.in_worker = in_worker
-        self.result: defer.Deferred[dict[str, Any]] = defer.Deferred()
-        self.on_progress: Progress | None = None
-        self.killed_with: MeasuringError | None = None
-        self.printed = ""
-
-    @property
-    def job(self) -> str:
-        return str(self.message["Job"])
-
-    def kill(self, reason: MeasuringError) -> None:
-        """
-        Like the real RunningJob: a job still waiting for a worker fails with ``reason`` at once;
-        one in a worker fails once its worker has exited (``exited``).
-        """
-        if self.result.called or self.killed_with is not None:
-            return
-        self.killed_with = reason
-        if not self.in_worker:
-            self.fail(reason)
-
-    def exited(self) -> None:
-        """The worker of a killed job has exited: the job fails with the kill's reason."""
-        assert self.killed_with is not None, "the job was not killed"
-        self.fail(self.killed_with)
-
-    def print(self, text: str) -> None:
-        """The formulas print ``text``."""
-        self.printed += text
-
-    def log_text(self) -> str:
-        return self.printed
-
-    def progress(self, done: int, total: int) -> None:
-        """The worker reports that ``done`` of ``total`` Dask tasks are complete."""
-        if self.on_progress is not None:
-            self.on_progress(done, total)
-
-    def succeed(self, results: dict[str, Any] | None = None) -> None:
-        self.result.callback({"Results": results or {}, "Log": self.printed})
-
-    def fail(self, reason: MeasuringError) -> None:
-        reason.extra.setdefault("Log", self.printed)
-        self.result.errback(reason)
-
-
-class FakePool:
-    """Records every job it is asked to run; ``in_worker`` says whether a worker takes it."""
-
-    def __init__(self) -> None:
-        self.runs: list[FakeRunningJob] = []
-        self.in_worker = False
-
-    def run(self, message: Message) -> FakeRunningJob:
-        self.runs.append(FakeRunningJob(message, self.in_worker))
-        return self.runs[-1]
-
-    def started(self) -> list[str]:
-        """The ids of the jobs run so far, in the order they were started."""
-        return [running.job for running in self.runs]
-
-
-class RecordingRunner:
-    """Runs blocking calls at once, like ``threads.Synchronous``, and remembers each one."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-
-    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        self.calls.append((f, args))
-        return defer.maybeDeferred(f, *args)
-
-
-class HeldRunner:
-    """Like the store's one thread: runs calls in the order given, but only when the test says."""
-
-    def __init__(self) -> None:
-        self.held: deque[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = deque()
-
-    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        done: defer.Deferred[Any] = defer.Deferred()
-        self.held.append((f, args, done))
-        return done
-
-    def step(self) -> None:
-        """Run the oldest held call."""
-        f, args, done = self.held.popleft()
-        defer.maybeDeferred(f, *args).chainDeferred(done)
-
-    def release(self) -> None:
-        """Run every held call, and those they lead to."""
-        while self.held:
-            self.step()
-
-
 class JobsTestCase(SynchronousTestCase):
-    """JobManagers over a fake pool, a clock, and a job database in a folder of the test's own."""
+    """Schedulers over a fake pool, a clock, and a job database in a folder of the test's own."""
 
     def setUp(self) -> None:
         self.clock = task.Clock()
@@ -162,26 +66,31 @@ class JobsTestCase(SynchronousTestCase):
         self.addCleanup(self.disk.close)
 
     def manager(
-        self, runner: Runner | None = None, blocking: Runner | None = None, **limits: Any
-    ) -> JobManager:
+        self, runner: Runner | None = None, blocking: Runner | None = None, **overrides: Any
+    ) -> Scheduler:
         """
-        A started JobManager (one worker, TIMEOUT unless told) on the test's database; its store
+        A started Scheduler (one worker, TIMEOUT unless told) on the test's database; its store
         runs on ``runner``, its blocking calls on ``blocking`` (``self.blocking`` unless told).
         """
         database = JobDatabase(self.path)
         self.addCleanup(database.close)
         store = JobStore(database, Synchronous() if runner is None else runner)
-        manager = JobManager(
-            self.pool,
-            store,
-            self.clock,
-            Limits(**{"workers": 1, "job_timeout": TIMEOUT, **limits}),
-            self.blocking if blocking is None else blocking,
-        )
+        held = limits(**{"workers": 1, "job_timeout": TIMEOUT, **overrides})
+        blocking = self.blocking if blocking is None else blocking
+        manager = Scheduler(self.pool, store, self.clock, held, blocking)
         manager.startService()
+        self.queries = JobQueries(manager, store, self.clock, blocking, held)
+        self.retention = Retention(store, self.clock, held, blocking)
+        self.retention.startService()
+        self.addCleanup(self.retention.stopService)
         return manager
 
-    def submit(self, manager: JobManager, spec: JobSpec | None = None) -> Job:
+    def ask(self, **overrides: Any) -> JobQueries:
+        """The read side of a started Scheduler (``manager``)."""
+        self.manager(**overrides)
+        return self.queries
+
+    def submit(self, manager: Scheduler, spec: JobSpec | None = None) -> Job:
         """Submit a job and return it, recorded."""
         return self.successResultOf(manager.submit(self.spec if spec is None else spec))
 

@@ -1,5 +1,5 @@
 """
-Tests for what ``measuring.server.jobs.scheduler.JobManager`` answers about jobs: Cancel, Status,
+Tests for what ``measuring.server.jobs.scheduler.Scheduler`` answers about jobs: Cancel, Status,
 Log, List, Result and Progress, for live jobs and for those only the job database still knows.
 
 Same setting as ``test_jobs``: the real job database in a temporary folder, a fake pool, a clock.
@@ -16,7 +16,8 @@ from measuring import files
 from measuring.errors import Cancelled, JobFailed, NotFound
 from measuring.server.jobs import records
 from measuring.server.jobs.records import Job, new_job_id
-from measuring.test.unit.test_jobs import NOW, HeldRunner, JobsTestCase
+from measuring.test.support.fakes import HeldRunner
+from measuring.test.unit.test_jobs import NOW, JobsTestCase
 
 
 class CancelTests(JobsTestCase):
@@ -96,7 +97,7 @@ class StatusTests(JobsTestCase):
         manager = self.manager()
         job = self.submit(manager)
         self.assertEqual(
-            self.successResultOf(manager.status(job.id)),
+            self.successResultOf(self.queries.status(job.id)),
             {
                 "State": "running",
                 "Submitted": "2027-01-15T08:00:00+00:00",
@@ -115,7 +116,7 @@ class StatusTests(JobsTestCase):
         job = self.submit(self.manager())
         self.clock.advance(3)
         self.pool.runs[0].succeed({"peak": {"Kind": "Scalar", "Value": 7}})
-        status = self.successResultOf(self.manager().status(job.id))
+        status = self.successResultOf(self.ask().status(job.id))
         self.assertEqual(
             (status["State"], status["Finished"], status["Results"], status["Elapsed"]),
             ("done", "2027-01-15T08:00:03+00:00", {"peak": {"Kind": "Scalar", "Value": 7}}, 3.0),
@@ -127,7 +128,7 @@ class StatusTests(JobsTestCase):
         manager = self.manager()
         job = self.submit(manager)
         self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError: 'value'"))
-        status = self.successResultOf(manager.status(job.id))
+        status = self.successResultOf(self.queries.status(job.id))
         self.assertEqual(status["State"], "failed")
         self.assertEqual(
             status["Error"],
@@ -137,7 +138,7 @@ class StatusTests(JobsTestCase):
 
     def test_statusOfUnknownJob(self) -> None:
         """Status of a job not on record is NotFound naming it and how long jobs are kept."""
-        error = self.failureResultOf(self.manager().status("nope"), NotFound).value
+        error = self.failureResultOf(self.ask().status("nope"), NotFound).value
         self.assertIn("no job 'nope'", error.message)
         self.assertIn("kept 30 days", error.message)
 
@@ -146,12 +147,12 @@ class StatusTests(JobsTestCase):
         manager = self.manager()
         running, queued = self.submit(manager), self.submit(manager)
         self.pool.runs[0].print("step 1\n")
-        self.assertEqual(self.successResultOf(manager.log(running.id)), "step 1\n")
-        self.assertEqual(self.successResultOf(manager.log(queued.id)), "")
+        self.assertEqual(self.successResultOf(self.queries.log(running.id)), "step 1\n")
+        self.assertEqual(self.successResultOf(self.queries.log(queued.id)), "")
         self.pool.runs[0].print("step 2\n")
         self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"))
-        self.assertEqual(self.successResultOf(self.manager().log(running.id)), "step 1\nstep 2\n")
-        self.failureResultOf(manager.log("nope"), NotFound)
+        self.assertEqual(self.successResultOf(self.ask().log(running.id)), "step 1\nstep 2\n")
+        self.failureResultOf(self.queries.log("nope"), NotFound)
 
     def test_progressReachesListeners(self) -> None:
         """Progress from the pool reaches the job's listeners until the job ends."""
@@ -179,7 +180,7 @@ class StatusTests(JobsTestCase):
             now[0] = 5000.0 + periods * records.PROGRESS_EVERY
             self.pool.runs[0].progress(done, 10)
             if done == 3:
-                status = self.successResultOf(manager.status(job.id))
+                status = self.successResultOf(self.queries.status(job.id))
                 self.assertEqual(status["Progress"], {"Done": 3, "Total": 10})
         self.assertEqual(seen, [(1, 10), (4, 10), (10, 10), (10, 10)])
 
@@ -197,7 +198,7 @@ class ListTests(JobsTestCase):
         oldest, middle, newest = jobs
 
         def listed(state: str | None, limit: int) -> list[tuple[str, str]]:
-            found = self.successResultOf(manager.recent(state, limit))
+            found = self.successResultOf(self.queries.recent(state, limit))
             return [(summary["Job"], summary["State"]) for summary in found]
 
         self.assertEqual(
@@ -214,7 +215,7 @@ class ListTests(JobsTestCase):
         manager = self.manager()
         job = self.submit(manager)
         self.assertEqual(
-            self.successResultOf(manager.recent(None, 1)),
+            self.successResultOf(self.queries.recent(None, 1)),
             [
                 {
                     "Job": job.id,
@@ -240,7 +241,7 @@ class ResultTests(JobsTestCase):
         """A single value comes back as its Name, Kind and Value."""
         job = self.done({"peak": {"Kind": "Scalar", "Value": 34.88}})
         self.assertEqual(
-            self.successResultOf(self.manager().result(job, "peak", 0, 1000)),
+            self.successResultOf(self.ask().result(job, "peak", 0, 1000)),
             {"Name": "peak", "Kind": "Scalar", "Value": 34.88},
         )
 
@@ -258,7 +259,7 @@ class ResultTests(JobsTestCase):
             {"mean_by_sensor": {"Kind": "Series", "File": relative, "Rows": 5}}
         )
         self.assertEqual(
-            self.successResultOf(self.manager().result(job.id, "mean_by_sensor", 1, 3)),
+            self.successResultOf(self.ask().result(job.id, "mean_by_sensor", 1, 3)),
             {
                 "Name": "mean_by_sensor",
                 "Kind": "Series",
@@ -278,10 +279,10 @@ class ResultTests(JobsTestCase):
         """A job that is not done has no results: NotFound saying its state."""
         manager = self.manager()
         running = self.submit(manager)
-        error = self.failureResultOf(manager.result(running.id, "peak", 0, 10), NotFound).value
+        error = self.failureResultOf(self.queries.result(running.id, "peak", 0, 10), NotFound).value
         self.assertIn("has no results: it is running", error.message)
         self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"))
-        error = self.failureResultOf(manager.result(running.id, "peak", 0, 10), NotFound).value
+        error = self.failureResultOf(self.queries.result(running.id, "peak", 0, 10), NotFound).value
         self.assertIn("has no results: it is failed", error.message)
 
     def test_unknownName(self) -> None:
@@ -289,9 +290,9 @@ class ResultTests(JobsTestCase):
         job = self.done(
             {"peak": {"Kind": "Scalar", "Value": 1}, "count": {"Kind": "Scalar", "Value": 2}}
         )
-        error = self.failureResultOf(self.manager().result(job, "mean", 0, 10), NotFound).value
+        error = self.failureResultOf(self.ask().result(job, "mean", 0, 10), NotFound).value
         self.assertIn("has no result 'mean' (its results: peak, count)", error.message)
 
     def test_unknownJob(self) -> None:
         """A Result of a job that is not on record is NotFound."""
-        self.failureResultOf(self.manager().result("nope", "peak", 0, 10), NotFound)
+        self.failureResultOf(self.ask().result("nope", "peak", 0, 10), NotFound)

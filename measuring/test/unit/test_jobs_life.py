@@ -1,5 +1,5 @@
 """
-Tests for the time ``measuring.server.jobs.scheduler.JobManager`` gives jobs and keeps them: each
+Tests for the time ``measuring.server.jobs.scheduler.Scheduler`` gives jobs and keeps them: each
 job's time limit, recovery at start, the stop with its grace period, the retention sweep, and the
 counters of finished jobs.
 
@@ -17,8 +17,9 @@ from twisted.internet import defer
 from measuring import files
 from measuring.errors import Busy, Cancelled, JobFailed, Timeout
 from measuring.server.jobs.records import Job, JobSpec, new_job_id
-from measuring.server.jobs.scheduler import DAY
-from measuring.test.unit.test_jobs import NOW, TIMEOUT, HeldRunner, JobsTestCase
+from measuring.server.jobs.retention import DAY
+from measuring.test.support.fakes import HeldRunner
+from measuring.test.unit.test_jobs import NOW, TIMEOUT, JobsTestCase
 
 GRACE = 30.0
 HOUR = 3600.0
@@ -111,9 +112,9 @@ class RecoveryTests(JobsTestCase):
     def test_interruptedThreeTimesFails(self) -> None:
         """A job interrupted for the third time is not run again: it fails saying why."""
         job = self.left("running", NOW - 100, interrupted=2)
-        manager = self.manager()
+        self.manager()
         self.assertEqual(self.pool.started(), [])
-        status = self.successResultOf(manager.status(job))
+        status = self.successResultOf(self.queries.status(job))
         self.assertEqual(status["State"], "failed")
         self.assertEqual(status["Error"]["Code"], "JobFailed")
         self.assertIn("interrupted 3 times", status["Error"]["Message"])
@@ -183,6 +184,7 @@ class StopTests(JobsTestCase):
         self.assertIsNone(self.successResultOf(stopped))
         self.assertEqual(self.on_disk(job.id)["state"], "done")
         self.assertIsNone(self.pool.runs[0].killed_with)
+        self.retention.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_jobPastGraceQueuedAgain(self) -> None:
@@ -356,14 +358,14 @@ class HistoryTests(JobsTestCase):
         self.clock.advance(TIMEOUT - 3)
         every = {"Done": 1, "Failed": 1, "Cancelled": 1, "Timeout": 1}
         self.assertEqual(
-            self.successResultOf(manager.history()),
+            self.successResultOf(self.queries.history()),
             {"Total": every, "LastHour": every, "MeanSeconds": 16.5},
         )
         self.clock.advance(2 * HOUR)
         self.submit(manager)
         self.clock.advance(4)
         self.pool.runs[4].succeed()
-        history = self.successResultOf(manager.history())
+        history = self.successResultOf(self.queries.history())
         self.assertEqual(history["Total"], {**every, "Done": 2})
         self.assertEqual(
             history["LastHour"], {"Done": 1, "Failed": 0, "Cancelled": 0, "Timeout": 0}

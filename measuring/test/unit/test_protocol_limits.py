@@ -206,7 +206,9 @@ class UnauthorizedTests(TimedConnectionTestCase):
         harness = self.harness
         tokens = Tokens((TOKEN,))
         self.setUpConnection(
-            Dispatcher(harness.info, harness.jobs, harness.stats, ("/",), tokens=tokens)
+            Dispatcher(
+                harness.info, harness.jobs, harness.queries, harness.stats, ("/",), tokens=tokens
+            )
         )
 
     def send(self, token: str) -> None:

@@ -1,0 +1,126 @@
+"""
+The server's service tree, built from its settled settings: threads, the job database, the
+worker pool, the jobs, Info, the listening endpoints, systemd's notifications.
+
+``build`` only composes; the reactor is passed in. The order of the services is the order they
+start in, and the reverse of the order they stop in (``services.InOrder``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet import endpoints
+from twisted.logger import Logger
+
+from measuring.server.access import Tokens, keep_private
+from measuring.server.config import Config
+from measuring.server.dispatch import Dispatcher
+from measuring.server.info import InfoService
+from measuring.server.jobs.queries import JobQueries
+from measuring.server.jobs.records import Limits
+from measuring.server.jobs.retention import Retention
+from measuring.server.jobs.scheduler import Scheduler
+from measuring.server.jobs.store import JobDatabase, JobStore
+from measuring.server.listening import ClosingService, ListeningService, describe
+from measuring.server.pool.pool import WorkerPool, worker_environment
+from measuring.server.pool.processes import adopt_orphans
+from measuring.server.pool.sandbox import Bubblewrap, server_secrets
+from measuring.server.protocol import RequestFactory
+from measuring.server.services import InOrder, ProcessSetup
+from measuring.server.stats import Stats
+from measuring.server.systemd import NotifyService
+from measuring.server.threads import ThreadRunner
+
+
+def limits(settings: Config) -> Limits:
+    """The limits the scheduler holds jobs to."""
+    return Limits(
+        workers=settings.workers,
+        job_timeout=settings.job_timeout,
+        max_queued=settings.max_queued,
+        stop_grace=settings.stop_grace,
+        keep_jobs=settings.keep_jobs,
+        keep_results=settings.keep_results,
+    )
+
+
+def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None):
+    sandbox = None
+    if settings.sandbox == "bwrap":
+        secrets = server_secrets(
+            settings.state_dir, settings.token_file, config_file, settings.ports
+        )
+        sandbox = Bubblewrap(settings.data_roots, secrets)
+    return WorkerPool(
+        reactor,
+        reactor,
+        settings.workers,
+        settings.state_dir,
+        worker_environment(os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir),
+        watching,
+        settings.job_memory,
+        sandbox=sandbox,
+        job_limits={
+            "ResultBytes": settings.max_result_bytes,
+            **({"Processes": settings.max_job_processes} if settings.max_job_processes else {}),
+        },
+        reap_orphans=True,
+    )
+
+
+def build(settings: Config, reactor: Any, config_file: str | None = None) -> IService:
+    """The whole server on ``reactor`` (which provides every reactor interface used below)."""
+    if settings.insecure_no_token and not settings.tokens:
+        Logger().warn(
+            "measuring runs WITHOUT a token (--insecure-no-token): anyone who can reach "
+            "{ports} can run code on this machine",
+            ports=", ".join(settings.ports),
+        )
+    stats = Stats()
+    # Threads of the server's own: for what clients ask (Info, Result pages, cleanup) and, apart,
+    # for the workers (the memory watch, the end of each job), which must not wait behind them.
+    blocking = ThreadRunner(reactor, "measuring-blocking", size=2)
+    watching = ThreadRunner(reactor, "measuring-workers", size=2)
+    database = ThreadRunner(reactor, "measuring-database")
+    store = JobStore(
+        JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
+    )
+    pool = _pool(settings, reactor, watching, config_file)
+    held = limits(settings)
+    jobs = Scheduler(pool, store, reactor, held, blocking)
+    queries = JobQueries(jobs, store, reactor, blocking, held)
+    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking)
+    dispatcher = Dispatcher(
+        info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
+        Tokens(settings.tokens),
+    )  # fmt: skip
+    factory = RequestFactory(
+        dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,
+        settings.max_connections,
+    )  # fmt: skip
+    listener = ListeningService(
+        [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports], factory
+    )
+    # Started in this order; stopped in reverse, each in turn: tell systemd, stop listening, let
+    # running jobs end (or stop them), send the last answers and close connections, end the
+    # workers, close the job database, and only then stop the threads it runs in.
+    top = InOrder()
+    for service in (
+        ProcessSetup(keep_private, adopt_orphans),
+        blocking,
+        watching,
+        database,
+        store,
+        pool,
+        ClosingService(factory, reactor),
+        jobs,
+        Retention(store, reactor, held, blocking),
+        info,
+        listener,
+        NotifyService(reactor, lambda: [describe(port) for port in listener.ports]),
+    ):
+        service.setServiceParent(top)
+    return top

@@ -199,6 +199,11 @@ _JOB_OPTIONS = [
     ),
     click.option("--output", type=click.Choice(list(OUTPUTS)), help="How tables are written."),
     click.option("--engine", type=click.Choice(ENGINES), help="How the data is read."),
+    click.option(
+        "--index",
+        metavar="COLUMN",
+        help="Index the data by this column (e.g. time), for resample and rolling windows.",
+    ),
     click.option("--timeout", type=float, help="Longest the job may run, in seconds."),
 ]
 
@@ -213,7 +218,7 @@ def _job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @_job_options
 def run(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-        engine: str | None, timeout: float | None) -> None:  # fmt: skip
+        engine: str | None, index: str | None, timeout: float | None) -> None:  # fmt: skip
     """Run the formulas of FILE over BASE in DIRECTORY, wait, and show the results."""
     settings = _settings()
     progress = bar(os.path.basename(file)) if sys.stdout.isatty() and not settings.json else None
@@ -227,7 +232,8 @@ def run(directory: str, base: str, file: str, functions: tuple[str, ...], output
     with settings.client() as client:
         try:
             job = client.run(_local(directory), base, file, list(functions) or None, output,
-                             timeout, engine, progress=progress, accepted=accepted)  # fmt: skip
+                             timeout, engine, progress=progress, accepted=accepted,
+                             index=index)  # fmt: skip
         except KeyboardInterrupt:
             if started:
                 click.echo(
@@ -264,11 +270,11 @@ def _print_results(job: str, status: dict[str, Any], heading: bool = True) -> No
 @main.command()
 @_job_options
 def submit(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-           engine: str | None, timeout: float | None) -> None:  # fmt: skip
+           engine: str | None, index: str | None, timeout: float | None) -> None:  # fmt: skip
     """Queue a job and print its id."""
     with _settings().client() as client:
         job = client.submit(
-            _local(directory), base, file, list(functions) or None, output, timeout, engine
+            _local(directory), base, file, list(functions) or None, output, timeout, engine, index
         )
     _show({"Job": job.id}, lambda: click.echo(job.id))
 

@@ -295,7 +295,20 @@ def warm_up() -> None:
 
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
         path = os.path.join(folder, "warm.parquet")
-        pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]}).to_parquet(path)
+        frame = pd.DataFrame(
+            {
+                "time": pd.date_range("2026-01-01", periods=3, freq="h"),
+                "sensor": ["a", "b", "a"],
+                "value": [1.0, 2.0, 3.0],
+            }
+        )
+        frame.to_parquet(path)
+        formulas: dict[str, Formula] = {
+            "mean": lambda data: data.groupby("sensor").value.mean(),
+            "kept": lambda data: data[data.value > 1],
+            "hourly": lambda data: data.value.resample("1h").mean(),
+        }
         for engine in ENGINES:
-            dataset = datasets.read_dataset(path, engine)
-            compute({"mean": lambda data: data.groupby("sensor").value.mean()}, dataset, path)
+            dataset = datasets.read_dataset(path, engine, index="time")
+            writer = ResultWriter(folder, "warm", "parquet")
+            summarize(compute(formulas, dataset, path, writer=writer), writer)

@@ -69,7 +69,7 @@ class JobSpec:
             "Functions": list(self.functions) if self.functions is not None else None,
             "Output": self.output,
             "Engine": self.engine,
-            "Index": self.index,
+            **({"Index": self.index} if self.index is not None else {}),
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -26,10 +26,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.dataset as pds
 
-#: A partition holds about this much memory at most, whatever the job's memory allows.
+#: A partition holds about this much memory at most, whatever the job's memory allows...
 MOST_PARTITION = 256 * 2**20
-#: ...and at least this much (or one row group), so that tasks are not too small to be worth it.
-LEAST_PARTITION = 16 * 2**20
+#: ...and at least this much (or one row group), however little memory the job has.
+LEAST_PARTITION = 4 * 2**20
+#: Data is not cut finer than this only to give every thread partitions to work on.
+PARALLEL_PARTITION = 16 * 2**20
 #: A job's memory per thread over the size of the partition it works on: what reading,
 #: converting, computing and writing one partition take at once, measured (docs/performance.md).
 WORKING_SET = 6
@@ -80,17 +82,20 @@ def partition_bytes(memory: int | None, threads: int, baseline: int = 0) -> int:
     return max(LEAST_PARTITION, min(MOST_PARTITION, share))
 
 
-def plan(groups: Sequence[RowGroup], most: int, threads: int, sorted_index: bool) -> list[Partition]:
+def plan(
+    groups: Sequence[RowGroup], most: int, threads: int, sorted_index: bool = False
+) -> list[Partition]:
     """
     Row groups, in order, grouped into partitions of at most ``most`` bytes (one row group at
-    least), smaller when that gives each of ``threads`` threads ``PARTITIONS_PER_THREAD`` of them.
+    least), smaller when that gives each of ``threads`` threads ``PARTITIONS_PER_THREAD`` of them
+    (but not below ``PARALLEL_PARTITION``).
 
     With ``sorted_index``, a row group whose index starts where the one before ends stays in the
     same partition, so that no index value is on both sides of a division.
     """
     total = sum(group.bytes for group in groups)
-    wanted = max(LEAST_PARTITION, math.ceil(total / (max(threads, 1) * PARTITIONS_PER_THREAD)))
-    size = min(most, wanted)
+    wanted = math.ceil(total / (max(threads, 1) * PARTITIONS_PER_THREAD))
+    size = min(most, max(PARALLEL_PARTITION, wanted))
     partitions: list[Partition] = []
     current: list[RowGroup] = []
     held = 0
@@ -300,9 +305,10 @@ class Reader:
 
 
 def _by_file(partition: Partition) -> list[tuple[str, list[int]]]:
+    """The partition's row groups as runs of ascending row groups of one file each."""
     runs: list[tuple[str, list[int]]] = []
     for group in partition.groups:
-        if runs and runs[-1][0] == group.file:
+        if runs and runs[-1][0] == group.file and runs[-1][1][-1] < group.id:
             runs[-1][1].append(group.id)
         else:
             runs.append((group.file, [group.id]))
@@ -328,29 +334,52 @@ def _fastparquet_positions(source: Source) -> tuple[Any, dict[tuple[str, int], i
     return parquet, {(normal[path], i): position for (path, i), position in where.items()}
 
 
-def _divisions(source: Source, partitions: list[Partition], index: str) -> tuple[Any, ...] | None:
-    """Partition bounds from the statistics, when they show ``index`` sorted; else None."""
-    import pandas as pd
+def in_index_order(groups: Sequence[RowGroup]) -> list[RowGroup] | RowGroup | tuple[RowGroup, RowGroup]:
+    """
+    The row groups that hold rows, ordered by their index ranges when those do not overlap
+    (ranges that only touch are fine); else the row group without statistics, or two that
+    overlap.
+    """
+    held = [group for group in groups if group.rows]
+    for group in held:
+        if group.low is None or group.high is None:
+            return group
+    ordered = sorted(held, key=lambda group: (group.low, group.high))
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        if after.low < before.high:
+            return before, after
+    return ordered
 
-    bounds = []
-    previous = None
-    for partition in partitions:
-        for group in partition.groups:
-            if group.rows == 0:
-                continue
-            if group.low is None or group.high is None:
-                return None
-            if previous is not None and group.low < previous:
-                return None
-            previous = group.high
-        lows = [group.low for group in partition.groups if group.rows]
-        bounds.append(lows[0] if lows else None)
-    if previous is None or any(bound is None for bound in bounds):
-        return None
-    values = [*bounds, previous]
-    field = source.schema.field(index)
+
+def _unsorted(index: str, found: RowGroup | tuple[RowGroup, RowGroup]) -> JobFailed:
+    """What a job indexed by ``index`` is told when the files are not sorted by it."""
+    fix = (
+        f"sort the data by {index!r} once and write it back (sorting it in every job takes "
+        f"several times as long as the job, and more memory), or leave out \"Index\" and "
+        f"call set_index({index!r}) in the formula"
+    )
+    if isinstance(found, RowGroup):
+        return JobFailed(
+            f"cannot index the dataset by {index!r}: row group {found.id} of "
+            f"{os.path.basename(found.file)} has no statistics for it, so its range is unknown; "
+            f"write the files with statistics (pandas and pyarrow do by default)"
+        )
+    one, other = found
+    return JobFailed(
+        f"the dataset is not sorted by {index!r}: its values in row group {one.id} of "
+        f"{os.path.basename(one.file)} ({one.low} to {one.high}) and in row group {other.id} of "
+        f"{os.path.basename(other.file)} ({other.low} to {other.high}) overlap; {fix}"
+    )
+
+
+def _divisions(source: Source, partitions: list[Partition], index: str) -> tuple[Any, ...]:
+    """Partition bounds from the row groups' statistics (partitions in index order)."""
+    import pandas as pd
     import pyarrow as pa
 
+    values = [partition.groups[0].low for partition in partitions]
+    values.append(max(group.high for group in partitions[-1].groups))
+    field = source.schema.field(index)
     if pa.types.is_timestamp(field.type):
         stamps = pd.DatetimeIndex([pd.Timestamp(value) for value in values])
         zone = field.type.tz
@@ -368,14 +397,18 @@ def read_dataset(
     path: str,
     engine: str,
     index: str | None = None,
-    memory: int | None = None,
+    partition: int = MOST_PARTITION,
     threads: int = 1,
-    baseline: int = 0,
 ) -> dd.DataFrame:
     """
     The Parquet file or folder at ``path`` as a Dask DataFrame read with ``engine``, in
-    partitions sized for ``threads`` threads within ``memory`` bytes, indexed by the column
-    ``index`` (or by the index the file keeps) with divisions when its statistics show it sorted.
+    partitions of at most ``partition`` bytes of memory (``partition_bytes``), enough of them to
+    keep ``threads`` threads busy.
+
+    With ``index``, the frame is indexed by that column, its divisions known from the row
+    groups' statistics (row groups whose ranges do not overlap are read in index order); when
+    the files are not sorted by it, JobFailed says so. Without, an index the files keep (as
+    pandas writes it) has divisions when the statistics show it sorted.
     """
     import dask.dataframe as dd
 
@@ -387,23 +420,32 @@ def read_dataset(
         )
     key = index if index is not None else _single(source.stored_index)
     groups = source.row_groups(key)
-    most = partition_bytes(memory, threads, baseline)
-    partitions = plan(groups, most, threads, sorted_index=key is not None)
+    ordered = in_index_order(groups) if key is not None else None
+    if index is not None and not isinstance(ordered, list):
+        assert ordered is not None
+        raise _unsorted(index, ordered)
+    sorted_index = isinstance(ordered, list)
+    if isinstance(ordered, list):
+        groups = ordered
+    partitions = plan(groups, partition, threads, sorted_index)
     fastparquet = _fastparquet_positions(source) if engine == "fastparquet" else None
     reader = Reader(source, engine, index, fastparquet)
     meta = _meta(source, engine, index, fastparquet)
     if not partitions:
         return dd.from_pandas(meta, npartitions=1)
-    divisions = _divisions(source, partitions, key) if key is not None else None
-    dataset = dd.from_map(
+    divisions = (
+        _divisions(source, partitions, key)
+        if sorted_index and key is not None
+        else (None,) * (len(partitions) + 1)
+    )
+    return dd.from_map(
         reader,
         partitions,
         meta=meta,
-        divisions=divisions or [None] * (len(partitions) + 1),
+        divisions=divisions,
         enforce_metadata=False,
         label="read-parquet",
     )
-    return dataset
 
 
 def _single(names: list[str]) -> str | None:
@@ -419,10 +461,3 @@ def _meta(source: Source, engine: str, index: str | None, fastparquet: Any) -> p
     else:
         frame = source.schema.empty_table().to_pandas(types_mapper=arrow_types)
     return Reader(source, engine, index, fastparquet).shape(frame)
-
-
-def unsorted_message(index: str) -> str:
-    """What a job is told when ``index`` is not sorted in the dataset's files."""
-    return JobFailed(
-        f"the dataset is not sorted by {index!r}, so it cannot be indexed by it without a sort"
-    ).message

@@ -241,13 +241,13 @@ def _dataset(message: Message, memory: int | None, threads: int) -> Any:
     import psutil
 
     try:
+        baseline = psutil.Process().memory_info().rss
         return datasets.read_dataset(
             message["Base"],
             message.get("Engine", "pyarrow"),
-            index=message.get("Index"),
-            memory=memory,
-            threads=threads,
-            baseline=psutil.Process().memory_info().rss,
+            message.get("Index"),
+            datasets.partition_bytes(memory, threads, baseline),
+            threads,
         )
     except MeasuringError:
         raise

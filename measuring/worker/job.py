@@ -165,37 +165,44 @@ def compute(
             lazy[name] = formula(dataset.copy())
         except BaseException as e:
             _print_traceback(e)
-            raise JobFailed(f"formula {name!r} raised {_explained(e, path)}") from None
-    if writer is not None:
-        lazy = {
-            name: writer.stream(name, value) if is_table(value) else value
-            for name, value in lazy.items()
-        }
+            raise JobFailed(f"formula {name!r} raised {_explained(e, path, dataset)}") from None
     try:
+        if writer is not None:
+            lazy = {
+                name: writer.stream(name, value) if is_table(value) else value
+                for name, value in lazy.items()
+            }
         with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
             values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
-    except MeasuringError:
-        raise
-    except WriteFailed as e:
-        assert writer is not None
-        raise writer.failure(e) from None
     except BaseException as e:
+        if writer is not None:
+            writer.abandon()
+        if isinstance(e, MeasuringError):
+            raise
+        if isinstance(e, WriteFailed) and writer is not None:
+            raise writer.failure(e) from None
         _print_traceback(e)
         raise JobFailed(
-            f"computing the formulas ({', '.join(lazy)}) raised {_explained(e, path)}"
+            f"computing the formulas ({', '.join(lazy)}) raised {_explained(e, path, dataset)}"
         ) from None
     return dict(zip(lazy, values, strict=True))
 
 
-def _explained(error: BaseException, path: str) -> str:
-    """``describe(error)``, and what to do when it failed for want of an index with divisions."""
+#: What Dask and pandas say when a formula needs a time index with known divisions.
+_NEEDS_INDEX = ("known divisions", "Only valid with DatetimeIndex")
+
+
+def _explained(error: BaseException, path: str, dataset: Any) -> str:
+    """``describe(error)``, and what to do when it failed for want of an indexed dataset."""
     said = describe(error, path)
-    if "known divisions" in str(error) or "divisions are unknown" in str(error):
-        said += (
-            '; index the dataset by its time column in the request, e.g. "Index": "time" '
-            "(measuring-client --index time), so that its divisions are known"
-        )
-    return said
+    if not any(words in str(error) for words in _NEEDS_INDEX):
+        return said
+    times = [str(name) for name, dtype in dataset.dtypes.items() if dtype.kind == "M"]
+    column = times[0] if times else "time"
+    return (
+        f'{said}; index the dataset by its time column with "Index": "{column}" in the '
+        f"request (measuring-client --index {column}), which gives it known divisions"
+    )
 
 
 def run_job(message: Message, progress: Progress | None = None) -> Message:
@@ -219,11 +226,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
         )
-        try:
-            values = compute(formulas, dataset, path, progress, writer, threads)
-        except BaseException:
-            writer.abandon()
-            raise
+        values = compute(formulas, dataset, path, progress, writer, threads)
         described = summarize(values, writer)
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}

@@ -153,12 +153,18 @@ class ResultWriter:
     """
 
     def __init__(
-        self, directory: str, job: str, output: str, max_bytes: int | None = None
+        self,
+        directory: str,
+        job: str,
+        output: str,
+        max_bytes: int | None = None,
+        small: int = SMALL_RESULT,
     ) -> None:
         self.directory = directory
         self.job = job
         self.output = output
         self.max_bytes = max_bytes
+        self.small = small
         self.tables: dict[str, Table] = {}
         self._written = 0
         self._lock = threading.Lock()
@@ -266,6 +272,30 @@ class ResultWriter:
             raise
         return described
 
+    def _put_together(self, paths: list[str], parts: list[Part], target: str) -> int:
+        """
+        Make ``target`` of the parts at ``paths``: one file (the only part, or all combined),
+        or, for Parquet larger than ``small``, a folder of the parts that hold rows, in order.
+        How many files it is.
+        """
+        if self.output != "parquet":
+            if len(paths) == 1 and self.output == "csv":
+                os.rename(paths[0], target)
+            else:
+                _COMBINERS[self.output](paths, target)
+            return 1
+        held = [path for path, part in zip(paths, parts, strict=True) if part.rows] or paths[:1]
+        if len(held) == 1:
+            os.rename(held[0], target)
+            return 1
+        if sum(part.bytes for part in parts if part.rows) <= self.small:
+            _combine_parquet(held, target)
+            return 1
+        os.mkdir(target)
+        for number, path in enumerate(held):
+            os.rename(path, os.path.join(target, f"part.{number:05d}{OUTPUTS['parquet']}"))
+        return len(held)
+
     def abandon(self) -> None:
         """Remove whatever this job wrote."""
         if self._partial is not None:
@@ -280,15 +310,7 @@ class ResultWriter:
         paths = [os.path.join(folder, f"part.{n:05d}{ext}") for n in numbers]
         parts = [table.parts[n] for n in numbers]
         target = os.path.join(self._partial, table.name + ext)
-        if len(paths) == 1 and self.output != "json":
-            os.rename(paths[0], target)
-            pieces = 1
-        elif self.output != "parquet" or sum(part.bytes for part in parts) <= SMALL_RESULT:
-            _COMBINERS[self.output](paths, target)
-            pieces = 1
-        else:
-            os.rename(folder, target)
-            pieces = len(paths)
+        pieces = self._put_together(paths, parts, target)
         _sync(target)
         first = next((part for part in parts if part.rows), parts[0])
         head: list[dict[str, Any]] = []
@@ -431,7 +453,6 @@ _PART_WRITERS: dict[str, Callable[[Any, str, bool], None]] = {
     "json": _write_json,
 }
 _COMBINERS: dict[str, Callable[[list[str], str], None]] = {
-    "parquet": _combine_parquet,
     "csv": _combine_csv,
     "json": _combine_json,
 }

@@ -19,7 +19,7 @@ from measuring import files
 from measuring.errors import Forbidden
 from measuring.server.paths import resolve_inside
 from measuring.tables import records
-from measuring.wire import RESULTS
+from measuring.wire import OUTPUTS, RESULTS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,13 +60,13 @@ def place_results(outbox: str, directory: str, job: str) -> None:
 
 def _placed_files(source: str) -> list[str]:
     """
-    The files of a worker's results folder, relative to it: plain files, and folders (a table
-    written in parts) of plain files; anything else is Forbidden.
+    The files of a worker's results folder, relative to it: plain files, and ``.parquet``
+    folders (a table written in parts) of plain files; anything else is Forbidden.
     """
     found = []
     for name in sorted(os.listdir(source)):
         mode = os.lstat(os.path.join(source, name)).st_mode
-        if stat.S_ISDIR(mode):
+        if stat.S_ISDIR(mode) and name.endswith(OUTPUTS["parquet"]):
             for part in sorted(os.listdir(os.path.join(source, name))):
                 if not stat.S_ISREG(os.lstat(os.path.join(source, name, part)).st_mode):
                     raise Forbidden(f"{name}/{part} in the results is not a plain file")

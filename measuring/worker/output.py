@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from measuring import files
 from measuring.errors import JobFailed, MeasuringError
 from measuring.tables import has_own_index, json_value, records
-from measuring.wire import OUTPUTS
+from measuring.wire import OUTPUTS, RESULTS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -169,11 +169,13 @@ class ResultWriter:
         self._written = 0
         self._lock = threading.Lock()
         self._partial: str | None = None
+        self._made_results = False
 
     def _folder(self, name: str) -> str:
         """Where the parts of table ``name`` go, made with the partial folder on first use."""
         with self._lock:
             if self._partial is None:
+                self._made_results = not os.path.isdir(os.path.join(self.directory, RESULTS))
                 files.results_folder(self.directory)
                 partial = files.partial_dir(self.directory, self.job)
                 shutil.rmtree(partial, ignore_errors=True)
@@ -297,9 +299,12 @@ class ResultWriter:
         return len(held)
 
     def abandon(self) -> None:
-        """Remove whatever this job wrote."""
+        """Remove whatever this job wrote (and the results folder, if it made it)."""
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
+            if self._made_results:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(self.directory, RESULTS))
 
     def _assemble(self, table: Table) -> dict[str, Any]:
         """Table ``name``'s parts as its file (or folder), synced; its description."""
@@ -473,10 +478,10 @@ def summarize(values: dict[str, Any], writer: ResultWriter) -> dict[str, Any]:
     described: dict[str, Any] = {}
     with writing(writer):
         for name, value in values.items():
-            if name in writer.tables:
-                described[name] = None
-            elif writer.write(name, value) == "Scalar":
+            if name not in writer.tables and writer.write(name, value) == "Scalar":
                 described[name] = {"Kind": "Scalar", "Value": json_value(value)}
+            else:
+                described[name] = None
         tables = writer.finish()
     return {name: entry or tables[name] for name, entry in described.items()}
 

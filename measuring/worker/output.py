@@ -144,6 +144,8 @@ class Table:
     name: str
     kind: str
     parts: dict[int, Part] = field(default_factory=dict)
+    #: The Arrow schema every Parquet part is written with, so that the parts read as one table.
+    schema: Any = None
 
 
 class ResultWriter:
@@ -194,7 +196,7 @@ class ResultWriter:
         import pandas as pd
 
         kind = "DataFrame" if isinstance(collection, dd.DataFrame) else "Series"
-        self.tables[name] = Table(name, kind)
+        self.tables[name] = Table(name, kind, schema=_schema(name, collection._meta))
         folder = self._folder(name)
 
         return collection.map_partitions(
@@ -218,7 +220,10 @@ class ResultWriter:
         """Write partition ``number`` of table ``name`` in ``folder``; what it held."""
         _, frame = as_frame(name, partition)
         path = os.path.join(folder, f"part.{number:05d}{OUTPUTS[self.output]}")
-        _PART_WRITERS[self.output](frame, path, number == 0)
+        if self.output == "parquet":
+            _write_parquet(frame, path, self.tables[name].schema)
+        else:
+            _PART_WRITERS[self.output](frame, path, number == 0)
         size = os.path.getsize(path)
         part = Part(
             rows=len(frame),
@@ -366,8 +371,34 @@ def _sync(path: str) -> None:
     files.fsync(path)
 
 
-def _write_parquet(frame: pd.DataFrame, path: str, first: bool) -> None:
-    frame.to_parquet(path, engine="pyarrow", index=has_own_index(frame))
+def _schema(name: str, meta: Any) -> Any:
+    """
+    The Arrow schema of a table whose partitions look like ``meta``, or None when some column's
+    type shows only in the data (an empty column of Python objects).
+    """
+    import pyarrow as pa
+
+    _, frame = as_frame(name, meta)
+    try:
+        schema = pa.Schema.from_pandas(frame, preserve_index=has_own_index(frame))
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    return None if any(pa.types.is_null(field.type) for field in schema) else schema
+
+
+def _write_parquet(frame: pd.DataFrame, path: str, schema: Any = None) -> None:
+    """A Parquet file of ``frame``: with ``schema`` when the frame fits it, as all parts do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    index = has_own_index(frame)
+    table = None
+    if schema is not None:
+        with contextlib.suppress(pa.ArrowException, TypeError, ValueError):
+            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=index)
+    if table is None:
+        table = pa.Table.from_pandas(frame, preserve_index=index)
+    pq.write_table(table, path)
 
 
 def _write_csv(frame: pd.DataFrame, path: str, first: bool) -> None:
@@ -453,7 +484,6 @@ def _combine_parquet(paths: list[str], target: str) -> None:
 
 
 _PART_WRITERS: dict[str, Callable[[Any, str, bool], None]] = {
-    "parquet": _write_parquet,
     "csv": _write_csv,
     "json": _write_json,
 }

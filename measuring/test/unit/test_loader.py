@@ -283,7 +283,7 @@ class WriteResultsTests(SynchronousTestCase):
             frames,
             "parquet",
         )
-        self.assertEqual(os.listdir(self.results), [])
+        self.assertFalse(os.path.exists(self.results))
 
     def test_resultsLeadingOutIsForbidden(self) -> None:
         """A ``results`` symlink out of Directory is Forbidden and nothing is written there."""

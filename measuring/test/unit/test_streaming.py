@@ -156,11 +156,11 @@ class FailureTests(SynchronousTestCase):
         formulas = {"fine": lambda df: df, "broken": lambda df: df.map_partitions(broken)}
         error = self.assertRaises(JobFailed, self.compute, formulas, writer)
         self.assertIn("ValueError: bad reading", error.message)
-        self.assertEqual(os.listdir(os.path.join(self.directory, "results")), [])
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "results")))
 
     def test_tooLargeWhileWriting(self) -> None:
         """Parts past ``max_bytes`` stop the job with the limit named; nothing is left."""
         writer = ResultWriter(self.directory, JOB, "csv", max_bytes=10_000)
         error = self.assertRaises(JobFailed, self.compute, {"all": lambda df: df}, writer)
         self.assertIn("more than the 10000 a job may write (--max-result-bytes)", error.message)
-        self.assertEqual(os.listdir(os.path.join(self.directory, "results")), [])
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "results")))

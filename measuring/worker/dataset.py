@@ -12,6 +12,7 @@ divisions from the row groups' statistics when they show it sorted. Never import
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -183,40 +184,41 @@ def _stored_index(schema: pa.Schema) -> list[str]:
 
 
 def _row_widths(source: Source) -> float:
-    """Bytes of memory one row takes, every column read: fixed widths, texts from a sample."""
+    """
+    Bytes of memory one row takes, every column read: what fixed-width types say, and for
+    texts and other variable types what a sample of the first rows takes in Arrow.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     width, variable = 0.0, []
     for field in source.schema:
         try:
-            width += field.type.bit_width / 8 + 0.125
+            width += field.type.bit_width / 8 + 1 / 8
         except ValueError:
             variable.append(field.name)
-    if not variable:
+    first = next(
+        (
+            (path, info.id)
+            for path, f in source.fragments.items()
+            for info in f.row_groups
+            if info.num_rows
+        ),
+        None,
+    )
+    if not variable or first is None:
         return width
-    physical = [name for name in variable if name in _physical_names(source)]
-    for path, fragment in source.fragments.items():
-        for info in fragment.row_groups:
-            if info.num_rows and physical:
-                batch = next(
-                    pq.ParquetFile(path).iter_batches(
-                        batch_size=SAMPLE_ROWS,
-                        row_groups=[info.id],
-                        columns=physical,
-                        use_threads=False,
-                    )
-                )
-                table = pa.Table.from_batches([batch])
-                return width + table.nbytes / max(table.num_rows, 1) + 8 * (
-                    len(variable) - len(physical)
-                )
-    return width + 16 * len(variable)
-
-
-def _physical_names(source: Source) -> set[str]:
-    fragment = next(iter(source.fragments.values()), None)
-    return set(fragment.physical_schema.names) if fragment is not None else set()
+    physical = set(source.fragments[first[0]].physical_schema.names)
+    sampled = [name for name in variable if name in physical]
+    # Hive partition columns are dictionaries: an index a row.
+    width += 8 * (len(variable) - len(sampled))
+    if sampled:
+        batches = pq.ParquetFile(first[0]).iter_batches(
+            batch_size=SAMPLE_ROWS, row_groups=[first[1]], columns=sampled, use_threads=False
+        )
+        sample = pa.Table.from_batches([next(batches)])
+        width += sample.nbytes / max(sample.num_rows, 1)
+    return width
 
 
 def arrow_types(arrow: pa.DataType) -> Any:
@@ -334,7 +336,9 @@ def _fastparquet_positions(source: Source) -> tuple[Any, dict[tuple[str, int], i
     return parquet, {(normal[path], i): position for (path, i), position in where.items()}
 
 
-def in_index_order(groups: Sequence[RowGroup]) -> list[RowGroup] | RowGroup | tuple[RowGroup, RowGroup]:
+def in_index_order(
+    groups: Sequence[RowGroup],
+) -> list[RowGroup] | RowGroup | tuple[RowGroup, RowGroup]:
     """
     The row groups that hold rows, ordered by their index ranges when those do not overlap
     (ranges that only touch are fine); else the row group without statistics, or two that
@@ -345,7 +349,7 @@ def in_index_order(groups: Sequence[RowGroup]) -> list[RowGroup] | RowGroup | tu
         if group.low is None or group.high is None:
             return group
     ordered = sorted(held, key=lambda group: (group.low, group.high))
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         if after.low < before.high:
             return before, after
     return ordered
@@ -355,7 +359,7 @@ def _unsorted(index: str, found: RowGroup | tuple[RowGroup, RowGroup]) -> JobFai
     """What a job indexed by ``index`` is told when the files are not sorted by it."""
     fix = (
         f"sort the data by {index!r} once and write it back (sorting it in every job takes "
-        f"several times as long as the job, and more memory), or leave out \"Index\" and "
+        f'several times as long as the job, and more memory), or leave out "Index" and '
         f"call set_index({index!r}) in the formula"
     )
     if isinstance(found, RowGroup):

@@ -59,9 +59,10 @@ def write_large(path: str) -> tuple[np.ndarray, np.ndarray]:
     sensors = rng.integers(0, len(SENSORS), LARGE_ROWS).astype(np.int8)
     values = rng.normal(20.0, 5.0, LARGE_ROWS)
     start = np.datetime64("2026-01-01T00:00:00", "ms")
-    with pq.ParquetWriter(path, pa.schema([("time", pa.timestamp("ms")),
-                                           ("sensor", pa.string()),
-                                           ("value", pa.float64())])) as writer:  # fmt: skip
+    schema = pa.schema(
+        [("time", pa.timestamp("ms")), ("sensor", pa.string()), ("value", pa.float64())]
+    )
+    with pq.ParquetWriter(path, schema) as writer:
         for first in range(0, LARGE_ROWS, GROUP_ROWS):
             rows = slice(first, first + GROUP_ROWS)
             times = start + np.arange(first, min(first + GROUP_ROWS, LARGE_ROWS)) * 100
@@ -109,10 +110,8 @@ class LargeDataTests(ServerTestCase):
         self.assertEqual(list(written.columns), ["time", "sensor", "value"])
         del written
 
-        page = server.ask(
-            {"Header": "Job", "Request": "Result", "Job": answer["Job"], "Name": "kept",
-             "Offset": len(expected) - 2, "Limit": 10}  # fmt: skip
-        )
+        last = {"Name": "kept", "Offset": len(expected) - 2, "Limit": 10}
+        page = self.job(server, "Result", answer["Job"], **last)
         self.assertEqual(page["Response"]["Rows"], len(expected))
         self.assertEqual([r["value"] for r in page["Response"]["Records"]], list(expected[-2:]))
 

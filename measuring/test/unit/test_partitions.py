@@ -77,9 +77,11 @@ def write_groups(folder: str, frame: pd.DataFrame, rows: int, name: str = "data.
     return write_dataset(folder, name, frame, row_group_size=rows)
 
 
-def read(path: str, engine: str, partition: int = 64 * 1024, **options: object) -> dd.DataFrame:
+def read(
+    path: str, engine: str, partition: int = 64 * 1024, index: str | None = None
+) -> dd.DataFrame:
     """The dataset in partitions of at most ``partition`` bytes, one thread."""
-    return datasets.read_dataset(path, engine, partition=partition, **options)  # type: ignore[arg-type]
+    return datasets.read_dataset(path, engine, index, partition)
 
 
 class PartitionTests(SynchronousTestCase):
@@ -145,11 +147,11 @@ class IndexTests(SynchronousTestCase):
         self.folder = make_folder(self)
         self.frame = sample_frame(40_000)
 
-    def assert_resamples(self, path: str, frame: pd.DataFrame, **options: object) -> None:
+    def assert_resamples(self, path: str, frame: pd.DataFrame) -> None:
         """Both engines index ``frame`` by time with known divisions; resample is pandas'."""
         expected = frame.set_index("time").value.resample("10min").mean()
         for engine in wire.ENGINES:
-            dataset = read(path, engine, index="time", **options)
+            dataset = read(path, engine, index="time")
             self.assertTrue(dataset.known_divisions, engine)
             self.assertGreater(dataset.npartitions, 1, engine)
             self.assertEqual(dataset.divisions[0], frame.time.min(), engine)
@@ -178,9 +180,8 @@ class IndexTests(SynchronousTestCase):
     def test_timeZone(self) -> None:
         """A zoned time column keeps its zone in the index and the divisions."""
         # Not across a change of summer time: Dask's resample then repeats bins (from_pandas too).
-        frame = self.frame.assign(
-            time=pd.date_range("2026-01-05", periods=len(self.frame), freq="min", tz="Europe/Berlin")
-        )
+        times = pd.date_range("2026-01-05", periods=len(self.frame), freq="min", tz="Europe/Berlin")
+        frame = self.frame.assign(time=times)
         self.assert_resamples(write_groups(self.folder, frame, 1000), frame)
 
     def test_storedIndexMovesAside(self) -> None:

@@ -54,11 +54,14 @@ class StreamTests(SynchronousTestCase):
         entry = self.stream(self.dataset[self.dataset.value > 20])
         expected = kept(self.frame)
         self.assertEqual(entry["File"], f"results/{JOB}/kept.parquet")
-        self.assertEqual((entry["Kind"], entry["Rows"], entry["Parts"]), ("DataFrame", len(expected), 6))
+        self.assertEqual(
+            (entry["Kind"], entry["Rows"], entry["Parts"]), ("DataFrame", len(expected), 6)
+        )
         self.assertEqual(
             sorted(os.listdir(self.path(entry))), [f"part.0000{n}.parquet" for n in range(6)]
         )
-        pd.testing.assert_frame_equal(pd.read_parquet(self.path(entry)), expected, check_dtype=False)
+        read = pd.read_parquet(self.path(entry))
+        pd.testing.assert_frame_equal(read, expected, check_dtype=False)
         self.assertEqual(os.listdir(os.path.join(self.directory, "results")), [JOB])
 
     def test_smallCombined(self) -> None:

@@ -47,7 +47,9 @@ def limits(settings: Config) -> Limits:
     )
 
 
-def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None):
+def _pool(
+    settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None
+) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
         secrets = server_secrets(

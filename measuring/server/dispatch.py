@@ -207,14 +207,21 @@ class Dispatcher:
             error = Internal("the server failed answering this request; the details are in its log")
         return self._error_answer(error, header)
 
-    def _error_answer(self, error: MeasuringError, header: object) -> Answer:
+    def _error_answer(self, error: MeasuringError, header: object, **fields: Any) -> Answer:
+        """The one place an error becomes an answer; ``fields`` (``Job``, ``Log``) go with it."""
         self._stats.error(error.code)
         return {
             "Header": header if isinstance(header, str) else "Error",
             "Status": "Error",
-            **error.extra,
+            **fields,
             "Error": error.to_json(),
         }
+
+    def _job_failed(self, reason: Failure, header: str, job: str) -> Answer | Failure:
+        """An error about one job, answered with the job's id."""
+        if isinstance(reason.value, MeasuringError):
+            return self._error_answer(reason.value, header, Job=job)
+        return reason
 
     def _info_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
         name = request.get("Request")
@@ -244,13 +251,8 @@ class Dispatcher:
                         {"Header": "Progress", "Job": job.id, "Done": done, "Total": total}
                     )
                 )
-            final = job.when_finished().addCallback(
-                lambda response: {
-                    "Header": "Dask",
-                    "Status": "OK",
-                    "Job": job.id,
-                    "Response": response,
-                }
+            final = job.when_finished().addCallbacks(
+                self._ended_answer, self._job_failed, errbackArgs=("Dask", job.id)
             )
             accepted = {"Header": "Dask", "Status": "Accepted", "Job": job.id}
             if not background:
@@ -263,6 +265,13 @@ class Dispatcher:
             return accepted
 
         return self._jobs.submit(spec).addCallback(submitted)
+
+    def _ended_answer(self, job: Job) -> Answer:
+        """The answer to a Dask request whose job has ended: its Response, or its error."""
+        if job.error is not None or job.response is None:
+            error = job.error or Internal(f"job {job.id} ended without results")
+            return self._error_answer(error, "Dask", Job=job.id, Log=job.log)
+        return {"Header": "Dask", "Status": "OK", "Job": job.id, "Response": job.response}
 
     def dask_spec(self, fields: object) -> JobSpec:
         """Check the ``Request`` object of a Dask request and resolve its paths."""
@@ -327,9 +336,6 @@ class Dispatcher:
             limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
             found = self._queries.result(job, result, offset, limit)
 
-        def failed(reason: Failure) -> Failure:
-            if isinstance(reason.value, MeasuringError):
-                reason.value.extra.setdefault("Job", job)
-            return reason
-
-        return found.addCallbacks(lambda response: answer(response, Job=job), failed)
+        return found.addCallbacks(
+            lambda response: answer(response, Job=job), self._job_failed, errbackArgs=("Job", job)
+        )

@@ -28,17 +28,21 @@ class Live(Protocol):
     def counts(self) -> dict[str, int]: ...
 
 
-class Records(Protocol):
-    """The job database as the read side uses it (``store.JobStore``)."""
+class Finder(Protocol):
+    """Where a job that is not live is looked up (``store.JobStore``)."""
 
     def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
+
+
+class Records(Finder, Protocol):
+    """The job database as the read side uses it (``store.JobStore``)."""
 
     def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
 
     def counters(self, since: float) -> defer.Deferred[dict[str, Any]]: ...
 
 
-def find_job(live: Live, store: Records, job_id: str, keep_jobs: float) -> defer.Deferred[Job]:
+def find_job(live: Live, store: Finder, job_id: str, keep_jobs: float) -> defer.Deferred[Job]:
     """The job, live or from the database; NotFound when there is none."""
     job = live.live(job_id)
     if job is not None:

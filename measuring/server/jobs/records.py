@@ -102,26 +102,27 @@ class Job:
     response: dict[str, Any] | None = None
     error: MeasuringError | None = None
     log: str = ""
-    _waiting: list[defer.Deferred[dict[str, Any]]] = field(default_factory=list, repr=False)
+    _waiting: list[defer.Deferred[Job]] = field(default_factory=list, repr=False)
     _listeners: list[Progress] = field(default_factory=list, repr=False)
     #: The last (done, total) its running computation reported.
     last_progress: tuple[int, int] | None = field(default=None, repr=False)
-    _progress_told: float = field(default=0.0, repr=False)
+    _progress_told: float | None = field(default=None, repr=False)
     _interrupted: MeasuringError | None = field(default=None, repr=False)
 
     @property
     def ended(self) -> bool:
         return self.state in FINISHED
 
-    def when_finished(self) -> defer.Deferred[dict[str, Any]]:
-        """Fires with the job's Response once it is done, or fails with its error."""
-        if self.response is not None:
-            return defer.succeed(self.response)
-        if self.error is not None:
-            return defer.fail(self.error)
+    def when_finished(self) -> defer.Deferred[Job]:
+        """
+        Fires with the job once it has ended (done or not: see ``response`` and ``error``), or
+        fails with why it will not end now (the server stops).
+        """
+        if self.ended:
+            return defer.succeed(self)
         if self._interrupted is not None:
             return defer.fail(self._interrupted)
-        waiting: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        waiting: defer.Deferred[Job] = defer.Deferred()
         self._waiting.append(waiting)
         return waiting
 
@@ -130,11 +131,14 @@ class Job:
         if not self.ended:
             self._listeners.append(progress)
 
-    def progress(self, done: int, total: int) -> None:
-        """Pass on the job's progress: at most ``PROGRESS_EVERY`` seconds apart, and the end."""
+    def progress(self, done: int, total: int, now: float) -> None:
+        """
+        Pass on the job's progress (``now`` from the server's clock): at most
+        ``PROGRESS_EVERY`` seconds apart, and the end. The one place progress is throttled.
+        """
         self.last_progress = (done, total)
-        now = time.monotonic()
-        if done < total and now - self._progress_told < PROGRESS_EVERY:
+        told = self._progress_told
+        if done < total and told is not None and now - told < PROGRESS_EVERY:
             return
         self._progress_told = now
         for listener in list(self._listeners):
@@ -147,10 +151,7 @@ class Job:
         self.state, self.response, self.error = state, response, error
         waiting, self._waiting, self._listeners = self._waiting, [], []
         for d in waiting:
-            if error is not None:
-                d.errback(error)
-            elif response is not None:
-                d.callback(response)
+            d.callback(self)
 
     def interrupt(self, error: MeasuringError) -> None:
         """Tell everyone waiting, and anyone who asks later, that the job will not end now."""
@@ -235,3 +236,12 @@ class Limits:
     stop_grace: float
     keep_jobs: float
     keep_results: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What running a job gave: its results or its error, and what it printed."""
+
+    results: dict[str, Any] | None
+    error: MeasuringError | None
+    log: str

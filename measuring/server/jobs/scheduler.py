@@ -33,6 +33,7 @@ from measuring.server.jobs.records import (
     Job,
     JobSpec,
     Limits,
+    Outcome,
     Progress,
     new_job_id,
     stored_response,
@@ -48,7 +49,7 @@ __all__ = ["Job", "JobSpec", "Limits", "Scheduler"]
 class RunningJob(Protocol):
     """What the pool gives back for a job it runs (``measuring.server.pool.process.RunningJob``)."""
 
-    result: defer.Deferred[dict[str, Any]]
+    result: defer.Deferred[Outcome]  # never fails
     on_progress: Progress | None
 
     def kill(self, reason: MeasuringError) -> None: ...
@@ -78,8 +79,7 @@ def _waits_for_next_start(job: Job) -> Busy:
     """What a client waiting for ``job`` hears when the server stops before it ends."""
     return Busy(
         f"the server is stopping before job {job.id} ended; it runs (again) from the start when "
-        f"the server is back (ask for it with a Job Status request)",
-        Job=job.id,
+        f"the server is back (ask for it with a Job Status request)"
     )
 
 
@@ -232,7 +232,9 @@ class Scheduler(Service):
                 )
             )
             running = self._pool.run(job.spec.message(job.id))
-            running.on_progress = job.progress
+            running.on_progress = lambda done, total, job=job: job.progress(
+                done, total, self._clock.seconds()
+            )
             self._running[job.id] = running
             seconds = min(job.spec.timeout or limits.job_timeout, limits.job_timeout)
             timer = self._clock.callLater(
@@ -242,7 +244,7 @@ class Scheduler(Service):
             )
             running.result.addBoth(self._ended, job, timer)
 
-    def _ended(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+    def _ended(self, outcome: Outcome | Failure, job: Job, timer: IDelayedCall) -> None:
         """A job's process is done with it: record how it ended, whatever went wrong doing so."""
         try:
             self._end(outcome, job, timer)
@@ -250,11 +252,11 @@ class Scheduler(Service):
             self._log.failure("ending job {job}", job=job.id)
             self._running.pop(job.id, None)
             if not job.ended:
-                failure = Internal("the server failed ending this job; see its log", Job=job.id)
-                self._finish(job, "failed", None, failure)
+                failure = Internal("the server failed ending this job; see its log")
+                self._finish(job, "failed", None, failure, "")
             self._start_next()
 
-    def _end(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+    def _end(self, outcome: Outcome | Failure, job: Job, timer: IDelayedCall) -> None:
         if timer.active():
             timer.cancel()
         del self._running[job.id]
@@ -266,20 +268,20 @@ class Scheduler(Service):
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):
-            error = outcome.value
-            if not isinstance(error, MeasuringError):
-                self._log.failure("job {job} failed inside the server", outcome, job=job.id)
-                error = Internal("the server failed running this job; see its log")
-            error.extra = {"Job": job.id, **error.extra}
-            self._finish(job, _STATES.get(type(error), "failed"), None, error)
+            self._log.failure("job {job} failed inside the server", outcome, job=job.id)
+            outcome = Outcome(None, Internal("the server failed running this job; see its log"), "")
+        if outcome.error is not None or outcome.results is None:
+            error = outcome.error or Internal("the job ended with neither results nor an error")
+            self._finish(job, _STATES.get(type(error), "failed"), None, error, outcome.log)
             self._remove_partial(job)
         else:
             elapsed = round(self._clock.seconds() - (job.started or 0.0), 3)
             # The files are where the server says, whatever the worker claimed.
-            for name, entry in outcome["Results"].items():
+            for name, entry in outcome.results.items():
                 if entry.get("Kind") != "Scalar":
                     entry["File"] = files.result_file(job.id, name, job.spec.output)
-            self._finish(job, "done", {**outcome, "Elapsed": elapsed}, None)
+            response = {"Results": outcome.results, "Log": outcome.log, "Elapsed": elapsed}
+            self._finish(job, "done", response, None, outcome.log)
         self._start_next()
 
     def _remove_partial(self, job: Job) -> defer.Deferred[Any]:
@@ -294,10 +296,11 @@ class Scheduler(Service):
         state: str,
         response: dict[str, Any] | None,
         error: MeasuringError | None,
+        log: str,
     ) -> defer.Deferred[Any]:
         """Write how a job ended, then tell those waiting for it."""
         job.finished = self._clock.seconds()
-        job.log = (response or {}).get("Log") or (error.extra.get("Log", "") if error else "")
+        job.log = log
         written = self._store.update(
             job.id,
             state=state,
@@ -349,7 +352,7 @@ class Scheduler(Service):
             self._running[job.id].kill(Cancelled("the job was cancelled"))
         elif job in self._queue:
             self._queue.remove(job)
-            self._finish(job, "cancelled", None, Cancelled("the job was cancelled", Job=job.id))
+            self._finish(job, "cancelled", None, Cancelled("the job was cancelled"), "")
         elif job.state == "queued":
             # Stopped by the server's stop: it stays queued for the next start.
             return defer.succeed(job.state)

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from measuring.errors import JobFailed, MeasuringError, from_json
 from measuring.messages import JOB_FD, REPLY_FD, Message, MessageBuffer, encode
+from measuring.server.jobs.records import Outcome
 from measuring.wire import KINDS
 
 if TYPE_CHECKING:
@@ -76,14 +77,14 @@ class RunningJob:
     """
     One job handed to the pool: waits for a ready worker, then runs in it.
 
-    ``result`` fires with ``{"Results": ..., "Log": ...}`` or fails with a MeasuringError whose
-    ``extra`` carries the ``Log``.
+    ``result`` fires with the job's ``Outcome`` (its results or its error, and its log); it
+    never fails.
     """
 
     def __init__(self, pool: WorkerPool, message: Message) -> None:
         self._pool = pool
         self.message = message
-        self.result: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.result: defer.Deferred[Outcome] = defer.Deferred()
         self.log = OutputLog()
         self.worker: WorkerProcess | None = None
         self.started: float | None = None
@@ -111,11 +112,10 @@ class RunningJob:
         return self.log.text()
 
     def succeed(self, results: dict[str, Any]) -> None:
-        self.result.callback({"Results": results, "Log": self.log.text()})
+        self.result.callback(Outcome(results, None, self.log.text()))
 
     def fail(self, reason: MeasuringError) -> None:
-        reason.extra.setdefault("Log", self.log.text())
-        self.result.errback(reason)
+        self.result.callback(Outcome(None, reason, self.log.text()))
 
 
 def malformed(message: Message) -> str | None:

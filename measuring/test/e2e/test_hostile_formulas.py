@@ -218,6 +218,10 @@ class FormulaTests(HostileTestCase):
         """A timed-out job's worker is ended with every process below it, marked or not."""
         write_formulas(self.folder, ORPHANS, name="orphans.py")
         server = self.start()
+        # The job's time counts while it waits for a worker: on a busy machine, wait for one.
+        self.wait_for(
+            lambda: self.ask(server, STATUS)["Response"]["Workers"]["Ready"] > 0, "a warm worker"
+        )
         job = self.submit(server, "loop", File="orphans.py", Timeout=2)
         pid = self.sleeper()
         self.assertEqual(alive([pid]), [pid])

@@ -15,7 +15,13 @@ from twisted.trial.unittest import TestCase
 from measuring.errors import JobFailed
 from measuring.messages import REPLY_FD
 from measuring.server.pool.pool import WorkerPool
-from measuring.test.e2e.test_pool_workers import job_error, job_message, start_pool, wait_until
+from measuring.test.e2e.test_pool_workers import (
+    job_error,
+    job_message,
+    job_results,
+    start_pool,
+    wait_until,
+)
 from measuring.test.support import FORMULAS, gone
 
 #: A formula that writes a Done message of the wrong shape where its worker answers, then exits.
@@ -66,7 +72,7 @@ class ForgedMessageTests(TestCase):
             )
 
         message = job_message(self, FORMULAS)
-        answer = await pool.run(message).result
+        answer = await job_results(pool.run(message))
         self.assertEqual(answer["Results"]["count"], {"Kind": "Scalar", "Value": 10_000})
         results = os.path.join(message["Directory"], "results", message["Job"])
         self.assertEqual(sorted(os.listdir(results)), ["hourly.parquet", "mean_by_sensor.parquet"])

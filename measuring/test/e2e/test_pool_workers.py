@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pandas as pd
 from twisted.internet import reactor, task
@@ -50,11 +50,18 @@ async def wait_until(
 
 async def job_error(running: RunningJob, kind: type[E]) -> E:
     """The ``kind`` of error a job fails with; the test fails if the job succeeds."""
-    try:
-        answer = await running.result
-    except kind as error:
-        return error
-    raise FailTest(f"the job succeeded: {answer}")
+    outcome = await running.result
+    if not isinstance(outcome.error, kind):
+        raise FailTest(f"the job did not fail with {kind.__name__}: {outcome}")
+    return outcome.error
+
+
+async def job_results(running: RunningJob) -> dict[str, Any]:
+    """The answer of a job that ends done: its Results and Log; the test fails otherwise."""
+    outcome = await running.result
+    if outcome.error is not None or outcome.results is None:
+        raise FailTest(f"the job failed: {outcome}")
+    return {"Results": outcome.results, "Log": outcome.log}
 
 
 def start_pool(
@@ -199,7 +206,7 @@ class WorkerPoolJobTests(TestCase):
         pool = start_pool(self)
         message = job_message(self, NOISY_FORMULAS)
         job = message["Job"]
-        answer = await pool.run(message).result
+        answer = await job_results(pool.run(message))
 
         frame = sample_frame()
         results = answer["Results"]
@@ -227,11 +234,13 @@ class WorkerPoolJobTests(TestCase):
         """A formula that raises fails the job with JobFailed naming it; Log has the traceback."""
         pool = start_pool(self)
         running = pool.run(job_message(self, "def broken(df):\n    return 1 / 0\n"))
-        error = await job_error(running, JobFailed)
+        outcome = await running.result
+        error = outcome.error
+        assert isinstance(error, JobFailed), outcome
         self.assertEqual(error.code, "JobFailed")
         self.assertIn("'broken'", error.message)
         self.assertIn("ZeroDivisionError", error.message)
-        self.assertIn("Traceback", error.extra["Log"])
+        self.assertIn("Traceback", outcome.log)
 
     async def test_workerThatExitsFailsTheJob(self) -> None:
         """A formula that ends its process with os._exit(3) fails the job, saying so."""
@@ -253,7 +262,7 @@ class WorkerPoolJobTests(TestCase):
         message = job_message(self, CHILDREN_FORMULAS.format(then="return 7"))
         running = pool.run(message)
         children = await started_children(self, message)
-        answer = await running.result
+        answer = await job_results(running)
         self.assertEqual(answer["Results"]["children"], {"Kind": "Scalar", "Value": 7})
         await all_ended(children)
 
@@ -287,7 +296,7 @@ class WorkerPoolJobTests(TestCase):
         running = pool.run(job_message(self, FORMULAS))
         reason = Cancelled("the job was cancelled")
         running.kill(reason)
-        self.assertIs(self.failureResultOf(running.result, Cancelled).value, reason)
+        self.assertIs(self.successResultOf(running.result).error, reason)
         self.assertEqual(pool.processes()[0].job, None)
 
     async def test_replacementRunsTheNextJob(self) -> None:
@@ -296,12 +305,12 @@ class WorkerPoolJobTests(TestCase):
         await wait_until(lambda: pool.ready_count == 1, "a ready worker")
         [first] = pool.processes()
         message = job_message(self, FORMULAS)
-        answer = await pool.run(message).result
+        answer = await job_results(pool.run(message))
         self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
         self.assertTrue(gone(first.pid), f"worker process {first.pid} still runs")
 
         again = job_message(self, FORMULAS)
-        second = await pool.run(again).result
+        second = await job_results(pool.run(again))
         self.assertEqual(second["Results"]["count"]["Value"], 10_000)
         self.assertTrue(os.path.isdir(os.path.join(again["Directory"], "results", again["Job"])))
 
@@ -321,7 +330,7 @@ class WorkerPoolJobTests(TestCase):
         running = pool.run(message)
         reports: list[tuple[int, int]] = []
         running.on_progress = lambda done, total: reports.append((done, total))
-        answer = await running.result
+        answer = await job_results(running)
         self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
         total = reports[-1][1]
         self.assertGreater(total, 1)
@@ -355,7 +364,8 @@ class WorkerPoolJobTests(TestCase):
         self.assertEqual([pid for pid in pids if not gone(pid)], [])
         self.assertEqual(pool.processes(), [])
         for job in (running, waiting):
-            error = self.failureResultOf(job.result, Cancelled).value
+            error = self.successResultOf(job.result).error
+            assert isinstance(error, Cancelled)
             self.assertEqual(error.message, "the server is stopping")
 
 

@@ -20,6 +20,7 @@ from measuring.client import (
     parse_address,
 )
 from measuring.test.support import PATIENCE, closed_port, environment
+from measuring.wire import CODES
 
 
 class AddressTests(SynchronousTestCase):
@@ -65,21 +66,8 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(str(error), "JobFailed: formula 'ratio' raised ZeroDivisionError")
 
     def test_everyCode(self) -> None:
-        """Every Code of docs/protocol.md has its own class; an unknown one is a plain JobError."""
-        codes = [
-            "BadRequest",
-            "TooLarge",
-            "Unauthorized",
-            "Forbidden",
-            "NotFound",
-            "Busy",
-            "Timeout",
-            "Cancelled",
-            "MemoryLimit",
-            "JobFailed",
-            "Internal",
-        ]
-        for code in codes:
+        """Every Code of the protocol has its own class; an unknown one is a plain JobError."""
+        for code in CODES:
             error = error_from({"Error": {"Code": code, "Message": "m"}})
             self.assertEqual((type(error).__name__, error.code), (code, code))
         self.assertIs(type(error_from({"Error": {"Code": "Novel", "Message": "m"}})), JobError)

@@ -253,6 +253,11 @@ _JOB_OPTIONS = [
     ),
     click.option("--output", type=click.Choice(list(OUTPUTS)), help="How tables are written."),
     click.option("--engine", type=click.Choice(ENGINES), help="How the data is read."),
+    click.option(
+        "--index",
+        metavar="COLUMN",
+        help="Index the data by this column (e.g. time), for resample and rolling windows.",
+    ),
     click.option("--timeout", type=float, help="Longest the job may run, in seconds."),
 ]
 
@@ -277,7 +282,7 @@ def _interrupted(job: str | None) -> None:
 @main.command()
 @_job_options
 def run(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-        engine: str | None, timeout: float | None) -> None:  # fmt: skip
+        engine: str | None, index: str | None, timeout: float | None) -> None:  # fmt: skip
     """Run the formulas of FILE over BASE in DIRECTORY, wait, and show the results."""
     settings = _settings()
     started: list[str] = []
@@ -291,7 +296,7 @@ def run(directory: str, base: str, file: str, functions: tuple[str, ...], output
         try:
             job = client.run(_local(directory), base, file, list(functions) or None, output,
                              timeout, engine, progress=settings.bars or None,
-                             accepted=accepted)  # fmt: skip
+                             accepted=accepted, index=index)  # fmt: skip
         except KeyboardInterrupt:
             _interrupted(started[0] if started else None)
         if not settings.json:
@@ -307,11 +312,11 @@ def _local(directory: str) -> str:
 @main.command()
 @_job_options
 def submit(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-           engine: str | None, timeout: float | None) -> None:  # fmt: skip
+           engine: str | None, index: str | None, timeout: float | None) -> None:  # fmt: skip
     """Queue a job and print its id."""
     with _settings().client() as client:
         job = client.submit(
-            _local(directory), base, file, list(functions) or None, output, timeout, engine
+            _local(directory), base, file, list(functions) or None, output, timeout, engine, index
         )
     _human(lambda: click.echo(job.id))
 

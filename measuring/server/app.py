@@ -66,6 +66,8 @@ def _pool(
         sandbox=sandbox,
         job_limits={
             "ResultBytes": settings.max_result_bytes,
+            "Threads": settings.job_threads,
+            **({"Memory": settings.job_memory} if settings.job_memory else {}),
             **({"Processes": settings.max_job_processes} if settings.max_job_processes else {}),
         },
         reap_orphans=True,

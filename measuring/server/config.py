@@ -34,6 +34,7 @@ class Config:
     job_timeout: float
     max_request_bytes: int
     job_memory: int | None = None
+    job_threads: int = 2
     max_queued: int = 100
     keep_jobs: float = 30.0
     keep_results: float | None = None
@@ -166,6 +167,7 @@ def load(
         job_timeout=settings["job-timeout"],
         max_request_bytes=settings["max-request-bytes"],
         job_memory=_job_memory(settings["job-memory"], settings["workers"]),
+        job_threads=_job_threads(settings["job-threads"]),
         max_queued=settings["max-queued"],
         keep_jobs=settings["keep-jobs"],
         keep_results=settings["keep-results"],
@@ -212,6 +214,14 @@ def _tokens(
             f"mean it"
         )
     return tokens
+
+
+def _job_threads(setting: int | str) -> int:
+    """``auto``: as many threads as this process may run on cores (measured best, even with
+    ``--workers`` jobs sharing them: docs/performance.md)."""
+    if setting != "auto":
+        return int(setting)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _job_memory(setting: int | str | None, workers: int) -> int | None:

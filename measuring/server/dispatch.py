@@ -35,7 +35,8 @@ KEYS = {
             "Format"),
 }  # fmt: skip
 DASK_FIELDS = (
-    "Directory", "Base", "File", "Functions", "Output", "Engine", "Async", "Timeout", "Progress",
+    "Directory", "Base", "File", "Functions", "Output", "Engine", "Index", "Async", "Timeout",
+    "Progress",
 )  # fmt: skip
 DEFAULT_LIST, MAX_LIST = 100, 1000
 DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
@@ -69,6 +70,18 @@ def _functions(value: object) -> tuple[str, ...] | None:
     if len(set(value)) != len(value):
         raise BadRequest('"Functions" names a formula more than once')
     return tuple(value)
+
+
+def _index(value: object) -> str | None:
+    """The column to index the dataset by (whether it exists, the worker finds out)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(
+            f'"Index" must be the name of a column of the dataset, such as "time", not '
+            f"{json_type(value) if not isinstance(value, str) else 'an empty string'}"
+        )
+    return value
 
 
 Check = Callable[
@@ -310,6 +323,7 @@ class Dispatcher:
         output = _choice(fields, "Output", tuple(wire.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", wire.ENGINES, "pyarrow")
         timeout = _number(fields, "Timeout", 0.001, None, None)
+        index = _index(fields.get("Index"))
         _flag(fields, "Async")
         _flag(fields, "Progress")
         checked = self._blocking.run(
@@ -323,7 +337,12 @@ class Dispatcher:
         )
         return checked.addCallback(
             lambda paths: JobSpec(
-                paths=paths, functions=functions, output=output, engine=engine, timeout=timeout
+                paths=paths,
+                functions=functions,
+                output=output,
+                engine=engine,
+                timeout=timeout,
+                index=index,
             )
         )
 

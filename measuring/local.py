@@ -89,14 +89,14 @@ class LocalServer:
             return connection.ask(request)
 
     def wait_until_ready(self) -> None:
-        """Ask for Status until every worker process has warmed up."""
+        """Ask for Status until the template process has loaded and warmed up."""
         deadline = time.monotonic() + self.patience
         while time.monotonic() < deadline:
             workers = self.ask({"Header": "Info", "Request": "Status"})["Response"]["Workers"]
-            if workers["Ready"] == workers["Size"]:
+            if workers["Template"] == "ready":
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"the workers were not ready within {self.patience} s")
+        raise RuntimeError(f"the template process was not ready within {self.patience} s")
 
     def stop(self) -> int:
         """Stop the server as systemd does (SIGTERM, then SIGKILL) and return its exit code."""

@@ -172,7 +172,7 @@ def status() -> None:
             f"measuring {answer['Version']} at {_settings().server}: {answer['State']}, "
             f"up {show.duration(answer['Uptime'])}\n"
             f"jobs: {jobs['Running']} running, {jobs['Queued']} queued\n"
-            f"workers: {workers['Size']} ({workers['Ready']} warm)"
+            f"workers: {workers['Busy']} of {workers['Size']} busy, template {workers['Template']}"
         )
 
     _human(human)

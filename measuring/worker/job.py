@@ -1,11 +1,8 @@
 """
-Runs inside a worker process: one job, then exit.
-
-``python -m measuring.worker PARENT_PID`` imports Dask, pandas and pyarrow, warms them up with a
-tiny computation, says Ready and waits for one job (see ``messages``). It then imports the
-formula file, calls every formula on the dataset, computes them all in one ``dask.compute`` call,
-writes the results (``loader``) and reports back. Everything the formulas print goes to stdout and
-stderr, which the server keeps as the job's log. This module never imports the reactor.
+One job, run in a job process (``main``): import the formula file, call every formula on the
+dataset, compute them all in one ``dask.compute`` call, write the results (``output``) and answer
+with a Done or an Error message. ``warm_up`` is what the template runs once, single-threaded,
+before it forks job processes. Never imports twisted or ``measuring.server``.
 """
 
 from __future__ import annotations
@@ -210,15 +207,23 @@ def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         _lower(resource.RLIMIT_FSIZE, limits["ResultBytes"])
     if limits.get("Processes") and not sandboxed:
-        import psutil
+        _lower(resource.RLIMIT_NPROC, tasks_of(os.getuid()) + limits["Processes"])
 
-        uid = os.getuid()
-        running = sum(
-            process.info["num_threads"] or 1
-            for process in psutil.process_iter(["uids", "num_threads"])
-            if process.info["uids"] and process.info["uids"].real == uid
-        )
-        _lower(resource.RLIMIT_NPROC, running + limits["Processes"])
+
+def tasks_of(uid: int) -> int:
+    """How many threads (the kernel counts them as processes) the user ``uid`` runs now."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/stat") as f:
+                count += int(f.read().rsplit(")", 1)[1].split()[17])
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
 
 
 def _lower(limit: int, value: int) -> None:
@@ -230,12 +235,32 @@ def _lower(limit: int, value: int) -> None:
 
 
 def warm_up() -> None:
-    """Import and exercise what a job uses, so that the first job does not pay for it."""
+    """
+    Import and exercise what a job uses, so that no job pays for it, without starting a thread:
+    the template forks job processes, and a fork copies no thread. fastparquet reads the whole
+    way with Dask's single-threaded scheduler; pyarrow builds its Dask graph, and reads from
+    memory, since reading a file starts Arrow's I/O threads. Pools of threads start in the job.
+    """
+    import io
+
+    import dask
+    import dask.dataframe  # the collections a formula gets
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset  # what Dask reads Parquet through
+    import pyarrow.parquet as pq
 
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
         path = os.path.join(folder, "warm.parquet")
-        pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]}).to_parquet(path)
+        frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
+        frame.to_parquet(path, engine="pyarrow")
+        mean = {"mean": lambda data: data.groupby("sensor").value.mean()}
         for engine in ENGINES:
             dataset = datasets.read_dataset(path, engine)
-            compute({"mean": lambda data: data.groupby("sensor").value.mean()}, dataset, path)
+            lazy = {name: formula(dataset) for name, formula in mean.items()}
+            if engine == "fastparquet":
+                dask.compute(*lazy.values(), scheduler="sync")
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, engine="pyarrow")
+        table = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).read(use_threads=False)
+        table.to_pandas(use_threads=False)

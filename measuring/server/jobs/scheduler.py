@@ -70,6 +70,8 @@ class Store(Protocol):
 
     def update(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
 
+    def note(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
+
     def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
 
     def recover(self, most: int, now: float) -> defer.Deferred[list[dict[str, Any]]]: ...
@@ -226,11 +228,11 @@ class Scheduler(Service):
                 self._clock.seconds(),
                 job.attempts + 1,
             )
-            self._track(
-                self._store.update(
-                    job.id, state="running", started=job.started, attempts=job.attempts
-                )
+            # Not synced: a job interrupted while running is queued again at the next start.
+            noted = self._store.note(
+                job.id, state="running", started=job.started, attempts=job.attempts
             )
+            self._track(noted)
             running = self._pool.run(job.spec.message(job.id))
             running.on_progress = lambda done, total, job=job: job.progress(
                 done, total, self._clock.seconds()
@@ -264,7 +266,7 @@ class Scheduler(Service):
             self._again.discard(job.id)
             job.state, job.started = "queued", None
             self._remove_partial(job)
-            self._track(self._store.update(job.id, state="queued", started=None))
+            self._track(self._store.note(job.id, state="queued", started=None))
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):

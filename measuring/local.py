@@ -20,7 +20,7 @@ from typing import Any
 import measuring
 
 PACKAGE_ROOT = measuring.PACKAGE_ROOT
-LISTENING = "measuring listening on 127.0.0.1:"
+LISTENING = "measuring listening on "
 
 
 def environment() -> dict[str, str]:
@@ -58,19 +58,21 @@ class LocalServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.port = self._wait_for_port()
+        #: Where the server says it listens, ``host:port``; and the port.
+        self.address = self._wait_for_address()
+        self.port = int(self.address.rsplit(":", 1)[1])
 
     def log(self) -> str:
         """Everything the server has logged so far."""
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def _wait_for_port(self) -> int:
+    def _wait_for_address(self) -> str:
         deadline = time.monotonic() + self.patience
         while time.monotonic() < deadline:
             for line in self.log().splitlines():
                 if LISTENING in line:
-                    return int(line.split(LISTENING)[1].split()[0])
+                    return line.split(LISTENING)[1].split()[0]
             if self.process.poll() is not None:
                 self._log.close()
                 raise RuntimeError(f"the server exited at start:\n{self.log()}")

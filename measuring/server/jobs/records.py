@@ -55,6 +55,8 @@ class JobSpec:
     output: str = "parquet"
     engine: str = "pyarrow"
     timeout: float | None = None
+    #: The column the dataset is indexed by, if the request names one.
+    index: str | None = None
 
     def message(self, job: str) -> Message:
         """The Job message a worker process runs."""
@@ -67,6 +69,7 @@ class JobSpec:
             "Functions": list(self.functions) if self.functions is not None else None,
             "Output": self.output,
             "Engine": self.engine,
+            **({"Index": self.index} if self.index is not None else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +84,7 @@ class JobSpec:
             output=data.get("output", "parquet"),
             engine=data.get("engine", "pyarrow"),
             timeout=data.get("timeout"),
+            index=data.get("index"),
         )
 
 
@@ -189,20 +193,23 @@ class Job:
         )
 
     def summary(self) -> dict[str, Any]:
-        """The job as a line of a List answer."""
-        return {
+        """The job as a line of a List answer (with its Error when it ended without results)."""
+        summary: dict[str, Any] = {
             "Job": self.id,
             "State": self.state,
             "Submitted": iso(self.submitted),
             "Directory": self.spec.paths.directory,
+            "Base": self.spec.paths.base,
             "File": self.spec.paths.file,
         }
+        if self.error is not None:
+            summary["Error"] = self.error.to_json()
+        return summary
 
     def status(self) -> dict[str, Any]:
         """The Response of a Job Status request."""
         status: dict[str, Any] = {
             **self.summary(),
-            "Base": self.spec.paths.base,
             "Functions": list(self.spec.functions) if self.spec.functions else None,
             "Started": iso(self.started),
             "Finished": iso(self.finished),
@@ -214,8 +221,6 @@ class Job:
         if self.response is not None:
             status["Results"] = self.response["Results"]
             status["Elapsed"] = self.response.get("Elapsed")
-        if self.error is not None:
-            status["Error"] = self.error.to_json()
         return status
 
 

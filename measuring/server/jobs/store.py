@@ -61,6 +61,10 @@ def _row(row: sqlite3.Row | None) -> Record | None:
     return record
 
 
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
 def _encoded(fields: Record) -> Record:
     """Fields as the table keeps them: the JSON ones as text."""
     return {
@@ -127,15 +131,18 @@ class JobDatabase:
         return _row(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job,)).fetchone())
 
     def recent(self, state: str | None, limit: int) -> list[Record]:
-        """Jobs, newest first, without their logs and answers."""
-        query = "SELECT id, state, spec, submitted, started, finished, attempts FROM jobs"
+        """Jobs, newest first, without their logs and answers (with their errors)."""
+        query = "SELECT id, state, spec, submitted, started, finished, attempts, error FROM jobs"
         rows = self.db.execute(
             query
             + (" WHERE state = ?" if state else "")
             + " ORDER BY submitted DESC, id DESC LIMIT ?",
             (state, limit) if state else (limit,),
         ).fetchall()
-        return [{**dict(row), "spec": json.loads(row["spec"])} for row in rows]
+        return [
+            {**dict(row), "spec": json.loads(row["spec"]), "error": _json(row["error"])}
+            for row in rows
+        ]
 
     def recover(self, most_interruptions: int, now: float) -> list[Record]:
         """

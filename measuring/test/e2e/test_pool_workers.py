@@ -234,11 +234,13 @@ class WorkerPoolJobTests(TestCase):
         """A formula that raises fails the job with JobFailed naming it; Log has the traceback."""
         pool = start_pool(self)
         running = pool.run(job_message(self, "def broken(df):\n    return 1 / 0\n"))
-        error = await job_error(running, JobFailed)
+        outcome = await running.result
+        error = outcome.error
+        assert isinstance(error, JobFailed), outcome
         self.assertEqual(error.code, "JobFailed")
         self.assertIn("'broken'", error.message)
         self.assertIn("ZeroDivisionError", error.message)
-        self.assertIn("Traceback", self.successResultOf(running.result).log)
+        self.assertIn("Traceback", outcome.log)
 
     async def test_workerThatExitsFailsTheJob(self) -> None:
         """A formula that ends its process with os._exit(3) fails the job, saying so."""

@@ -5,6 +5,8 @@ the protocol, an import that stays light, and a server that cannot be reached.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -12,10 +14,13 @@ import sys
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.client import (
+    Bar,
+    Cancelled,
     Client,
     ClientError,
     JobError,
     JobFailed,
+    _follow,
     error_from,
     parse_address,
 )
@@ -106,3 +111,40 @@ class UnreachableTests(SynchronousTestCase):
         with Client("127.0.0.1", port, timeout=5.0) as client:
             error = self.assertRaises(ClientError, client.status)
         self.assertIn(f"cannot reach the server at 127.0.0.1:{port}", str(error))
+
+
+class ProgressTests(SynchronousTestCase):
+    """A job's progress is reported as it was: full only when the job is done."""
+
+    def follow(self, *lines: dict[str, object]) -> tuple[list[tuple[int, int]], object]:
+        """The reports ``_follow`` makes of ``lines``, and what it returns or raises."""
+        calls: list[tuple[int, int]] = []
+        try:
+            outcome: object = _follow(iter(lines), lambda done, total: calls.append((done, total)))
+        except JobError as e:
+            outcome = e
+        return calls, outcome
+
+    def test_stopsWhereTheJobStopped(self) -> None:
+        """A cancelled job's last report is its last Progress line, not done == total."""
+        calls, outcome = self.follow(
+            {"Header": "Progress", "Done": 3, "Total": 42},
+            {"Header": "Dask", "Status": "Error", "Error": {"Code": "Cancelled", "Message": "m"}},
+        )
+        self.assertEqual(calls, [(3, 42)])
+        self.assertIsInstance(outcome, Cancelled)
+
+    def test_fullWhenDone(self) -> None:
+        """A done job ends at done == total, however far its last Progress line got."""
+        calls, outcome = self.follow(
+            {"Header": "Progress", "Done": 40, "Total": 42},
+            {"Header": "Dask", "Status": "OK", "Response": {"Results": {}}},
+        )
+        self.assertEqual((calls, outcome), ([(40, 42), (42, 42)], {"Results": {}}))
+
+    def test_barDrawsNothingBeforeProgress(self) -> None:
+        """A bar that never got a report draws nothing, even when closed."""
+        drawn = io.StringIO()
+        with contextlib.redirect_stderr(drawn):
+            Bar("work.py").close()
+        self.assertEqual(drawn.getvalue(), "")

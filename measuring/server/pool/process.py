@@ -5,7 +5,8 @@ One job process seen from the server: its pipes, its messages, its end; and the 
 pipes (stdout, stderr, the job's pipe and the reply pipe) and reads them through the reactor. It
 reads the process's messages, keeps what the job prints, stops the job's whole process tree, and
 tells how it went through two Deferreds: ``ready`` (settled in, with its pid; never fired if it
-ended first) and ``ended`` (its process has exited and its pipes are closed, with an ``Ending``). It knows nothing of the pool.
+ended first) and ``ended`` (its process has exited and its pipes are closed, with an
+``Ending``). It knows nothing of the pool.
 ``RunningJob`` is a job handed to the pool, from waiting for a process to its result.
 """
 

@@ -271,14 +271,8 @@ class WorkerPool(Service):
             job.fail(self._cannot_start())
             return job
         self._waiting.append(job)
-        job.result.addBoth(self._forget, job)
         self._start_waiting()
         return job
-
-    def _forget(self, result: object, job: RunningJob) -> object:
-        if job in self._waiting:
-            self._waiting.remove(job)
-        return result
 
     def _start_waiting(self) -> None:
         template = self._template
@@ -288,7 +282,9 @@ class WorkerPool(Service):
             and template is not None
             and template.state == "ready"
         ):
-            self._launch(template, self._waiting.popleft())
+            job = self._waiting.popleft()
+            if not job.result.called:  # killed while it waited
+                self._launch(template, job)
 
     def _launch(self, template: TemplateProcess, job: RunningJob) -> None:
         """Fork ``job``'s process from ``template`` and hand it the job."""

@@ -4,8 +4,9 @@ One job process seen from the server: its pipes, its messages, its end; and the 
 ``JobProcess`` is a job process forked by the template (``pool.template``): the server made its
 pipes (stdout, stderr, the job's pipe and the reply pipe) and reads them through the reactor. It
 reads the process's messages, keeps what the job prints, stops the job's whole process tree, and
-tells how it went through two Deferreds: ``ready`` (settled in, with its pid) and ``ended`` (its
-process has exited and its pipes are closed, with an ``Ending``). It knows nothing of the pool.
+tells how it went through two Deferreds: ``ready`` (settled in, with its pid; never fired if it
+ended first) and ``ended`` (its process has exited and its pipes are closed, with an
+``Ending``). It knows nothing of the pool.
 ``RunningJob`` is a job handed to the pool, from waiting for a process to its result.
 """
 
@@ -81,8 +82,7 @@ class RunningJob:
     One job handed to the pool: waits for its process, then runs in it.
 
     ``result`` fires with the job's ``Outcome`` (its results or its error, and its log); it
-    never fails. Killed while it waits, it ends at once; the pool, watching ``result``, drops it
-    from its queue.
+    never fails. Killed while it waits, it ends at once, and the pool passes it by.
     """
 
     def __init__(self, message: Message) -> None:
@@ -303,9 +303,6 @@ class JobProcess:
         if pipe is not None:
             with contextlib.suppress(OSError):
                 os.close(pipe.fileno())
-        if name == REPLY_FD and self.state == "starting" and not self.ready.called:
-            # It ended, or was never forked, before it said Ready.
-            self.ready.errback(JobFailed("the job's process ended before it was ready"))
         self._maybe_ended()
 
     def _close_pipes(self) -> None:
@@ -341,8 +338,6 @@ class JobProcess:
             if timer.active():
                 timer.cancel()
         self.state = "ended"
-        if not self.ready.called:
-            self.ready.errback(JobFailed("the job's process ended before it was ready"))
         self.ended.callback(Ending(self._answer, self._garbled, self._exit))
 
 

@@ -35,7 +35,7 @@ from measuring.server.stats import Histogram, Stats
 from measuring.wire import STATES, WAITING
 
 #: The states a worker process is in, as the pool says.
-WORKER_STATES = ("starting", "ready", "busy")
+WORKER_STATES = ("template", "busy")
 
 
 class JobCounts(Protocol):
@@ -123,8 +123,8 @@ class ServerCollector(Collector):
         states = Counter(worker.state for worker in self._workers.processes())
         workers = GaugeMetricFamily(
             "measuring_workers",
-            "Worker processes by state: starting (warming up), ready (waiting for a job), "
-            "busy (running one).",
+            "Worker processes by state: template (the process job processes are forked from), "
+            "busy (a job process running its job).",
             labels=["state"],
         )
         for state in WORKER_STATES:

@@ -30,7 +30,7 @@ class Jobs:
 
 class Workers:
     def processes(self) -> list[Any]:
-        return [Worker("busy"), Worker("ready"), Worker("ready")]
+        return [Worker("busy"), Worker("busy"), Worker("template")]
 
 
 class MetricsTests(SynchronousTestCase):
@@ -79,8 +79,8 @@ class MetricsTests(SynchronousTestCase):
         got = self.scrape()
         self.assertEqual(got[("measuring_jobs_current", (("state", "queued"),))], 3)
         self.assertEqual(got[("measuring_jobs_current", (("state", "running"),))], 1)
-        self.assertEqual(got[("measuring_workers", (("state", "ready"),))], 2)
-        self.assertEqual(got[("measuring_workers", (("state", "starting"),))], 0)
+        self.assertEqual(got[("measuring_workers", (("state", "busy"),))], 2)
+        self.assertEqual(got[("measuring_workers", (("state", "template"),))], 1)
         self.assertEqual(got[("measuring_connections", ())], 7)
         self.assertEqual(got[("measuring_build_info", (("version", __version__),))], 1)
         self.assertIn(("process_resident_memory_bytes", ()), got)

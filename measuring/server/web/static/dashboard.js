@@ -249,7 +249,7 @@
     skew = (Date.parse(status.Started) + status.Uptime * 1e3) - Date.now();
     const state = status.State === 'running' ? '' : ` · ${status.State.toUpperCase()}`;
     $('server').textContent = `${location.host} · version ${status.Version} · pid ${status.Pid}${state}`;
-    $('workers').replaceChildren(`${status.Workers.Size} `, el('small', { text: `${status.Workers.Ready} ready` }));
+    $('workers').replaceChildren(`${status.Workers.Busy} of ${status.Workers.Size} `, el('small', { text: `busy, template ${status.Workers.Template}` }));
     $('jobs-counts').replaceChildren(`${status.Jobs.Running} `, el('small', { text: 'running, ' }),
       `${status.Jobs.Queued} `, el('small', { text: 'queued' }));
     $('uptime').textContent = duration(status.Uptime);

@@ -24,7 +24,6 @@ from dask.callbacks import Callback
 from measuring import formulas as words
 from measuring.errors import Internal, JobFailed, MeasuringError
 from measuring.messages import JOB_MARK, Message, job_tmp
-from measuring.wire import ENGINES
 from measuring.worker import dataset as datasets
 from measuring.worker.output import ResultWriter, WriteFailed, is_table, summarize
 
@@ -300,6 +299,7 @@ def warm_up() -> None:
 
     import dask
     import dask.dataframe  # the collections a formula gets
+    import fastparquet
     import pandas as pd
     import pyarrow as pa
     import pyarrow.dataset  # what Dask reads Parquet through
@@ -309,12 +309,14 @@ def warm_up() -> None:
         path = os.path.join(folder, "warm.parquet")
         frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
         frame.to_parquet(path, engine="pyarrow")
-        mean = {"mean": lambda data: data.groupby("sensor").value.mean()}
-        for engine in ENGINES:
-            dataset = datasets.read_dataset(path, engine)
-            lazy = {name: formula(dataset) for name, formula in mean.items()}
-            if engine == "fastparquet":
-                dask.compute(*lazy.values(), scheduler="sync")
+        # Opening a file through pyarrow starts Arrow's I/O threads: the readers' own code is
+        # imported here, and first runs in the job.
+        import measuring.worker.dataset
+        import measuring.worker.output  # noqa: F401
+
+        dataset = dask.dataframe.from_pandas(frame, npartitions=1)
+        dask.compute(dataset.groupby("sensor").value.mean(), scheduler="sync")
+        fastparquet.ParquetFile(path).to_pandas()
         buffer = io.BytesIO()
         frame.to_parquet(buffer, engine="pyarrow")
         table = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).read(use_threads=False)

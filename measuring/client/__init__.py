@@ -261,7 +261,7 @@ class Client:
     def _dask(self, directory: str, base: str, file: str, **options: Any) -> dict[str, Any]:
         fields: dict[str, Any] = {"Directory": directory, "Base": base, "File": file}
         names = {"functions": "Functions", "output": "Output", "engine": "Engine",
-                 "timeout": "Timeout"}  # fmt: skip
+                 "timeout": "Timeout", "index": "Index"}  # fmt: skip
         for name, value in options.items():
             if value is not None:
                 fields[names[name]] = list(value) if name == "functions" else value
@@ -276,10 +276,14 @@ class Client:
         output: str | None = None,
         timeout: float | None = None,
         engine: str | None = None,
+        index: str | None = None,
     ) -> Job:
-        """Queue a job and return at once (the job runs in the background)."""
+        """
+        Queue a job and return at once (the job runs in the background). ``index`` names the
+        column to index the dataset by (``"time"``), for resample and rolling windows.
+        """
         fields = self._dask(directory, base, file, functions=functions, output=output,
-                            timeout=timeout, engine=engine)  # fmt: skip
+                            timeout=timeout, engine=engine, index=index)  # fmt: skip
         answer = self.request({"Header": "Dask", "Request": {**fields, "Async": True}})
         return Job(self, answer["Job"])
 
@@ -294,15 +298,17 @@ class Client:
         engine: str | None = None,
         progress: Progress | bool | None = None,
         accepted: Callable[[Job], None] | None = None,
+        index: str | None = None,
     ) -> Job:
         """
         Run a job and return it once it has ended, done; raise its error otherwise.
 
         ``progress`` is a callable ``(done, total)``, or True for a progress bar; ``accepted`` is
-        called with the Job as soon as the server has recorded it.
+        called with the Job as soon as the server has recorded it; ``index`` names the column to
+        index the dataset by (``"time"``), for resample and rolling windows.
         """
         fields = self._dask(directory, base, file, functions=functions, output=output,
-                            timeout=timeout, engine=engine)  # fmt: skip
+                            timeout=timeout, engine=engine, index=index)  # fmt: skip
         report = reporter(progress, os.path.basename(file))
         request = {"Header": "Dask", "Request": {**fields, "Async": True, "Progress": True}}
         lines = self._lines(request)

@@ -33,6 +33,8 @@ class Result:
         self.columns: list[str] = entry.get("Columns", [])
         self.index: list[str] = entry.get("Index", [])
         self.preview: list[dict[str, Any]] = entry.get("Preview", [])
+        #: How many files the table is in: 1, or the parts of a Parquet folder (``file``).
+        self.parts: int = entry.get("Parts", 1)
         self.value: Any = entry.get("Value")
         #: The dtype of each index level and column, by name, as the server computed it.
         self.types: dict[str, str] = entry.get("Types", {})

@@ -138,8 +138,10 @@ class InfoService(Service):
         stats: Stats,
         data_roots: tuple[str, ...],
         blocking: Runner,
+        dashboard: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._clock = clock
+        self._dashboard = dashboard
         self._pool = pool
         self._jobs = jobs
         self._stats = stats
@@ -199,6 +201,7 @@ class InfoService(Service):
             },
             "DataRoots": list(self._data_roots),
             "Versions": self._versions,
+            "Dashboard": self._dashboard(),
         }
 
     def dask_processes(self) -> defer.Deferred[dict[str, Any]]:

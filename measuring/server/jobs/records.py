@@ -55,6 +55,8 @@ class JobSpec:
     output: str = "parquet"
     engine: str = "pyarrow"
     timeout: float | None = None
+    #: The column the dataset is indexed by, if the request names one.
+    index: str | None = None
 
     def message(self, job: str) -> Message:
         """The Job message a worker process runs."""
@@ -67,6 +69,7 @@ class JobSpec:
             "Functions": list(self.functions) if self.functions is not None else None,
             "Output": self.output,
             "Engine": self.engine,
+            **({"Index": self.index} if self.index is not None else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +84,7 @@ class JobSpec:
             output=data.get("output", "parquet"),
             engine=data.get("engine", "pyarrow"),
             timeout=data.get("timeout"),
+            index=data.get("index"),
         )
 
 

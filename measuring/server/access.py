@@ -96,8 +96,11 @@ def secret_files(description: str) -> list[str]:
     return [keywords[name] for name in SECRET_ARGUMENTS if keywords.get(name)]
 
 
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (``127.0.0.0/8``, ``::1``, IPv4-mapped)."""
+def loopback(host: str) -> bool:
+    """
+    True when ``host`` (a name, or an address, IPv6 in brackets or not, or IPv4-mapped) is
+    loopback.
+    """
     if host.lower() in ("localhost", "localhost.localdomain"):
         return True
     try:
@@ -118,9 +121,9 @@ def beyond_loopback(description: str, fileno: int | None = None) -> bool:
     if kind in ("unix",):
         return False
     if kind in ("tcp", "ssl"):
-        return not is_loopback(keywords.get("interface", "0.0.0.0"))
+        return not loopback(keywords.get("interface", "0.0.0.0"))
     if kind == "tcp6":
-        return not is_loopback(keywords.get("interface", "::"))
+        return not loopback(keywords.get("interface", "::"))
     if kind == "systemd":
         if fileno is None and "index" not in keywords and "name" in keywords:
             return True
@@ -142,7 +145,7 @@ def _passed_socket_beyond_loopback(fd: int) -> bool:
         with socket.socket(fileno=os.dup(fd)) as passed:
             if passed.family == socket.AF_UNIX:
                 return False
-            return not is_loopback(passed.getsockname()[0])
+            return not loopback(passed.getsockname()[0])
     except OSError:
         return True
 

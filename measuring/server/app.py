@@ -15,15 +15,18 @@ from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
-from measuring.server.access import Tokens, keep_private
+from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
 from measuring.server.factory import RequestFactory
 from measuring.server.info import InfoService
 from measuring.server.jobs.journal import Journal
-from measuring.server.jobs.scheduler import JobManager, Limits
+from measuring.server.jobs.queries import JobQueries
+from measuring.server.jobs.records import Limits
+from measuring.server.jobs.retention import Retention
+from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
-from measuring.server.listening import ClosingService, ListeningService, describe
+from measuring.server.listening import ClosingService, ListeningService, describe, url
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
@@ -46,12 +49,13 @@ def limits(settings: Config) -> Limits:
     )
 
 
-def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None):
+def _pool(
+    settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None
+) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
-        secrets = server_secrets(
-            settings.state_dir, settings.token_file, config_file, settings.ports
-        )
+        listening = (*settings.ports, *([settings.http] if settings.http else []))
+        secrets = server_secrets(settings.state_dir, settings.token_file, config_file, listening)
         sandbox = Bubblewrap(settings.data_roots, secrets)
     return WorkerPool(
         reactor,
@@ -64,6 +68,8 @@ def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: s
         sandbox=sandbox,
         job_limits={
             "ResultBytes": settings.max_result_bytes,
+            "Threads": settings.job_threads,
+            **({"Memory": settings.job_memory} if settings.job_memory else {}),
             **({"Processes": settings.max_job_processes} if settings.max_job_processes else {}),
         },
         reap_orphans=True,
@@ -73,6 +79,32 @@ def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: s
 def workers_tmp(settings: Config) -> str:
     """The workers' temporary folder (their TMPDIR), in the state directory."""
     return os.path.join(settings.state_dir, "tmp")
+
+
+def _http(
+    settings: Config,
+    reactor: Any,
+    dispatcher: Dispatcher,
+    stats: Stats,
+    jobs: Scheduler,
+    pool: WorkerPool,
+    factory: RequestFactory,
+) -> ListeningService:
+    """The HTTP side (``--http``): the dashboard, the JSON API and /metrics."""
+    from measuring.server.web.metrics import MetricsPage, ServerCollector, registry
+    from measuring.server.web.site import site
+
+    assert settings.http is not None
+    collector = ServerCollector(stats, jobs, pool, lambda: len(factory.connections))
+    web = site(
+        dispatcher,
+        MetricsPage(registry(collector)),
+        settings.tokens,
+        loopback_only=not beyond_loopback(settings.http),
+        reactor=reactor,
+    )
+    endpoint = endpoints.serverFromString(reactor, settings.http)
+    return ListeningService([(settings.http, endpoint)], web, "measuring HTTP listening on")
 
 
 def build(settings: Config, reactor: Any, config_file: str | None = None) -> IService:
@@ -94,14 +126,21 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
     pool = _pool(settings, reactor, watching, config_file)
+    held = limits(settings)
     journal = Journal(store, reactor, settings.state_dir)
-    jobs = JobManager(pool, store, reactor, limits(settings), blocking, journal)
-    info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking)
+    jobs = Scheduler(pool, store, reactor, held, blocking, stats, journal)
+    queries = JobQueries(jobs, store, reactor, blocking, held)
+    http: ListeningService | None = None
+
+    def dashboard() -> str | None:
+        return url(http.ports[0], settings.http) if http and http.ports and settings.http else None
+
+    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking, dashboard)
     # What clients can make the server log (refusals, closes) is held to a rate.
     throttle = Throttle(reactor)
     dispatcher = Dispatcher(
-        info, jobs, stats, settings.data_roots, (settings.state_dir,), Tokens(settings.tokens),
-        throttle,
+        info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
+        Tokens(settings.tokens), blocking, throttle=throttle,
     )  # fmt: skip
     factory = RequestFactory(
         dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,
@@ -114,6 +153,8 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     listener = ListeningService(
         [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports], factory
     )
+    if settings.http is not None:
+        http = _http(settings, reactor, dispatcher, stats, jobs, pool, factory)
     # Started in this order; stopped in reverse, each in turn: tell systemd, stop listening, let
     # running jobs end (or stop them), send the last answers and close connections, end the
     # workers, close the job database, and only then stop the threads it runs in.
@@ -129,8 +170,10 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         pool,
         ClosingService(factory, reactor),
         jobs,
+        Retention(store, reactor, held, blocking),
         info,
         listener,
+        *([http] if http is not None else []),
         NotifyService(reactor, lambda: [describe(port) for port in listener.ports]),
     ):
         service.setServiceParent(top)

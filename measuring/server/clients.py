@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
 from measuring.errors import Busy
-from measuring.server.access import is_loopback
+from measuring.server.access import loopback
 
 
 class Connection(Protocol):
@@ -48,7 +48,7 @@ def client_host(address: object) -> str | None:
 
 def bounded(host: str | None) -> bool:
     """Whether connections from ``host`` count against the bound per client address."""
-    return host is not None and not is_loopback(host)
+    return host is not None and not loopback(host)
 
 
 class Connections(Generic[C]):

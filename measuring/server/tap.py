@@ -15,7 +15,7 @@ from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from measuring.server import config
+from measuring.server import config, logs
 from measuring.server.fdlimit import ProcessFileLimit
 from measuring.server.settings import SETTINGS, Setting
 
@@ -82,6 +82,10 @@ class Options(usage.Options):
             file_limit=ProcessFileLimit(),
             owner=self._owner(),
         )
+        if self.parent is not None:  # twistd's own options: where and how it logs
+            observer = logs.choose(self.config.log_format, self.parent)
+            if observer is not None:
+                self.parent["logger"] = observer
 
     def _owner(self) -> tuple[int, int] | None:
         """The user and group twistd switches to after the start (``--uid``, ``--gid``), if any."""

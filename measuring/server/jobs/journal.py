@@ -31,14 +31,19 @@ class Updates(Protocol):
 
     def update(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
 
+    def note(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
+
 
 @dataclass
 class Write:
-    """One write of a job's record: ``tried`` fires after its first try (True: written),
-    ``done`` once it is written."""
+    """
+    One write of a job's record (``synced``: committed to disk before it counts as written):
+    ``tried`` fires after its first try (True: written), ``done`` once it is written.
+    """
 
     job: str
     fields: dict[str, Any]
+    synced: bool = True
     tried: defer.Deferred[bool] = field(default_factory=defer.Deferred)
     done: defer.Deferred[None] = field(default_factory=defer.Deferred)
     retried: bool = False
@@ -69,9 +74,9 @@ class Journal:
         self.trouble: str | None = None
         self._full = False
 
-    def write(self, job: str, **fields: Any) -> Write:
+    def write(self, job: str, synced: bool = True, **fields: Any) -> Write:
         """Write ``fields`` of ``job``'s record after its earlier writes; see ``Write``."""
-        write = Write(job, fields)
+        write = Write(job, fields, synced)
         queue = self._queues.setdefault(job, deque())
         queue.append(write)
         if len(queue) == 1:
@@ -87,7 +92,8 @@ class Journal:
     def _try(self, job: str) -> None:
         self._timers.pop(job, None)
         write = self._queues[job][0]
-        attempt = defer.maybeDeferred(self._store.update, job, **write.fields)
+        store = self._store.update if write.synced else self._store.note
+        attempt = defer.maybeDeferred(store, job, **write.fields)
         self._trying.add(attempt)
         attempt.addBoth(self._tried, write, attempt)
 

@@ -12,7 +12,7 @@ the caller's. Time comes from the injected clock, file calls go to a thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -22,13 +22,18 @@ from twisted.python.failure import Failure
 from measuring import files
 from measuring.server.jobs import outcomes
 from measuring.server.jobs.journal import RETRY_EVERY, Journal
-from measuring.server.jobs.parts import Store
 from measuring.server.jobs.records import Job
 from measuring.server.jobs.store import is_full
 from measuring.server.threads import Runner
 
 #: Times a job may be interrupted by the server's end before it fails instead of running again.
 MOST_INTERRUPTIONS = 3
+
+
+class Recovering(Protocol):
+    """The job database as recovery uses it (``store.JobStore``)."""
+
+    def recover(self, most: int, now: float) -> defer.Deferred[list[dict[str, Any]]]: ...
 
 
 def _left_on_disk(directory: str, job: str) -> dict[str, Any] | None:
@@ -49,7 +54,7 @@ class Recovery:
 
     def __init__(
         self,
-        store: Store,
+        store: Recovering,
         journal: Journal,
         clock: IReactorTime,
         blocking: Runner,

@@ -1,24 +1,36 @@
 """
-How long finished jobs are kept: their records for ``keep_jobs`` days, their result folders for
-``keep_results`` days (when set). ``Retention.sweep`` runs once an hour (``JobManager`` starts
-it); time comes from the injected clock, removing files goes to a thread.
+How long finished jobs stay: a sweep every hour removes jobs older than ``--keep-jobs`` days
+from the job database and, with ``--keep-results``, their result folders.
+
+Time comes from the injected clock; folders are removed in the blocking-call runner.
 """
 
 from __future__ import annotations
 
 import shutil
-from typing import Any
+from typing import Any, Protocol
 
-from twisted.internet import defer
+from twisted.application.service import Service
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from measuring import files
-from measuring.server.jobs.parts import Limits, Store
+from measuring.server.jobs.records import Limits
 from measuring.server.threads import Runner
 
 SWEEP_EVERY = 3600.0
 DAY = 86400.0
+
+
+class Expiring(Protocol):
+    """The job database as the sweep uses it (``store.JobStore``)."""
+
+    def expired_results(self, before: float) -> defer.Deferred[list[dict[str, Any]]]: ...
+
+    def mark_cleaned(self, jobs: list[str]) -> defer.Deferred[None]: ...
+
+    def sweep(self, before: float, cleaned_only: bool) -> defer.Deferred[int]: ...
 
 
 def remove_results(directory: str, job: str) -> None:
@@ -27,16 +39,29 @@ def remove_results(directory: str, job: str) -> None:
     files.remove_partial(directory, job)
 
 
-class Retention:
-    """Removes what is older than the limits say: finished jobs' records and results."""
+class Retention(Service):
+    """Sweeps old jobs and results away, at start and every ``SWEEP_EVERY`` seconds."""
 
     _log = Logger()
 
-    def __init__(self, store: Store, clock: IReactorTime, limits: Limits, blocking: Runner) -> None:
+    def __init__(
+        self, store: Expiring, clock: IReactorTime, limits: Limits, blocking: Runner
+    ) -> None:
         self._store = store
         self._clock = clock
         self.limits = limits
         self._blocking = blocking
+        self._sweeper = task.LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        self._sweeper.start(SWEEP_EVERY, now=True)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        return super().stopService()
 
     def sweep(self) -> defer.Deferred[None]:
         """Remove finished jobs older than ``keep_jobs`` days (and results, with keep_results)."""

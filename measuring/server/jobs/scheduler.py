@@ -1,7 +1,7 @@
 """
 Jobs from submission to their end: the queue, the limits, the durable records.
 
-``JobManager.submit`` records a checked ``JobSpec`` in the job database (committed, synced) and
+``Scheduler.submit`` records a checked ``JobSpec`` in the job database (committed, synced) and
 queues it; jobs start in arrival order while fewer than ``workers`` run, each with a time limit.
 A job's end is written to the database before anyone is told. At start, jobs a crash interrupted
 are queued again; on stop, running jobs get a grace period, then run again at the next start.
@@ -11,10 +11,10 @@ Time comes from the injected clock; blocking work goes to the store's thread or 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,34 +25,81 @@ from measuring.errors import (
     Cancelled,
     Internal,
     MeasuringError,
-    NotFound,
     Timeout,
 )
-from measuring.server import results
+from measuring.messages import Message
 from measuring.server.jobs import outcomes
 from measuring.server.jobs.journal import Journal
-from measuring.server.jobs.parts import Limits, Pool, RunningJob, Store
-from measuring.server.jobs.records import Job, JobSpec, new_job_id, stored_response
+from measuring.server.jobs.queries import find_job
+from measuring.server.jobs.records import (
+    Job,
+    JobSpec,
+    Limits,
+    Outcome,
+    Progress,
+    new_job_id,
+    stored_response,
+)
 from measuring.server.jobs.recovery import Recovery
-from measuring.server.jobs.retention import DAY, SWEEP_EVERY, Retention
+from measuring.server.stats import Stats
 from measuring.server.threads import Runner
 
 _STATES = {Timeout: "timeout", Cancelled: "cancelled"}
 
-__all__ = ["DAY", "Job", "JobManager", "JobSpec", "Limits"]
+__all__ = ["Job", "JobSpec", "Limits", "Scheduler"]
+
+
+class RunningJob(Protocol):
+    """What the pool gives back for a job it runs (``measuring.server.pool.process.RunningJob``)."""
+
+    result: defer.Deferred[Outcome]  # never fails
+    on_progress: Progress | None
+
+    def kill(self, reason: MeasuringError) -> None: ...
+
+    def log_text(self) -> str: ...
+
+
+class Pool(Protocol):
+    """Where jobs run (``measuring.server.pool.pool.WorkerPool``)."""
+
+    def run(self, message: Message) -> RunningJob: ...
+
+
+class Store(Protocol):
+    """Where job records live (``measuring.server.jobs.store.JobStore``)."""
+
+    def add(self, record: dict[str, Any]) -> defer.Deferred[None]: ...
+
+    def update(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
+
+    def note(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
+
+    def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
+
+    def recover(self, most: int, now: float) -> defer.Deferred[list[dict[str, Any]]]: ...
+
+
+class JobEvents(Protocol):
+    """Who counts what happens to jobs (``measuring.server.stats.Stats``): cheap, in memory."""
+
+    def job_queued(self) -> None: ...
+
+    def job_started(self, waited: float) -> None: ...
+
+    def job_ended(self, state: str, ran: float | None) -> None: ...
 
 
 def _waits_for_next_start(job: Job) -> Busy:
     """What a client waiting for ``job`` hears when the server stops before it ends."""
     return Busy(
         f"the server is stopping before job {job.id} ended; it runs (again) from the start when "
-        f"the server is back (ask for it with a Job Status request)",
-        Job=job.id,
+        f"the server is back (ask for it with a Job Status request)"
     )
 
 
-class JobManager(Service):
-    """Records, queues and runs jobs, and answers for them."""
+class Scheduler(Service):
+    """Records, queues and runs jobs; cancels them. What is asked of jobs: ``queries``."""
 
     _log = Logger()
 
@@ -63,6 +110,7 @@ class JobManager(Service):
         clock: IReactorTime,
         limits: Limits,
         blocking: Runner,
+        events: JobEvents | None = None,
         journal: Journal | None = None,
     ) -> None:
         self._pool = pool
@@ -72,6 +120,7 @@ class JobManager(Service):
         self._clock = clock
         self.limits = limits
         self._blocking = blocking
+        self._events: JobEvents = events if events is not None else Stats()
         self._live: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
         self._running: dict[str, RunningJob] = {}
@@ -85,9 +134,6 @@ class JobManager(Service):
         #: Outcomes of finished jobs being kept beside their results (``outcomes``).
         self._kept: dict[str, defer.Deferred[Any]] = {}
         self._recovery: Recovery | None = None
-        self._retention = Retention(store, clock, limits, blocking)
-        self._sweeper = task.LoopingCall(self.sweep)
-        self._sweeper.clock = clock
 
     # -- start and stop
 
@@ -98,9 +144,10 @@ class JobManager(Service):
         )
         recovering = defer.Deferred.fromCoroutine(self._recovery.run())
         recovering.addCallbacks(self._queued_again, self._unrecovered)
-        self._sweeper.start(SWEEP_EVERY, now=True)
 
     def _queued_again(self, jobs: list[Job]) -> None:
+        for _ in jobs:
+            self._events.job_queued()
         self._queue = deque([*jobs, *self._queue])
         self._recovered = True
         waiting, self._after_recovery = self._after_recovery, []
@@ -121,8 +168,6 @@ class JobManager(Service):
         self._stopping = True
         if self._recovery is not None:
             self._recovery.stopped = True
-        if self._sweeper.running:
-            self._sweeper.stop()
         for job in self._queue:
             job.interrupt(_waits_for_next_start(job))
         running = list(self._running.values())
@@ -190,6 +235,7 @@ class JobManager(Service):
             self._journal.succeeded()
             self._live[job.id] = job
             self._queue.append(job)
+            self._events.job_queued()
             if self._stopping:
                 job.interrupt(_waits_for_next_start(job))
             self._log.info("job {job} queued: {file}", job=job.id, file=spec.paths.file)
@@ -208,14 +254,17 @@ class JobManager(Service):
             if len(self._running) >= limits.workers:
                 return
             job = self._queue.popleft()
-            job.state, job.started, job.attempts = (
-                "running",
-                self._clock.seconds(),
-                job.attempts + 1,
+            started = self._clock.seconds()
+            job.state, job.started, job.attempts = "running", started, job.attempts + 1
+            self._events.job_started(started - job.submitted)
+            # Not synced: a job interrupted while running is queued again at the next start.
+            self._journal.write(
+                job.id, synced=False, state="running", started=job.started, attempts=job.attempts
             )
-            self._journal.write(job.id, state="running", started=job.started, attempts=job.attempts)
             running = self._pool.run(job.spec.message(job.id))
-            running.on_progress = job.progress
+            running.on_progress = lambda done, total, job=job: job.progress(
+                done, total, self._clock.seconds()
+            )
             self._running[job.id] = running
             seconds = min(job.spec.timeout or limits.job_timeout, limits.job_timeout)
             timer = self._clock.callLater(
@@ -225,7 +274,7 @@ class JobManager(Service):
             )
             running.result.addBoth(self._ended, job, timer)
 
-    def _ended(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+    def _ended(self, outcome: Outcome | Failure, job: Job, timer: IDelayedCall) -> None:
         """A job's process is done with it: record how it ended, whatever went wrong doing so."""
         try:
             self._end(outcome, job, timer)
@@ -233,11 +282,11 @@ class JobManager(Service):
             self._log.failure("ending job {job}", job=job.id)
             self._running.pop(job.id, None)
             if not job.ended:
-                failure = Internal("the server failed ending this job; see its log", Job=job.id)
-                self._finish(job, "failed", None, failure)
+                failure = Internal("the server failed ending this job; see its log")
+                self._finish(job, "failed", None, failure, "")
             self._start_next()
 
-    def _end(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+    def _end(self, outcome: Outcome | Failure, job: Job, timer: IDelayedCall) -> None:
         if timer.active():
             timer.cancel()
         del self._running[job.id]
@@ -245,24 +294,24 @@ class JobManager(Service):
             self._again.discard(job.id)
             job.state, job.started = "queued", None
             self._remove_partial(job)
-            self._journal.write(job.id, state="queued", started=None)
+            self._journal.write(job.id, synced=False, state="queued", started=None)
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):
-            error = outcome.value
-            if not isinstance(error, MeasuringError):
-                self._log.failure("job {job} failed inside the server", outcome, job=job.id)
-                error = Internal("the server failed running this job; see its log")
-            error.extra = {"Job": job.id, **error.extra}
-            self._finish(job, _STATES.get(type(error), "failed"), None, error)
+            self._log.failure("job {job} failed inside the server", outcome, job=job.id)
+            outcome = Outcome(None, Internal("the server failed running this job; see its log"), "")
+        if outcome.error is not None or outcome.results is None:
+            error = outcome.error or Internal("the job ended with neither results nor an error")
+            self._finish(job, _STATES.get(type(error), "failed"), None, error, outcome.log)
             self._remove_partial(job)
         else:
             elapsed = round(self._clock.seconds() - (job.started or 0.0), 3)
             # The files are where the server says, whatever the worker claimed.
-            for name, entry in outcome["Results"].items():
+            for name, entry in outcome.results.items():
                 if entry.get("Kind") != "Scalar":
                     entry["File"] = files.result_file(job.id, name, job.spec.output)
-            self._finish(job, "done", {**outcome, "Elapsed": elapsed}, None)
+            response = {"Results": outcome.results, "Log": outcome.log, "Elapsed": elapsed}
+            self._finish(job, "done", response, None, outcome.log)
         self._start_next()
 
     def _remove_partial(self, job: Job) -> defer.Deferred[Any]:
@@ -277,6 +326,7 @@ class JobManager(Service):
         state: str,
         response: dict[str, Any] | None,
         error: MeasuringError | None,
+        log: str,
     ) -> None:
         """
         Write how a job ended, then tell those waiting for it. If the disk refuses the record,
@@ -284,7 +334,9 @@ class JobManager(Service):
         (``outcomes``) until the record is written.
         """
         job.finished = self._clock.seconds()
-        job.log = (response or {}).get("Log") or (error.extra.get("Log", "") if error else "")
+        ran = job.finished - job.started if job.state == "running" and job.started else None
+        self._events.job_ended(state, ran)
+        job.log = log
         write = self._journal.write(
             job.id,
             state=state,
@@ -304,7 +356,7 @@ class JobManager(Service):
             self._log.info("job {job} {state}: {message}", job=job.id, state=state, message=message)
 
         write.tried.addCallback(told)
-        write.done.addCallback(lambda _: self._stored(job, kept=write.retried))
+        write.done.addCallback(lambda _: self._stored(job, write.retried))
 
     def _keep_outcome(self, job: Job) -> None:
         """Keep a finished job's record beside its results until the database takes it."""
@@ -331,32 +383,34 @@ class JobManager(Service):
             )
             self._track(forgotten)
 
-    # -- answering for jobs
+    # -- what is live
+
+    def live(self, job_id: str) -> Job | None:
+        """The job, while it is queued or running (or its end is being written)."""
+        return self._live.get(job_id)
+
+    def recovered(self) -> defer.Deferred[None]:
+        """
+        Fires once recovery has sorted out what the last server left (at once after it, or
+        while the disk is too full for it: then the database answers as it is).
+        """
+        if self._recovered or self._broken is not None or self._journal.trouble is not None:
+            return defer.succeed(None)
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self._after_recovery.append(waiting)
+        return waiting
+
+    def running_log(self, job_id: str) -> str | None:
+        """What a running job's formulas printed so far; None when it is not running."""
+        running = self._running.get(job_id)
+        return None if running is None else running.log_text()
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs run and how many wait."""
+        return {"Running": len(self._running), "Queued": len(self._queue)}
 
     def _job(self, job_id: str) -> defer.Deferred[Job]:
-        """The job, live or from the database; NotFound when there is none."""
-        if not self._recovered and self._broken is None and self._journal.trouble is None:
-            # Recovery is sorting out what the last server left (the database says "queued"
-            # of a job it may find ended): answer once it has.
-            waiting: defer.Deferred[None] = defer.Deferred()
-            self._after_recovery.append(waiting)
-            return waiting.addCallback(lambda _: self._job(job_id))
-        if job_id in self._live:
-            return defer.succeed(self._live[job_id])
-
-        def found(record: dict[str, Any] | None) -> Job:
-            if record is None:
-                raise NotFound(
-                    f"there is no job {job_id!r} on this server (finished jobs are kept "
-                    f"{self.limits.keep_jobs:g} days)"
-                )
-            return Job.from_record(record)
-
-        return self._store.get(job_id).addCallback(found)
-
-    def status(self, job_id: str) -> defer.Deferred[dict[str, Any]]:
-        """The Response of a Job Status request."""
-        return self._job(job_id).addCallback(lambda job: job.status())
+        return find_job(self, self._store, job_id, self.limits.keep_jobs)
 
     def cancel(self, job_id: str) -> defer.Deferred[str]:
         """Cancel a job (a queued one never starts, a running one stops); fires with its state."""
@@ -372,58 +426,9 @@ class JobManager(Service):
             self._running[job.id].kill(Cancelled("the job was cancelled"))
         elif job in self._queue:
             self._queue.remove(job)
-            self._finish(job, "cancelled", None, Cancelled("the job was cancelled", Job=job.id))
+            self._finish(job, "cancelled", None, Cancelled("the job was cancelled"), "")
         elif job.state == "queued":
             # Stopped by the server's stop: it stays queued for the next start.
             return defer.succeed(job.state)
         # Otherwise its end is being written.
         return job.when_finished().addBoth(lambda _: job.state)
-
-    def log(self, job_id: str) -> defer.Deferred[str]:
-        """What the job's formulas printed so far (all of it once the job has ended)."""
-        if job_id in self._running:
-            return defer.succeed(self._running[job_id].log_text())
-        return self._job(job_id).addCallback(lambda job: job.log)
-
-    def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]:
-        """The newest jobs (in ``state``, when given), newest first."""
-
-        def summaries(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            jobs = [self._live.get(record["id"]) or Job.from_record(record) for record in records]
-            return [job.summary() for job in jobs if state is None or job.state == state]
-
-        return self._store.recent(state, limit).addCallback(summaries)
-
-    def result(self, job_id: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]:
-        """Rows ``offset`` to ``offset + limit`` of one result of a finished job."""
-
-        def read(job: Job) -> Any:
-            if job.response is None:
-                raise NotFound(f"job {job_id} has no results: it is {job.state}")
-            found = job.response["Results"]
-            if name not in found:
-                raise NotFound(
-                    f"job {job_id} has no result {name!r} (its results: {', '.join(found)})"
-                )
-            entry = found[name]
-            if entry["Kind"] == "Scalar":
-                return {"Name": name, **entry}
-            directory = job.spec.paths.directory
-            rows = self._blocking.run(results.read_rows, directory, entry["File"], offset, limit)
-            return rows.addCallback(lambda page: {"Name": name, "Kind": entry["Kind"], **page})
-
-        return self._job(job_id).addCallback(read)
-
-    def counts(self) -> dict[str, int]:
-        """How many jobs run and how many wait."""
-        return {"Running": len(self._running), "Queued": len(self._queue)}
-
-    def history(self) -> defer.Deferred[dict[str, Any]]:
-        """Finished jobs by state, in all and in the last hour, and their mean run time."""
-        return self._store.counters(self._clock.seconds() - 3600.0)
-
-    # -- retention
-
-    def sweep(self) -> defer.Deferred[None]:
-        """Remove finished jobs older than ``keep_jobs`` days (and results, with keep_results)."""
-        return self._retention.sweep()

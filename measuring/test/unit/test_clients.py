@@ -115,7 +115,7 @@ class MakingRoomTests(FactoryTestCase):
         self.factory(max_connections=1)
         protocol, transport = self.tcp("192.0.2.1")
         self.assertServed(protocol, transport)
-        protocol.readConnectionLost()
+        protocol.readConnectionLost()  # type: ignore[attr-defined]
         self.assertEqual(len(self.made.connections), 0)
         self.assertServed(*self.tcp("192.0.2.2"))
 
@@ -134,6 +134,7 @@ class MakingRoomTests(FactoryTestCase):
         dispatcher = Dispatcher(
             self.harness.info,
             self.harness.jobs,
+            self.harness.queries,
             self.harness.stats,
             ("/",),
             tokens=Tokens((TOKEN,)),
@@ -181,6 +182,7 @@ class PerClientTests(FactoryTestCase):
         dispatcher = Dispatcher(
             self.harness.info,
             self.harness.jobs,
+            self.harness.queries,
             self.harness.stats,
             ("/",),
             tokens=Tokens((TOKEN,)),
@@ -306,8 +308,9 @@ class UnauthorizedWarningTests(SynchronousTestCase):
         harness = Harness(self)
         clock = Clock()
         dispatcher = Dispatcher(
-            harness.info, harness.jobs, harness.stats, ("/",), (), Tokens((TOKEN,)), Throttle(clock)
-        )
+            harness.info, harness.jobs, harness.queries, harness.stats, ("/",),
+            tokens=Tokens((TOKEN,)), throttle=Throttle(clock),
+        )  # fmt: skip
         with capturedLogs() as events:
             for n in range(1000):
                 dispatcher.handle({"Header": "Info", "Request": "Status"}, print, f"x:{n}")

@@ -22,8 +22,9 @@ from twisted.logger import capturedLogs, formatEvent
 from measuring.errors import Busy
 from measuring.server.jobs import outcomes
 from measuring.server.jobs.journal import RETRY_EVERY, Journal
+from measuring.server.jobs.queries import JobQueries
 from measuring.server.jobs.records import Job, new_job_id
-from measuring.server.jobs.scheduler import JobManager
+from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.threads import Synchronous
 from measuring.test.support.fakes import limits
@@ -37,22 +38,20 @@ STATE_DIR = "/srv/measuring/state"
 class FullDiskTestCase(JobsTestCase):
     """A manager on a database that can be filled and emptied."""
 
-    def full_manager(self, **overrides: Any) -> JobManager:
+    def full_manager(self, **overrides: Any) -> Scheduler:
         """A started manager whose database the test fills (``fill``) and frees (``free``)."""
         # The first refused write of a run is logged with its traceback, on purpose.
         self.addCleanup(self.flushLoggedErrors, sqlite3.OperationalError)
         self.database = JobDatabase(self.path)
         self.addCleanup(self.database.close)
         store = JobStore(self.database, Synchronous())
-        manager = JobManager(
-            self.pool,
-            store,
-            self.clock,
-            limits(**{"workers": 1, "job_timeout": TIMEOUT, **overrides}),
-            self.blocking,
-            Journal(store, self.clock, STATE_DIR),
-        )
+        held = limits(**{"workers": 1, "job_timeout": TIMEOUT, **overrides})
+        manager = Scheduler(
+            self.pool, store, self.clock, held, self.blocking,
+            journal=Journal(store, self.clock, STATE_DIR),
+        )  # fmt: skip
         manager.startService()
+        self.queries = JobQueries(manager, store, self.clock, self.blocking, held)
         return manager
 
     def fill(self) -> None:
@@ -63,7 +62,7 @@ class FullDiskTestCase(JobsTestCase):
     def free(self) -> None:
         self.database.db.execute("PRAGMA max_page_count = 1073741823")
 
-    def finished_while_full(self, manager: JobManager) -> tuple[Job, defer.Deferred[Any]]:
+    def finished_while_full(self, manager: Scheduler) -> tuple[Job, defer.Deferred[Any]]:
         """A job that ends (printing much) once the database is full; its end, as waited for."""
         job = self.submit(manager)
         self.fill()
@@ -80,13 +79,14 @@ class RefusedRecordTests(FullDiskTestCase):
         """Waiters are told; Status and Job Status agree (done, none running); disk: running."""
         manager = self.full_manager()
         job, ended = self.finished_while_full(manager)
-        self.assertEqual(self.successResultOf(ended)["Results"]["total"]["Value"], 1)
+        response = self.successResultOf(ended).response or {}
+        self.assertEqual(response["Results"]["total"]["Value"], 1)
         self.assertEqual(self.on_disk(job.id)["state"], "running")
-        self.assertEqual(self.successResultOf(manager.status(job.id))["State"], "done")
+        self.assertEqual(self.successResultOf(self.queries.status(job.id))["State"], "done")
         self.assertEqual(manager.counts(), {"Running": 0, "Queued": 0})
         self.assertEqual(self.successResultOf(manager.cancel(job.id)), "done")
-        self.assertEqual(self.successResultOf(manager.log(job.id)), CHATTY)
-        listed = self.successResultOf(manager.recent(None, 10))
+        self.assertEqual(self.successResultOf(self.queries.log(job.id)), CHATTY)
+        listed = self.successResultOf(self.queries.recent(None, 10))
         self.assertEqual([(j["Job"], j["State"]) for j in listed], [(job.id, "done")])
 
     def test_retriedUntilWritten(self) -> None:
@@ -102,7 +102,7 @@ class RefusedRecordTests(FullDiskTestCase):
         record = self.on_disk(job.id)
         self.assertEqual((record["state"], record["log"]), ("done", CHATTY))
         self.assertFalse(os.path.exists(kept))
-        self.assertEqual(self.successResultOf(manager.status(job.id))["State"], "done")
+        self.assertEqual(self.successResultOf(self.queries.status(job.id))["State"], "done")
 
     def test_newJobsRefusedNamingTheDisk(self) -> None:
         """While a record waits, a new job is refused Busy naming the full state directory."""
@@ -165,7 +165,7 @@ class KeptOutcomeTests(FullDiskTestCase):
         ended = {**job.record(), "state": "done", "finished": NOW - 10, "log": "printed",
                  "response": {"Results": {"total": {"Kind": "Scalar", "Value": 7}}}}  # fmt: skip
         outcomes.keep(self.directory, job.id, ended)
-        manager = self.full_manager()
+        self.full_manager()
         self.assertEqual(self.pool.started(), [])
         record = self.on_disk(job.id)
         self.assertEqual(
@@ -174,7 +174,7 @@ class KeptOutcomeTests(FullDiskTestCase):
         )
         self.assertEqual(record["response"]["Results"]["total"]["Value"], 7)
         self.assertFalse(os.path.exists(outcomes.outcome_file(self.directory, job.id)))
-        status = self.successResultOf(manager.status(job.id))
+        status = self.successResultOf(self.queries.status(job.id))
         self.assertEqual((status["State"], status["Results"]["total"]["Value"]), ("done", 7))
 
     def test_unreadableOutcomeIgnored(self) -> None:

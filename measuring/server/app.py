@@ -27,6 +27,7 @@ from measuring.server.jobs.retention import Retention
 from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.listening import ClosingService, ListeningService, describe, url
+from measuring.server.pool.cgroups import Containment
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
@@ -50,7 +51,11 @@ def limits(settings: Config) -> Limits:
 
 
 def _pool(
-    settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None
+    settings: Config,
+    reactor: Any,
+    watching: ThreadRunner,
+    config_file: str | None,
+    containment: Containment,
 ) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
@@ -73,6 +78,7 @@ def _pool(
             **({"Processes": settings.max_job_processes} if settings.max_job_processes else {}),
         },
         reap_orphans=True,
+        containment=containment,
     )
 
 
@@ -125,7 +131,9 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     store = JobStore(
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
-    pool = _pool(settings, reactor, watching, config_file)
+    # The jobs' cgroups and the guard that ends their processes when the server ends.
+    containment = Containment(reactor, settings.state_dir, mark=settings.state_dir)
+    pool = _pool(settings, reactor, watching, config_file, containment)
     held = limits(settings)
     journal = Journal(store, reactor, settings.state_dir)
     jobs = Scheduler(pool, store, reactor, held, blocking, stats, journal)
@@ -167,6 +175,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         watching,
         database,
         store,
+        containment,
         pool,
         ClosingService(factory, reactor),
         jobs,

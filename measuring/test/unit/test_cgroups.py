@@ -76,7 +76,7 @@ class KillGroupTests(SynchronousTestCase):
         """Every process in the cgroup is killed, and the cgroup removed."""
         group = os.path.join(_writable_cgroup(), f"measuring-test-{os.getpid()}")
         os.mkdir(group)
-        self.addCleanup(lambda: os.path.isdir(group) and os.rmdir(group))
+        self.addCleanup(guard.kill_group, group)
         sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
         self.addCleanup(sleeper.wait)
         with open(os.path.join(group, "cgroup.procs"), "w") as f:

@@ -25,6 +25,7 @@ from measuring import formulas as words
 from measuring.errors import Internal, JobFailed, MeasuringError
 from measuring.messages import JOB_MARK, WARM_TMP_PREFIX, Message, job_tmp
 from measuring.worker import dataset as datasets
+from measuring.worker import unreadable
 from measuring.worker.output import ResultWriter, WriteFailed, is_table, summarize
 
 #: Threads a job computes with when the server does not say (``--job-threads``).
@@ -137,6 +138,8 @@ def compute(
     progress: Progress | None = None,
     writer: ResultWriter | None = None,
     threads: int | None = None,
+    base: str | None = None,
+    engine: str = "pyarrow",
 ) -> dict[str, Any]:
     """
     Call every formula on the dataset, then compute all their results in one Dask call with
@@ -170,6 +173,10 @@ def compute(
         if isinstance(e, WriteFailed) and writer is not None:
             raise writer.failure(e) from None
         _print_traceback(e)
+        # Reading the dataset failed: say which file and row group (``base``: the dataset).
+        located = unreadable.locate(base, engine) if base and unreadable.from_reading(e) else None
+        if located is not None:
+            raise JobFailed(f"{located} (computing the formulas {', '.join(lazy)})") from None
         raise JobFailed(
             f"computing the formulas ({', '.join(lazy)}) raised {_explained(e, path, dataset)}"
         ) from None
@@ -222,7 +229,10 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
         )
-        values = compute(formulas, dataset, path, progress, writer, threads)
+        values = compute(
+            formulas, dataset, path, progress, writer, threads,
+            base=message["Base"], engine=message.get("Engine", "pyarrow"),
+        )  # fmt: skip
         described = summarize(values, writer)
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}
@@ -252,8 +262,11 @@ def _dataset(message: Message, memory: int | None, threads: int) -> Any:
         raise
     except Exception as e:
         _print_traceback(e)
+        located = unreadable.locate(message["Base"], message.get("Engine", "pyarrow"))
         base = os.path.basename(message["Base"])
-        raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
+        raise JobFailed(
+            located or f"cannot read {base} as Parquet: {type(e).__name__}: {e}"
+        ) from None
 
 
 def limit_job(limits: dict[str, int], sandboxed: bool) -> None:

@@ -143,7 +143,10 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     def dashboard() -> str | None:
         return url(http.ports[0], settings.http) if http and http.ports and settings.http else None
 
-    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking, dashboard)
+    info = InfoService(
+        reactor, pool, queries, stats, settings.data_roots, blocking, dashboard,
+        lambda: {containment.guard_pid: "guard"} if containment.guard_pid else {},
+    )  # fmt: skip
     # What clients can make the server log (refusals, closes) is held to a rate.
     throttle = Throttle(reactor)
     dispatcher = Dispatcher(

@@ -139,9 +139,12 @@ class InfoService(Service):
         data_roots: tuple[str, ...],
         blocking: Runner,
         dashboard: Callable[[], str | None] = lambda: None,
+        helpers: Callable[[], dict[int, str]] = dict,
     ) -> None:
+        """``helpers``: the server's own helper processes by pid, with their role (``guard``)."""
         self._clock = clock
         self._dashboard = dashboard
+        self._helpers = helpers
         self._pool = pool
         self._jobs = jobs
         self._stats = stats
@@ -228,10 +231,13 @@ class InfoService(Service):
         return self._blocking.run(sample)
 
     def all_processes(self) -> defer.Deferred[dict[str, Any]]:
-        roles = {
-            worker.pid: ("job" if worker.job else "template", worker.job)
-            for worker in self._pool.processes()
+        roles: dict[int, tuple[str, str | None]] = {
+            pid: (role, None) for pid, role in self._helpers().items()
         }
+        roles.update(
+            (worker.pid, ("job" if worker.job else "template", worker.job))
+            for worker in self._pool.processes()
+        )
 
         def sample() -> dict[str, Any]:
             tree = self._sampler.tree(os.getpid())

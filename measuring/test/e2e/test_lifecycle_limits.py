@@ -75,9 +75,10 @@ class LeftoverProcessTests(ServerTestCase):
         def only_template() -> bool:
             tree = self.info(server, "All process")["Service"]["Tree"]
             templates = {process["Pid"] for process in tree if process["Role"] == "template"}
-            return len(templates) == 1 and set(server.descendants()) == templates
+            guards = {process["Pid"] for process in tree if process["Role"] == "guard"}
+            return len(templates) == 1 and set(server.descendants()) == templates | guards
 
-        self.wait_for(only_template, "the server's one process to be its template")
+        self.wait_for(only_template, "the server's processes to be its template and guard")
 
 
 class QueueTests(ServerTestCase):

@@ -324,14 +324,15 @@ class HostileTestCase(ServerTestCase):
             return False
 
     def only_template(self, server: Server) -> bool:
-        """True when the server's one descendant is its template process, ready."""
+        """True when the server's descendants are its template process, ready, and its guard."""
         status = self.ask(server, STATUS)["Response"]["Workers"]
         tree = self.ask(server, {"Header": "Info", "Request": "All process"})["Response"]
-        templates = [
-            process["Pid"] for process in tree["Service"]["Tree"] if process["Role"] == "template"
-        ]
+        roles = [(process["Pid"], process["Role"]) for process in tree["Service"]["Tree"]]
+        templates = [pid for pid, role in roles if role == "template"]
+        helpers = {pid for pid, role in roles if role == "guard"}
         ready = status["Template"] == "ready" and status["Busy"] == 0
-        return ready and len(templates) == 1 and set(server.descendants()) == set(templates)
+        own = set(templates) | helpers
+        return ready and len(templates) == 1 and set(server.descendants()) == own
 
     def stop_and_check(self, server: Server) -> None:
         """Nothing but the template runs and no job's mark is left; then stop and check it."""

@@ -234,7 +234,12 @@ class RunJobTests(WorkerTestCase):
                 "NotFound",
                 ["'nope'", "its formulas: mean_by_sensor, peak, hourly, count"],
             ),
-            (FORMULAS, {"base": notes}, "JobFailed", ["cannot read notes.parquet as Parquet"]),
+            (
+                FORMULAS,
+                {"base": notes},
+                "JobFailed",
+                ["notes.parquet is not readable Parquet (its footer cannot be read)"],
+            ),
         ]
         for number, (source, fields, code, words) in enumerate(cases):
             answer = self.run_job(source, job=f"job-{number}", **fields)

@@ -23,8 +23,7 @@ from measuring.test.support.web import browser_missing, chromium, http_port
 #: Files of the dataset watched.py runs over: 1.5 s in each, long enough to watch.
 PARTS = 40
 #: The server reads small files as one partition: the formula splits it, a task per file.
-WATCHED = (
-    """
+WATCHED = f"""
 import time
 
 
@@ -35,8 +34,6 @@ def slow(df):
 
     return df.repartition(npartitions={PARTS}).map_partitions(nap).value.count()
 """
-    % PARTS
-)
 
 
 class BrowserTests(ClientTestCase):

@@ -7,7 +7,9 @@ stdout and stderr stays apart and becomes the job's log:
 
 - worker -> server ``{"Type": "Ready"}``: imports done and warmed up, waiting for a job.
 - server -> worker ``{"Type": "Job", "Job": id, "Directory", "Base", "File", "Functions",
-  "Output", "Engine"}``: paths are real and already checked against the data roots.
+  "Output", "Engine"}``: paths are real and already checked against the data roots. Formulas
+  sent with the request come as ``"Code"`` and ``"Name"`` with ``"File": null``; with a cluster,
+  ``"Cluster"`` says where it is (``measuring.cluster.ClusterSettings.to_message``).
 - worker -> server ``{"Type": "Done", "Results": {...}}`` or
   ``{"Type": "Error", "Error": {"Code", "Message"}}``; then the worker exits.
 
@@ -28,6 +30,8 @@ REPLY_FD = 4
 SERVER_MARK = "MEASURING_SERVER"
 WORKER_MARK = "MEASURING_WORKER"
 JOB_MARK = "MEASURING_JOB"
+#: In a worker's environment when its jobs compute on a cluster: it imports distributed warming up.
+CLUSTER_MARK = "MEASURING_CLUSTER"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 Message = dict[str, Any]

@@ -62,6 +62,7 @@ Timeout = _error_class("Timeout")
 Cancelled = _error_class("Cancelled")
 MemoryLimit = _error_class("MemoryLimit")
 JobFailed = _error_class("JobFailed")
+Unavailable = _error_class("Unavailable")
 Internal = _error_class("Internal")
 ERRORS = {cls.code: cls for cls in JobError.__subclasses__()}
 

@@ -31,6 +31,7 @@ _EXITS = {
     "Cancelled": EXIT_JOB,
     "MemoryLimit": EXIT_JOB,
     "Busy": EXIT_JOB,
+    "Unavailable": EXIT_JOB,
     "BadRequest": EXIT_USAGE,
     "Forbidden": EXIT_USAGE,
     "NotFound": EXIT_USAGE,

@@ -9,12 +9,15 @@ start in, and the reverse of the order they stop in (``services.InOrder``).
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
+from measuring.cluster import ClusterSettings, probe
+from measuring.server import cluster
 from measuring.server.access import Tokens, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
@@ -44,7 +47,13 @@ def limits(settings: Config) -> Limits:
     )
 
 
-def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None):
+def _pool(
+    settings: Config,
+    reactor: Any,
+    watching: ThreadRunner,
+    config_file: str | None,
+    found: ClusterSettings | None,
+) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
         secrets = server_secrets(
@@ -56,7 +65,12 @@ def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: s
         reactor,
         settings.workers,
         settings.state_dir,
-        worker_environment(os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir),
+        {
+            **worker_environment(
+                os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir
+            ),
+            **cluster.worker_environment(found),
+        },
         watching,
         settings.job_memory,
         sandbox=sandbox,
@@ -66,6 +80,30 @@ def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: s
         },
         reap_orphans=True,
     )
+
+
+def cluster_settings(settings: Config) -> ClusterSettings | None:
+    """Where the cluster computing the jobs is, or None when they compute here."""
+    if settings.scheduler is None:
+        return None
+    return ClusterSettings(
+        address=settings.scheduler,
+        ca=settings.scheduler_ca,
+        cert=settings.scheduler_cert,
+        key=settings.scheduler_key,
+        timeout=settings.scheduler_timeout,
+    )
+
+
+def _cluster(
+    found: ClusterSettings | None, reactor: Any
+) -> tuple[list[Service], cluster.ClusterView | None]:
+    """The services that look at the cluster for Info (its thread first), or none."""
+    if found is None:
+        return [], None
+    looking = ThreadRunner(reactor, "measuring-cluster")
+    view = cluster.ClusterView(reactor, looking, found.address, partial(probe, found))
+    return [looking, view], view
 
 
 def build(settings: Config, reactor: Any, config_file: str | None = None) -> IService:
@@ -85,9 +123,12 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     store = JobStore(
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
-    pool = _pool(settings, reactor, watching, config_file)
-    jobs = JobManager(pool, store, reactor, limits(settings), blocking)
-    info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking)
+    found = cluster_settings(settings)
+    pool = _pool(settings, reactor, watching, config_file, found)
+    runs = cluster.ClusterPool(pool, found) if found is not None else pool
+    jobs = JobManager(runs, store, reactor, limits(settings), blocking)
+    looking, view = _cluster(found, reactor)
+    info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking, view)
     dispatcher = Dispatcher(
         info, jobs, stats, settings.data_roots, (settings.state_dir,), Tokens(settings.tokens)
     )
@@ -111,6 +152,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         pool,
         ClosingService(factory, reactor),
         jobs,
+        *looking,
         info,
         listener,
         NotifyService(reactor, lambda: [describe(port) for port in listener.ports]),

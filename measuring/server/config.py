@@ -20,6 +20,7 @@ from typing import Any
 from twisted.python.usage import UsageError
 
 from measuring.server.access import beyond_loopback, load_tokens
+from measuring.server.cluster import checked
 from measuring.server.settings import SETTINGS
 
 
@@ -46,6 +47,11 @@ class Config:
     max_result_bytes: int = 10 * 2**30
     max_job_processes: int | None = None
     sandbox: str = "none"
+    scheduler: str | None = None
+    scheduler_ca: str | None = None
+    scheduler_cert: str | None = None
+    scheduler_key: str | None = None
+    scheduler_timeout: float = 10.0
 
 
 _PARSERS: dict[str, Callable[[object], Any]] = {s.name: s.parse for s in SETTINGS}
@@ -152,6 +158,7 @@ def load(
             f"(apt install bubblewrap)"
         )
 
+    cluster = checked(settings, sources, lambda path: _real(path, cwd))
     roots = [_data_root(path, cwd, sources["data-root"]) for path in settings["data-root"]]
     return Config(
         ports=tuple(settings["port"]),
@@ -173,6 +180,8 @@ def load(
         max_result_bytes=settings["max-result-bytes"],
         max_job_processes=settings["max-job-processes"],
         sandbox=settings["sandbox"],
+        scheduler_timeout=settings["scheduler-timeout"],
+        **cluster,
     )
 
 

@@ -8,6 +8,7 @@ answer. ``_error_answer`` is the one place where an error becomes an answer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -31,11 +32,15 @@ KEYS = {
     "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset"),
 }
 DASK_FIELDS = (
-    "Directory", "Base", "File", "Functions", "Output", "Engine", "Async", "Timeout", "Progress",
+    "Directory", "Base", "File", "Code", "Name", "Functions", "Output", "Engine", "Async",
+    "Timeout", "Progress",
 )  # fmt: skip
 DEFAULT_LIST, MAX_LIST = 100, 1000
 DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
-PATH_FIELDS = ("Directory", "Base", "File")
+PATH_FIELDS = ("Directory", "Base")
+#: The Name of formulas sent as Code: a file name, as a formula file would have.
+CODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.py")
+DEFAULT_CODE_NAME = "formulas.py"
 
 
 def _one_of(values: tuple[str, ...] | list[str]) -> str:
@@ -87,6 +92,37 @@ class Jobs(Protocol):
     def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
 
     def result(self, job: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]: ...
+
+
+def _formulas(fields: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """
+    Where a Dask request's formulas are: ``(File, None, None)``, or ``(None, Code, Name)`` for
+    formulas sent with the request (their size is bounded by ``--max-request-bytes``).
+    """
+    has_file, has_code = "File" in fields, "Code" in fields
+    if not has_file and not has_code:
+        raise BadRequest(
+            'the Dask Request has no "File" (a formula file in Directory), nor "Code" (the '
+            "formulas' Python source)"
+        )
+    if has_file and has_code:
+        raise BadRequest('the Dask Request has both "File" and "Code": send one of them')
+    if has_file:
+        if "Name" in fields:
+            raise BadRequest('"Name" names formulas sent as "Code"; a "File" has its own name')
+        if not isinstance(fields["File"], str):
+            raise BadRequest(f'"File" must be a string, not {json_type(fields["File"])}')
+        return fields["File"], None, None
+    code, name = fields["Code"], fields.get("Name", DEFAULT_CODE_NAME)
+    if not isinstance(code, str):
+        raise BadRequest(f'"Code" must be a string of Python source, not {json_type(code)}')
+    if "\0" in code:
+        raise BadRequest('"Code" must not contain a NUL character')
+    if not isinstance(name, str) or not CODE_NAME.fullmatch(name):
+        raise BadRequest(
+            f'"Name" must be a file name ending in .py (letters, digits, _ . -), not {name!r}'
+        )
+    return None, code, name
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:
@@ -258,6 +294,7 @@ class Dispatcher:
                 raise BadRequest(f'the Dask Request has no "{name}"')
             if not isinstance(fields[name], str):
                 raise BadRequest(f'"{name}" must be a string, not {json_type(fields[name])}')
+        file, code, code_name = _formulas(fields)
         functions = _functions(fields.get("Functions"))
         output = _choice(fields, "Output", tuple(wire.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", wire.ENGINES, "pyarrow")
@@ -265,11 +302,12 @@ class Dispatcher:
         _flag(fields, "Async")
         _flag(fields, "Progress")
         paths = data_paths.resolve_job(
-            self._data_roots, fields["Directory"], fields["Base"], fields["File"], self._private
+            self._data_roots, fields["Directory"], fields["Base"], file, self._private
         )
         return JobSpec(
-            paths=paths, functions=functions, output=output, engine=engine, timeout=timeout
-        )
+            paths=paths, functions=functions, output=output, engine=engine, timeout=timeout,
+            code=code, name=code_name,
+        )  # fmt: skip
 
     def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
         name = request.get("Request")

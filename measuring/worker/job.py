@@ -26,9 +26,10 @@ from typing import Any
 from dask.callbacks import Callback
 
 from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
-from measuring.messages import JOB_MARK, Message, job_tmp
+from measuring.messages import CLUSTER_MARK, JOB_MARK, Message, job_tmp
 from measuring.wire import ENGINES
 from measuring.worker import dataset as datasets
+from measuring.worker.cluster import Remote
 from measuring.worker.output import summarize
 
 Formula = Callable[[Any], Any]
@@ -57,9 +58,13 @@ def _print_traceback(error: BaseException) -> None:
     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
 
 
-def import_formulas(path: str) -> ModuleType:
+def module_name(job: str) -> str:
+    """The formula module's name in ``job``: one of its own, so that no two jobs share one."""
+    return "measuring_formulas_" + "".join(c if c.isalnum() else "_" for c in job)
+
+
+def import_formulas(path: str, name: str = "measuring_formulas") -> ModuleType:
     """Import the formula file as a module; JobFailed says what went wrong and on which line."""
-    name = "measuring_formulas"
     filename = os.path.basename(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -141,11 +146,15 @@ class ProgressReporter(Callback):
 
 
 def compute(
-    formulas: dict[str, Formula], dataset: Any, path: str, progress: Progress | None = None
+    formulas: dict[str, Formula],
+    dataset: Any,
+    path: str,
+    progress: Progress | None = None,
+    remote: Remote | None = None,
 ) -> dict[str, Any]:
     """
-    Call every formula on the dataset, then compute all their results in one Dask call,
-    reporting its tasks to ``progress(done, total)`` as they complete.
+    Call every formula on the dataset, then compute all their results in one Dask call (on the
+    cluster with ``remote``), reporting its tasks to ``progress(done, total)`` as they complete.
     """
     import dask
 
@@ -157,8 +166,13 @@ def compute(
             _print_traceback(e)
             raise JobFailed(f"formula {name!r} raised {describe(e, path)}") from None
     try:
-        with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
-            values = dask.compute(*lazy.values(), scheduler="threads")
+        if remote is not None:
+            values = remote.compute(list(lazy.values()), progress)
+        else:
+            with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
+                values = dask.compute(*lazy.values(), scheduler="threads")
+    except MeasuringError:
+        raise
     except BaseException as e:
         _print_traceback(e)
         raise JobFailed(
@@ -169,16 +183,20 @@ def compute(
 
 def run_job(message: Message, progress: Progress | None = None) -> Message:
     """Run one job message; the answer is a Done or an Error message, never an exception."""
-    path = message["File"]
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
+    remote = None
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
         # A temporary folder of the job's own, which the server removes when the job has ended.
         tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
         os.makedirs(tempfile.tempdir, exist_ok=True)
         os.chdir(message["Directory"])
-        module = import_formulas(path)
+        path = message.get("File") or write_code(message["Code"], message["Name"])
+        remote = Remote.connect(message.get("Cluster"), message["Job"])
+        module = import_formulas(path, module_name(message["Job"]))
+        if remote is not None:
+            remote.adopt(module, os.path.dirname(path))
         formulas = find_formulas(module, path, message.get("Functions"))
         try:
             dataset = datasets.read_dataset(message["Base"], message.get("Engine", "pyarrow"))
@@ -186,7 +204,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             _print_traceback(e)
             base = os.path.basename(message["Base"])
             raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
-        values = compute(formulas, dataset, path, progress)
+        values = compute(formulas, dataset, path, progress, remote)
         described = summarize(
             values,
             message["Job"],
@@ -202,7 +220,21 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             "Type": "Error",
             "Error": Internal(f"the worker failed: {type(e).__name__}: {e}").to_json(),
         }
+    finally:
+        if remote is not None:
+            remote.close()
     return {"Type": "Done", "Results": described}
+
+
+def write_code(code: str, name: str) -> str:
+    """
+    Formulas sent with the request, as the file ``name`` in the job's temporary folder: imported,
+    checked and described like a formula file (messages name ``name``).
+    """
+    path = os.path.join(tempfile.gettempdir(), name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(code)
+    return path
 
 
 def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
@@ -241,6 +273,8 @@ def warm_up() -> None:
     """Import and exercise what a job uses, so that the first job does not pay for it."""
     import pandas as pd
 
+    if os.environ.get(CLUSTER_MARK):
+        import distributed  # noqa: F401 (jobs will compute on the cluster)
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
         path = os.path.join(folder, "warm.parquet")
         pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]}).to_parquet(path)

@@ -55,10 +55,14 @@ class JobSpec:
     output: str = "parquet"
     engine: str = "pyarrow"
     timeout: float | None = None
+    #: Formulas sent with the request, and the file name they go by (``paths.file`` is None).
+    code: str | None = None
+    name: str | None = None
 
     def message(self, job: str) -> Message:
         """The Job message a worker process runs."""
         return {
+            **({"Code": self.code, "Name": self.name} if self.code is not None else {}),
             "Type": "Job",
             "Job": job,
             "Directory": self.paths.directory,
@@ -81,6 +85,8 @@ class JobSpec:
             output=data.get("output", "parquet"),
             engine=data.get("engine", "pyarrow"),
             timeout=data.get("timeout"),
+            code=data.get("code"),
+            name=data.get("name"),
         )
 
 
@@ -195,6 +201,7 @@ class Job:
             "Submitted": iso(self.submitted),
             "Directory": self.spec.paths.directory,
             "File": self.spec.paths.file,
+            **({"Name": self.spec.name} if self.spec.code is not None else {}),
         }
 
     def status(self) -> dict[str, Any]:

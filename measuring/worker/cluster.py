@@ -3,8 +3,8 @@ Runs in the job's process when the server has a cluster (``--scheduler``): the j
 on the cluster's workers, through a ``distributed.Client`` of the job's own.
 
 ``Remote.connect`` opens the client (versions checked: ``measuring.cluster``); ``adopt`` makes the
-formula module, the modules it imported from its folder and ``measuring``'s own code travel to the
-workers by value (they cannot import them); ``compute`` computes collections through that client,
+formula module and ``measuring``'s own code travel to the workers by value (they need not have
+either); ``compute`` computes collections through that client,
 reports Done/Total from the scheduler (Dask's local callbacks see no task of a distributed
 computation), and cancels and releases the job's futures when the computation fails or the job is
 stopped (SIGTERM: Timeout, Cancel, the server's stop). A process killed outright loses its
@@ -14,10 +14,13 @@ connection, and the scheduler then releases its futures by itself. Never imports
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 import threading
+import traceback
+import types
 from collections.abc import Callable
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
@@ -25,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import measuring
 from measuring.cluster import ClusterSettings, close, connect
 from measuring.errors import Unavailable
-from measuring.files import inside
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -35,6 +37,8 @@ Progress = Callable[[int, int], None]
 EVERY = 0.25
 #: How long to wait, once the results are in, for the scheduler's last count.
 LAST_COUNT = 1.0
+#: The file name cloudpickle gives the code it pickles.
+BLANK_FILENAME = "<dynamic-code>"
 
 
 class _Stopped(BaseException):
@@ -66,22 +70,19 @@ class Remote:
             )
         return remote
 
-    def adopt(self, module: ModuleType, folder: str) -> None:
+    def adopt(self, module: ModuleType) -> None:
         """
-        Make ``module``, every module imported from ``folder``, and ``measuring`` itself (the
-        dataset readers) travel to the cluster's workers by value: pickled whole, not by a name
-        they would have to import. Nothing is uploaded to the cluster, so two jobs whose formula
-        files have the same name never see each other's code.
+        Make the formula ``module`` and ``measuring`` itself (its dataset readers) travel to the
+        cluster's workers by value: pickled whole, not by a name they would have to import.
+        Nothing is uploaded to the cluster, and each job's module has a name of its own, so two
+        jobs whose formula files have the same name never see each other's code (nor share the
+        keys of its tasks). Modules the formulas import must be installed on the workers.
         """
         import cloudpickle
 
         cloudpickle.register_pickle_by_value(measuring)
         cloudpickle.register_pickle_by_value(module)
-        real = os.path.realpath(folder)
-        for other in list(sys.modules.values()):
-            path = getattr(other, "__file__", None)
-            if other is not module and path and inside(os.path.realpath(path), real):
-                cloudpickle.register_pickle_by_value(other)
+        _pickle_with_cloudpickle()
 
     def compute(self, collections: list[Any], progress: Progress | None = None) -> list[Any]:
         """
@@ -133,6 +134,59 @@ class Remote:
     def close(self) -> None:
         """Let go of the cluster: the scheduler releases whatever the job still held."""
         close(self._client)
+
+
+def in_file_remotely(frame: traceback.FrameSummary, path: str) -> bool:
+    """
+    True when ``frame``, of a traceback from a cluster worker, ran code of the file at ``path``.
+
+    Code that travelled by value has lost its file name on the way (cloudpickle blanks it); its
+    function's name and line number still say where in the file it comes from.
+    """
+    return frame.filename == BLANK_FILENAME and (frame.name, frame.lineno) in _lines(path)
+
+
+@functools.cache
+def _lines(path: str) -> frozenset[tuple[str, int]]:
+    """``(function name, line)`` of every line of code in the Python file at ``path``."""
+    try:
+        with open(path, "rb") as f:
+            code = compile(f.read(), path, "exec")
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    found: set[tuple[str, int]] = set()
+    waiting = [code]
+    while waiting:
+        one = waiting.pop()
+        found.update((one.co_name, line) for _, _, line in one.co_lines() if line is not None)
+        waiting.extend(const for const in one.co_consts if isinstance(const, types.CodeType))
+    return frozenset(found)
+
+
+def _pickle_with_cloudpickle() -> None:
+    """
+    Make distributed pickle what this process sends with cloudpickle, which honours
+    ``register_pickle_by_value`` for every object inside what it pickles. distributed first
+    tries the standard pickle, which sends a module-level function or class by its name whenever
+    its module is importable here (the formula module, ``measuring``): the cluster's workers then
+    fail to import it. Only this job's process is changed.
+    """
+    import cloudpickle
+    from distributed.protocol import pickle
+
+    if getattr(pickle.dumps, "by_value", False):
+        return
+
+    def dumps(
+        x: Any, *, buffer_callback: Callable[[Any], None] | None = None, protocol: int | None = None
+    ) -> bytes:
+        data: bytes = cloudpickle.dumps(
+            x, protocol=protocol or pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback
+        )
+        return data
+
+    dumps.by_value = True  # type: ignore[attr-defined]
+    pickle.dumps = dumps
 
 
 class _TaskCounter:

@@ -29,7 +29,7 @@ from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
 from measuring.messages import CLUSTER_MARK, JOB_MARK, Message, job_tmp
 from measuring.wire import ENGINES
 from measuring.worker import dataset as datasets
-from measuring.worker.cluster import Remote
+from measuring.worker.cluster import Remote, in_file_remotely
 from measuring.worker.output import summarize
 
 Formula = Callable[[Any], Any]
@@ -40,7 +40,7 @@ def _where(error: BaseException, path: str) -> str:
     """`` (work.py line 12)`` for the deepest frame of ``error`` in the formula file, or ``""``."""
     line = None
     for frame in traceback.extract_tb(error.__traceback__):
-        if frame.filename == path:
+        if frame.filename == path or in_file_remotely(frame, path):
             line = frame.lineno
     return f" ({os.path.basename(path)} line {line})" if line is not None else ""
 
@@ -196,7 +196,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
         remote = Remote.connect(message.get("Cluster"), message["Job"])
         module = import_formulas(path, module_name(message["Job"]))
         if remote is not None:
-            remote.adopt(module, os.path.dirname(path))
+            remote.adopt(module)
         formulas = find_formulas(module, path, message.get("Functions"))
         try:
             dataset = datasets.read_dataset(message["Base"], message.get("Engine", "pyarrow"))

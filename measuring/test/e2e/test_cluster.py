@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring.test.support import Server, sample_frame, write_formulas
+from measuring.test.support import FINISHED, Server, sample_frame, write_formulas
 from measuring.test.support.cluster import DaskCluster, shared, wait_for
 from measuring.test.support.formulas import CLUSTER_FORMULAS, FORMULAS
 
@@ -238,7 +238,7 @@ class ClusterStopTests(ClusterTestCase):
         self.hold()
         job = self.submit("held", **fields)
         wait_for(
-            lambda: self.cluster.executing() > 0 or self.job_status(job)["State"] != "running",
+            lambda: self.cluster.executing() > 0 or self.job_status(job)["State"] in FINISHED,
             "the held tasks to run on the cluster",
         )
         return job

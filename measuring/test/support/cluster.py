@@ -104,27 +104,12 @@ class DaskCluster:
         """Start the scheduler and the workers; return once the scheduler has every worker."""
         self.start_scheduler()
         unimportable = self._no_measuring()
+        options = ["--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
+                   "--death-timeout", "60", "--preload", unimportable]  # fmt: skip
+        options += self._tls_options()
         for n in range(self.workers):
-            self.worker_processes.append(
-                self._start(
-                    f"worker-{n}",
-                    [
-                        "worker",
-                        self.address,
-                        "--nthreads",
-                        "1",
-                        "--no-nanny",
-                        "--no-dashboard",
-                        "--host",
-                        "127.0.0.1",
-                        "--death-timeout",
-                        "60",
-                        "--preload",
-                        unimportable,
-                        *self._tls_options(),
-                    ],
-                )  # fmt: skip
-            )
+            process = self._start(f"worker-{n}", ["worker", self.address, *options])
+            self.worker_processes.append(process)
         self.client().wait_for_workers(self.workers, timeout=PATIENCE)
         return self
 

@@ -194,7 +194,12 @@ def info(name: str) -> None:
 _JOB_OPTIONS = [
     click.argument("directory"),
     click.argument("base"),
-    click.argument("file"),
+    click.argument("file", required=False),
+    click.option(
+        "--code",
+        type=click.Path(exists=True, dir_okay=False),
+        help="A local formula file, sent with the job (instead of FILE on the server).",
+    ),
     click.option(
         "-f", "--function", "functions", multiple=True, help="Run only this formula (repeatable)."
     ),
@@ -213,11 +218,13 @@ def _job_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command()
 @_job_options
-def run(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-        engine: str | None, timeout: float | None) -> None:  # fmt: skip
-    """Run the formulas of FILE over BASE in DIRECTORY, wait, and show the results."""
+def run(directory: str, base: str, file: str | None, code: str | None,
+        functions: tuple[str, ...], output: str | None, engine: str | None,
+        timeout: float | None) -> None:  # fmt: skip
+    """Run the formulas of FILE (or --code) over BASE in DIRECTORY, wait, show the results."""
     settings = _settings()
-    progress = bar(os.path.basename(file)) if sys.stdout.isatty() and not settings.json else None
+    name = os.path.basename(_formulas(file, code))
+    progress = bar(name) if sys.stdout.isatty() and not settings.json else None
     started: list[str] = []
 
     def accepted(job: Any) -> None:
@@ -228,7 +235,8 @@ def run(directory: str, base: str, file: str, functions: tuple[str, ...], output
     with settings.client() as client:
         try:
             job = client.run(_local(directory), base, file, list(functions) or None, output,
-                             timeout, engine, progress=progress, accepted=accepted)  # fmt: skip
+                             timeout, engine, progress=progress, accepted=accepted,
+                             code=code)  # fmt: skip
         except KeyboardInterrupt:
             if started:
                 click.echo(
@@ -239,6 +247,16 @@ def run(directory: str, base: str, file: str, functions: tuple[str, ...], output
             sys.exit(130)
         status = job.status()
     _show(status, lambda: _print_results(job.id, status))
+
+
+def _formulas(file: str | None, code: str | None) -> str:
+    """The formula file a job names: FILE on the server or a local --code file, not both."""
+    if (file is None) == (code is None):
+        raise click.UsageError(
+            "give FILE (a formula file in DIRECTORY on the server) or --code PATH (a local "
+            "formula file, sent with the job), not both"
+        )
+    return str(file if code is None else code)
 
 
 def _local(directory: str) -> str:
@@ -264,12 +282,14 @@ def _print_results(job: str, status: dict[str, Any], heading: bool = True) -> No
 
 @main.command()
 @_job_options
-def submit(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-           engine: str | None, timeout: float | None) -> None:  # fmt: skip
+def submit(directory: str, base: str, file: str | None, code: str | None,
+           functions: tuple[str, ...], output: str | None, engine: str | None,
+           timeout: float | None) -> None:  # fmt: skip
     """Queue a job and print its id."""
+    _formulas(file, code)
     with _settings().client() as client:
         job = client.submit(
-            _local(directory), base, file, list(functions) or None, output, timeout, engine
+            _local(directory), base, file, list(functions) or None, output, timeout, engine, code
         )
     _show({"Job": job.id}, lambda: click.echo(job.id))
 

@@ -21,6 +21,8 @@ from typing import Any
 import pandas as pd
 from twisted.trial.unittest import SynchronousTestCase
 
+from measuring.client import Client, JobFailed, NotFound
+from measuring.test.e2e.test_cli import cli
 from measuring.test.support import FINISHED, Server, sample_frame, write_formulas
 from measuring.test.support.cluster import DaskCluster, shared, wait_for
 from measuring.test.support.formulas import CLUSTER_FORMULAS, FORMULAS
@@ -228,6 +230,39 @@ class ClusterJobTests(ClusterTestCase):
         )  # fmt: skip
         addresses = set(self.table(answer, "workers")["address"])
         self.assertLessEqual(addresses, self.cluster.worker_addresses())
+
+
+class InlineCodeTests(ClusterTestCase):
+    """Formulas sent with the request, to the server's own workers: the client and the CLI."""
+
+    def test_client(self) -> None:
+        """Client.run(code=path) runs a local file the server does not have; errors name it."""
+        local = os.path.join(self.fixture.data, "..", "mine.py")
+        write_formulas(os.path.dirname(local), FORMULAS, name="mine.py")
+        with Client("127.0.0.1", self.fixture.local.port) as client:
+            job = client.run(self.data, BASE, functions=["peak"], code=local)
+            self.assertEqual(job.results["peak"].value, self.fixture.frame.value.max())
+            error = self.assertRaises(
+                NotFound, client.run, self.data, BASE, functions=["nope"], code=local
+            )
+            self.assertIn("mine.py has no formula named 'nope'", error.message)
+            error = self.assertRaises(
+                JobFailed, client.run, self.data, BASE, code="def broken(df):\n    return (\n"
+            )
+            self.assertRegex(error.message, r"^formulas\.py line \d+: SyntaxError")
+
+    def test_cli(self) -> None:
+        """measuring-client run DIR BASE --code work.py sends the local file and shows results."""
+        local = os.path.join(self.fixture.data, "..", "mine.py")
+        write_formulas(os.path.dirname(local), FORMULAS, name="mine.py")
+        done = cli("--server", f"127.0.0.1:{self.fixture.local.port}", "run", self.data, BASE,
+                   "--code", local, "-f", "count")  # fmt: skip
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(str(len(self.fixture.frame)), done.stdout)
+        both = cli("--server", f"127.0.0.1:{self.fixture.local.port}", "run", self.data, BASE,
+                   "work.py", "--code", local)  # fmt: skip
+        self.assertEqual(both.returncode, 2, both.stderr)
+        self.assertIn("give FILE", both.stderr)
 
 
 class ClusterStopTests(ClusterTestCase):

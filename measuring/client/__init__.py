@@ -8,8 +8,10 @@ A light client for measuring servers: plain sockets and JSON, for scripts and no
         job.results["mean_by_sensor"].to_pandas()
 
 Importing this module imports neither Dask nor Twisted nor pyarrow; pandas is imported only by
-``Result.to_pandas``, tqdm only for ``progress=True``. Every server error is raised as a
-``JobError`` subclass named after its Code, carrying ``code``, ``message`` and ``job``.
+``Result.to_pandas``, pyarrow only by it (when installed: it then fetches the result as an Arrow
+stream, else as JSON pages), tqdm only for progress bars. Every server error is raised as a
+``JobError`` subclass named after its Code, carrying ``code``, ``message``, ``job``, ``log`` and
+the answer line itself.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +29,14 @@ from typing import Any
 from measuring.wire import DEFAULT_HOST, DEFAULT_PORT, WAITING
 
 PAGE = 10_000
+#: Bytes read at a time from an Arrow stream; transfers from LARGE bytes (or rows, as JSON pages)
+#: get a progress bar by themselves in a terminal or a notebook.
+CHUNK = 1 << 20
+LARGE = 32 << 20
+LARGE_ROWS = 200_000
 Progress = Callable[[int, int], None]
+#: Called with each request and each raw line answering it (for ``--json``).
+Record = Callable[[dict[str, Any], bytes], None]
 
 
 class ClientError(Exception):
@@ -38,11 +48,19 @@ class JobError(Exception):
 
     code = "Error"
 
-    def __init__(self, message: str, job: str | None = None, log: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        job: str | None = None,
+        log: str | None = None,
+        answer: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.job = job
         self.log = log
+        #: The answer this error came in (an error answer, or the Status of a job that failed).
+        self.answer = answer
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -71,7 +89,7 @@ def error_from(answer: dict[str, Any]) -> JobError:
     """The JobError an error answer stands for."""
     error = answer.get("Error") or {}
     cls = ERRORS.get(str(error.get("Code")), JobError)
-    return cls(str(error.get("Message", "")), answer.get("Job"), answer.get("Log"))
+    return cls(str(error.get("Message", "")), answer.get("Job"), answer.get("Log"), answer)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -90,28 +108,63 @@ def parse_address(address: str) -> tuple[str, int]:
         raise ValueError(f"{address!r} is not HOST:PORT") from None
 
 
-def bar(description: str) -> Progress:
+class Bar:
     """
-    A progress bar (tqdm's, which draws in terminals and notebooks alike) as a callback; it
-    closes when done reaches total (a job that ends without tasks reports ``(0, 0)``).
+    A progress bar (tqdm's, which draws in terminals and notebooks alike) as a Progress callback.
+    Nothing is drawn until the first report; ``close`` leaves it showing where it stopped.
     """
-    from tqdm.auto import tqdm
 
-    shown = tqdm(desc=description, unit="task", leave=True)
+    def __init__(self, description: str, unit: str = "task", scale: bool = False) -> None:
+        self._description, self._unit, self._scale = description, unit, scale
+        self._shown: Any = None
 
-    def update(done: int, total: int) -> None:
-        shown.total = total
-        shown.n = done
-        shown.refresh()
-        if done >= total:
-            shown.close()
+    def __call__(self, done: int, total: int) -> None:
+        if self._shown is None:
+            from tqdm.auto import tqdm
 
-    return update
+            self._shown = tqdm(
+                desc=self._description, unit=self._unit, unit_scale=self._scale, leave=True
+            )
+        self._shown.total = total
+        self._shown.n = done
+        self._shown.refresh()
+
+    def close(self) -> None:
+        """End the bar's line (at once if it was never drawn)."""
+        if self._shown is not None:
+            self._shown.close()
+
+
+def bar(description: str) -> Bar:
+    """A progress bar of a job's tasks."""
+    return Bar(description)
 
 
 def _reporter(progress: Progress | bool | None, description: str) -> Progress | None:
     if progress is True:
         return bar(description)
+    return progress or None
+
+
+def _close(report: Progress | None) -> None:
+    close = getattr(report, "close", None)
+    if close is not None:
+        close()
+
+
+def _interactive() -> bool:
+    """True in a terminal or a notebook, where a bar is seen."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def _transfer(
+    progress: Progress | bool | None, size: int, large: int, what: str
+) -> Progress | None:
+    """The report of a transfer of ``size`` (bytes or rows); a bar by itself when it is large."""
+    if progress is None and size >= large and _interactive():
+        progress = True
+    if progress is True:
+        return Bar(what, unit="B", scale=True) if large == LARGE else Bar(what, unit="row")
     return progress or None
 
 
@@ -135,6 +188,8 @@ class Client:
         self._socket: socket.socket | None = None
         self._file: Any = None
         self._ids = itertools.count(1)
+        #: Called with each request and each raw line answering it, when set.
+        self.record: Record | None = None
 
     @classmethod
     def from_address(cls, address: str, **options: Any) -> Client:
@@ -184,14 +239,43 @@ class Client:
                 if not line:
                     raise ClientError("the server closed the connection")
                 answer = json.loads(line)
-                if answer.get("Id") == request_id:
-                    yield answer
+                if answer.get("Id") != request_id:
+                    self._skip_body(answer)  # a stream answering a request given up on
+                    continue
+                if self.record is not None:
+                    self.record(request, line)
+                yield answer
         except (OSError, ValueError) as e:
             self.close()
             raise ClientError(f"lost the server at {self.host}:{self.port}: {e}") from None
         except ClientError:
             self.close()
             raise
+
+    def _skip_body(self, answer: dict[str, Any]) -> None:
+        response = answer.get("Response")
+        if isinstance(response, dict) and response.get("Format") == "arrow":
+            self._body(int(response["Bytes"]), None)
+
+    def _body(self, size: int, report: Progress | None) -> bytearray:
+        """The ``size`` raw bytes that follow an answer line (an Arrow stream)."""
+        data = bytearray(size)
+        view, got = memoryview(data), 0
+        try:
+            while got < size:
+                read = self._file.readinto(view[got : got + CHUNK])
+                if not read:
+                    raise ClientError("the server closed the connection in the middle of a result")
+                got += read
+                if report is not None:
+                    report(got, size)
+        except OSError as e:
+            self.close()
+            raise ClientError(f"lost the server at {self.host}:{self.port}: {e}") from None
+        except BaseException:
+            self.close()  # the rest of the stream is still coming: this connection is done
+            raise
+        return data
 
     def request(self, request: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
         """Send one request; its final answer (Progress lines go to ``progress``)."""
@@ -284,6 +368,13 @@ class Client:
             job._done(_follow(lines, report))
         except ClientError:
             return job.wait(progress=report)  # the connection broke; the job runs on
+        except JobError as e:
+            if e.log is None:  # a job stopped by the server: its answer has no log
+                e.log = job._quiet_log()
+            raise
+        finally:
+            if progress is True:
+                _close(report)
         return job
 
     def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -322,27 +413,22 @@ def formulas(file: str | None, code: str | None) -> dict[str, str]:
 def _follow(lines: Iterator[dict[str, Any]], report: Progress | None) -> dict[str, Any]:
     """
     Read a job's Progress lines and then its answer; the Response, or its error raised. The
-    progress ends at done == total however the job ends (not when the connection breaks).
+    progress ends at done == total when the job is done; otherwise it stays where the job stopped.
     """
-    total, ended = 0, True
-    try:
-        for answer in lines:
-            if answer.get("Header") == "Progress":
-                total = answer["Total"]
-                if report is not None:
-                    report(answer["Done"], total)
-            elif answer.get("Status") == "Error":
-                raise error_from(answer)
-            else:
-                response: dict[str, Any] = answer["Response"]
-                return response
-        raise ClientError("the server sent no answer")
-    except ClientError:
-        ended = False
-        raise
-    finally:
-        if ended and report is not None:
-            report(total, total)
+    total = 0
+    for answer in lines:
+        if answer.get("Header") == "Progress":
+            total = answer["Total"]
+            if report is not None:
+                report(answer["Done"], total)
+        elif answer.get("Status") == "Error":
+            raise error_from(answer)
+        else:
+            if report is not None:
+                report(total, total)
+            response: dict[str, Any] = answer["Response"]
+            return response
+    raise ClientError("the server sent no answer")
 
 
 class Job:
@@ -377,6 +463,13 @@ class Job:
         Raises TimeoutError (Python's) when ``timeout`` seconds pass first.
         """
         report = _reporter(progress, self.id)
+        try:
+            return self._wait(timeout, report)
+        finally:
+            if progress is True:
+                _close(report)
+
+    def _wait(self, timeout: float | None, report: Progress | None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause, total = 0.1, 0
         while True:
@@ -389,17 +482,37 @@ class Job:
                     report(total, total)
                 return self
             if status["State"] not in WAITING:
-                error = status.get("Error") or {"Code": "JobFailed", "Message": status["State"]}
-                raise error_from({"Error": error, "Job": self.id, "Log": self.log()})
+                raise self.error(status)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.id} is still {status['State']} after {timeout} s")
             time.sleep(pause)
             pause = min(pause * 1.5, 2.0)
 
+    def error(self, status: dict[str, Any]) -> JobError:
+        """The error a job that ended without results (its ``status``) stands for, with its log."""
+        error = status.get("Error") or {"Code": "JobFailed", "Message": status["State"]}
+        found = error_from({"Error": error, "Job": self.id, "Log": self._quiet_log()})
+        found.answer = {"Header": "Job", "Request": "Status", "Job": self.id, "Response": status}
+        return found
+
     def cancel(self) -> str:
         """Cancel the job; returns the state it ends in."""
         state: str = self._client._job_request("Cancel", self.id)["State"]
         return state
+
+    def result_page(self, name: str, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """One page of the result ``name`` as JSON records (for a single value, its Value)."""
+        return self._client._job_request("Result", self.id, Name=name, Offset=offset, Limit=limit)
+
+    def _quiet_log(self) -> str | None:
+        """The log, asked without recording the answer; None when it cannot be had."""
+        record, self._client.record = self._client.record, None
+        try:
+            return self.log()
+        except (JobError, ClientError):
+            return None
+        finally:
+            self._client.record = record
 
     def log(self) -> str:
         """What the job's formulas printed (so far)."""
@@ -452,26 +565,54 @@ class Result:
 
     def rows_page(self, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
         """One page of rows, fetched through the server (``Records``, ``Rows``, ``Columns``)."""
-        return self._client._job_request(
-            "Result", self.job, Name=self.name, Offset=offset, Limit=limit
-        )
+        return self._client.job(self.job).result_page(self.name, offset, limit)
 
-    def records(self) -> Iterator[dict[str, Any]]:
-        """Every row as a JSON record, fetched from the server page by page."""
+    def records(self, progress: Progress | bool | None = None) -> Iterator[dict[str, Any]]:
+        """
+        Every row as a JSON record, fetched from the server page by page; ``progress`` as for
+        ``to_pandas``, counting rows.
+        """
+        report = _transfer(progress, self.rows or 0, LARGE_ROWS, self.name)
         offset = 0
-        while True:
-            page = self.rows_page(offset, PAGE)
-            yield from page["Records"]
-            offset += len(page["Records"])
-            if not page["Records"] or offset >= page["Rows"]:
-                return
+        try:
+            while True:
+                page = self.rows_page(offset, PAGE)
+                yield from page["Records"]
+                offset += len(page["Records"])
+                if report is not None:
+                    report(offset, page["Rows"])
+                if not page["Records"] or offset >= page["Rows"]:
+                    return
+        finally:
+            _close(report)
 
-    def to_pandas(self, source: str = "auto") -> Any:
+    def to_arrow(self, progress: Progress | bool | None = None) -> Any:
+        """
+        The result as a pyarrow Table, fetched through the server as one Arrow stream (needs
+        pyarrow). ``progress``: a callable ``(bytes, of bytes)``, True for a bar, False for none;
+        None (the default) draws a bar for a large transfer in a terminal or a notebook.
+        """
+        import pyarrow as pa
+
+        request = {"Header": "Job", "Request": "Result", "Job": self.job, "Name": self.name,
+                   "Format": "arrow"}  # fmt: skip
+        response = self._client.request(request)["Response"]
+        report = _transfer(progress, int(response["Bytes"]), LARGE, self.name)
+        try:
+            data = self._client._body(int(response["Bytes"]), report)
+        finally:
+            _close(report)
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+    def to_pandas(self, source: str = "auto", progress: Progress | bool | None = None) -> Any:
         """
         The result as a pandas DataFrame (a Series for a Series result, the value for a scalar).
 
-        ``source``: ``"file"`` reads the file (it must be reachable from here), ``"server"``
-        fetches the rows through the protocol, ``"auto"`` reads the file when it can.
+        ``source``: ``"file"`` reads the file (it must be reachable from here); ``"server"``
+        fetches it through the server, as an Arrow stream when pyarrow is installed, else as JSON
+        pages (``"arrow"`` and ``"json"`` choose one); ``"auto"`` reads the file when it can, else
+        fetches it. ``progress`` (for a fetch): a callable ``(done, total)``, True for a bar,
+        False for none; None draws one for a large transfer in a terminal or a notebook.
         """
         import pandas as pd
 
@@ -482,8 +623,10 @@ class Result:
             if path is None:
                 raise ClientError(f"result {self.name} has no file")
             frame = _read(path)
+        elif source == "arrow" or (source in ("auto", "server") and _has_pyarrow()):
+            frame = self.to_arrow(progress).to_pandas()
         else:
-            records = list(self.records())
+            records = list(self.records(progress))
             frame = pd.DataFrame.from_records(records, columns=[*self.index, *self.columns])
         frame = _typed(frame, self.types)
         if self.index and set(self.index) <= set(frame.columns):
@@ -491,6 +634,15 @@ class Result:
         if self.kind == "Series" and len(frame.columns) == 1:
             return frame[frame.columns[0]]
         return frame
+
+
+def _has_pyarrow() -> bool:
+    """True when pyarrow can be imported (importing it, which pandas does anyway)."""
+    try:
+        import pyarrow.ipc  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _typed(frame: Any, types: dict[str, str]) -> Any:
@@ -513,7 +665,7 @@ def _typed(frame: Any, types: dict[str, str]) -> Any:
 def _read(path: str) -> Any:
     import pandas as pd
 
-    if path.endswith(".parquet"):
+    if path.endswith(".parquet") or os.path.isdir(path):  # a file, or a folder of parts
         return pd.read_parquet(path)
     if path.endswith(".csv"):
         return pd.read_csv(path)

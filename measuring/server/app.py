@@ -22,7 +22,10 @@ from measuring.server.access import Tokens, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
 from measuring.server.info import InfoService
-from measuring.server.jobs.scheduler import JobManager, Limits
+from measuring.server.jobs.queries import JobQueries
+from measuring.server.jobs.records import Limits
+from measuring.server.jobs.retention import Retention
+from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.listening import ClosingService, ListeningService, describe
 from measuring.server.pool.pool import WorkerPool, worker_environment
@@ -125,13 +128,18 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     )
     found = cluster_settings(settings)
     pool = _pool(settings, reactor, watching, config_file, found)
-    runs = cluster.ClusterPool(pool, found) if found is not None else pool
-    jobs = JobManager(runs, store, reactor, limits(settings), blocking)
+    held = limits(settings)
+    jobs = Scheduler(
+        cluster.ClusterPool(pool, found) if found is not None else pool, store, reactor, held,
+        blocking,
+    )  # fmt: skip
+    queries = JobQueries(jobs, store, reactor, blocking, held)
     looking, view = _cluster(found, reactor)
-    info = InfoService(reactor, pool, jobs, stats, settings.data_roots, blocking, view)
+    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking, view)
     dispatcher = Dispatcher(
-        info, jobs, stats, settings.data_roots, (settings.state_dir,), Tokens(settings.tokens)
-    )
+        info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
+        Tokens(settings.tokens), blocking,
+    )  # fmt: skip
     factory = RequestFactory(
         dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,
         settings.max_connections,
@@ -152,6 +160,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         pool,
         ClosingService(factory, reactor),
         jobs,
+        Retention(store, reactor, held, blocking),
         *looking,
         info,
         listener,

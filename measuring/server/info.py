@@ -21,8 +21,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from measuring import __version__
-from measuring.server.jobs.records import iso
-from measuring.server.jobs.scheduler import Limits
+from measuring.server.jobs.records import Limits, iso
 from measuring.server.pool.pool import WorkerInfo
 from measuring.server.stats import Stats
 from measuring.server.threads import Runner
@@ -39,7 +38,10 @@ class PoolView(Protocol):
     def processes(self) -> list[WorkerInfo]: ...
 
     @property
-    def ready_count(self) -> int: ...
+    def template_state(self) -> str: ...
+
+    @property
+    def busy(self) -> int: ...
 
 
 class ClusterInfo(Protocol):
@@ -51,7 +53,7 @@ class ClusterInfo(Protocol):
 
 
 class JobsView(Protocol):
-    """What Info reads from the job manager."""
+    """What Info reads of the jobs (``measuring.server.jobs.queries.JobQueries``)."""
 
     limits: Limits
 
@@ -201,7 +203,11 @@ class InfoService(Service):
             "Started": iso(self._started),
             "Pid": os.getpid(),
             "Jobs": self._jobs.counts(),
-            "Workers": {"Size": self._pool.size, "Ready": self._pool.ready_count},
+            "Workers": {
+                "Size": self._pool.size,
+                "Busy": self._pool.busy,
+                "Template": self._pool.template_state,
+            },
             "Limits": {
                 "JobTimeout": self._jobs.limits.job_timeout,
                 "JobMemory": self._pool.memory_limit,
@@ -236,7 +242,7 @@ class InfoService(Service):
 
     def all_processes(self) -> defer.Deferred[dict[str, Any]]:
         roles = {
-            worker.pid: ("job" if worker.job else "worker", worker.job)
+            worker.pid: ("job" if worker.job else "template", worker.job)
             for worker in self._pool.processes()
         }
 

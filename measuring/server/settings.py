@@ -339,7 +339,8 @@ SETTINGS: tuple[Setting, ...] = (
         one_of(SANDBOXES),
         "none",
         "none",
-        "none, or bwrap: workers see the data roots read-only, no network, their own PIDs.",
+        "none, or bwrap: each job in a sandbox of its own: the data roots read-only, no "
+        "network, its own PIDs.",
         "none|bwrap",
     ),
     Setting(

@@ -1,11 +1,8 @@
 """
-Runs inside a worker process: one job, then exit.
-
-``python -m measuring.worker PARENT_PID`` imports Dask, pandas and pyarrow, warms them up with a
-tiny computation, says Ready and waits for one job (see ``messages``). It then imports the
-formula file, calls every formula on the dataset, computes them all in one ``dask.compute`` call,
-writes the results (``loader``) and reports back. Everything the formulas print goes to stdout and
-stderr, which the server keeps as the job's log. This module never imports the reactor.
+One job, run in a job process (``main``): import the formula file, call every formula on the
+dataset, compute them all in one ``dask.compute`` call, write the results (``output``) and answer
+with a Done or an Error message. ``warm_up`` is what the template runs once, single-threaded,
+before it forks job processes. Never imports twisted or ``measuring.server``.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from types import ModuleType
@@ -25,7 +21,8 @@ from typing import Any
 
 from dask.callbacks import Callback
 
-from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
+from measuring import formulas as words
+from measuring.errors import Internal, JobFailed, MeasuringError
 from measuring.messages import CLUSTER_MARK, JOB_MARK, Message, job_tmp
 from measuring.wire import ENGINES
 from measuring.worker import dataset as datasets
@@ -78,7 +75,7 @@ def import_formulas(path: str, name: str = "measuring_formulas") -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         _print_traceback(e)
-        raise JobFailed(f"{filename} line {e.lineno}: {type(e).__name__}: {e.msg}") from None
+        raise JobFailed(words.syntax_error(path, e)) from None
     except BaseException as e:
         _print_traceback(e)
         raise JobFailed(f"importing {filename} raised {describe(e, path)}") from None
@@ -92,53 +89,45 @@ def find_formulas(module: ModuleType, path: str, wanted: list[str] | None) -> di
     A formula is a public top-level function defined in the file itself, narrowed by ``__all__``
     and then by ``wanted``.
     """
-    filename = os.path.basename(path)
     public: dict[str, Formula] = {
         name: value
         for name, value in vars(module).items()
         if inspect.isfunction(value)
         and value.__module__ == module.__name__
-        and not name.startswith("_")
+        and words.is_public(name)
     }
     exported = getattr(module, "__all__", None)
     if exported is not None:
         public = {name: value for name, value in public.items() if name in exported}
     if wanted is None:
         if not public:
-            raise JobFailed(
-                f"{filename} defines no formulas: a formula is a public top-level function "
-                f"that takes the dataset"
-            )
+            raise JobFailed(words.none_defined(path))
         return public
     missing = [name for name in wanted if name not in public]
     if missing:
-        raise NotFound(
-            f"{filename} has no formula named {missing[0]!r} "
-            f"(its formulas: {', '.join(public) or 'none'})"
-        )
+        raise words.missing(path, missing[0], public)
     return {name: public[name] for name in wanted}
 
 
 class ProgressReporter(Callback):
-    """A Dask callback reporting ``(tasks done, tasks in all)``, at most every ``every`` seconds."""
+    """
+    A Dask callback reporting ``(tasks done, tasks in all)`` as tasks complete. It does not
+    throttle: the server passes progress on to clients at most every 0.25 s, on its own clock.
+    """
 
-    def __init__(self, report: Progress, every: float = 0.25) -> None:
+    def __init__(self, report: Progress) -> None:
         super().__init__()
         self._report = report
-        self._every = every
-        self._last = 0.0
 
     def _send(self, state: dict[str, Any]) -> None:
         done = len(state["finished"])
         self._report(done, done + sum(len(state[k]) for k in ("ready", "waiting", "running")))
-        self._last = time.monotonic()
 
     def _start_state(self, dsk: Any, state: dict[str, Any]) -> None:
         self._send(state)
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        if time.monotonic() - self._last >= self._every:
-            self._send(state)
+        self._send(state)
 
     def _finish(self, dsk: Any, state: dict[str, Any], errored: bool) -> None:
         if not errored:
@@ -250,15 +239,23 @@ def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         _lower(resource.RLIMIT_FSIZE, limits["ResultBytes"])
     if limits.get("Processes") and not sandboxed:
-        import psutil
+        _lower(resource.RLIMIT_NPROC, tasks_of(os.getuid()) + limits["Processes"])
 
-        uid = os.getuid()
-        running = sum(
-            process.info["num_threads"] or 1
-            for process in psutil.process_iter(["uids", "num_threads"])
-            if process.info["uids"] and process.info["uids"].real == uid
-        )
-        _lower(resource.RLIMIT_NPROC, running + limits["Processes"])
+
+def tasks_of(uid: int) -> int:
+    """How many threads (the kernel counts them as processes) the user ``uid`` runs now."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/stat") as f:
+                count += int(f.read().rsplit(")", 1)[1].split()[17])
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
 
 
 def _lower(limit: int, value: int) -> None:
@@ -270,14 +267,34 @@ def _lower(limit: int, value: int) -> None:
 
 
 def warm_up() -> None:
-    """Import and exercise what a job uses, so that the first job does not pay for it."""
+    """
+    Import and exercise what a job uses, so that no job pays for it, without starting a thread:
+    the template forks job processes, and a fork copies no thread. fastparquet reads the whole
+    way with Dask's single-threaded scheduler; pyarrow builds its Dask graph, and reads from
+    memory, since reading a file starts Arrow's I/O threads. Pools of threads start in the job.
+    """
+    import io
+
+    import dask
+    import dask.dataframe  # the collections a formula gets
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset  # what Dask reads Parquet through
+    import pyarrow.parquet as pq
 
     if os.environ.get(CLUSTER_MARK):
         import distributed  # noqa: F401 (jobs will compute on the cluster)
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
         path = os.path.join(folder, "warm.parquet")
-        pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]}).to_parquet(path)
+        frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
+        frame.to_parquet(path, engine="pyarrow")
+        mean = {"mean": lambda data: data.groupby("sensor").value.mean()}
         for engine in ENGINES:
             dataset = datasets.read_dataset(path, engine)
-            compute({"mean": lambda data: data.groupby("sensor").value.mean()}, dataset, path)
+            lazy = {name: formula(dataset) for name, formula in mean.items()}
+            if engine == "fastparquet":
+                dask.compute(*lazy.values(), scheduler="sync")
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, engine="pyarrow")
+        table = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).read(use_threads=False)
+        table.to_pandas(use_threads=False)

@@ -104,26 +104,27 @@ class Job:
     response: dict[str, Any] | None = None
     error: MeasuringError | None = None
     log: str = ""
-    _waiting: list[defer.Deferred[dict[str, Any]]] = field(default_factory=list, repr=False)
+    _waiting: list[defer.Deferred[Job]] = field(default_factory=list, repr=False)
     _listeners: list[Progress] = field(default_factory=list, repr=False)
     #: The last (done, total) its running computation reported.
     last_progress: tuple[int, int] | None = field(default=None, repr=False)
-    _progress_told: float = field(default=0.0, repr=False)
+    _progress_told: float | None = field(default=None, repr=False)
     _interrupted: MeasuringError | None = field(default=None, repr=False)
 
     @property
     def ended(self) -> bool:
         return self.state in FINISHED
 
-    def when_finished(self) -> defer.Deferred[dict[str, Any]]:
-        """Fires with the job's Response once it is done, or fails with its error."""
-        if self.response is not None:
-            return defer.succeed(self.response)
-        if self.error is not None:
-            return defer.fail(self.error)
+    def when_finished(self) -> defer.Deferred[Job]:
+        """
+        Fires with the job once it has ended (done or not: see ``response`` and ``error``), or
+        fails with why it will not end now (the server stops).
+        """
+        if self.ended:
+            return defer.succeed(self)
         if self._interrupted is not None:
             return defer.fail(self._interrupted)
-        waiting: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        waiting: defer.Deferred[Job] = defer.Deferred()
         self._waiting.append(waiting)
         return waiting
 
@@ -132,11 +133,14 @@ class Job:
         if not self.ended:
             self._listeners.append(progress)
 
-    def progress(self, done: int, total: int) -> None:
-        """Pass on the job's progress: at most ``PROGRESS_EVERY`` seconds apart, and the end."""
+    def progress(self, done: int, total: int, now: float) -> None:
+        """
+        Pass on the job's progress (``now`` from the server's clock): at most
+        ``PROGRESS_EVERY`` seconds apart, and the end. The one place progress is throttled.
+        """
         self.last_progress = (done, total)
-        now = time.monotonic()
-        if done < total and now - self._progress_told < PROGRESS_EVERY:
+        told = self._progress_told
+        if done < total and told is not None and now - told < PROGRESS_EVERY:
             return
         self._progress_told = now
         for listener in list(self._listeners):
@@ -149,10 +153,7 @@ class Job:
         self.state, self.response, self.error = state, response, error
         waiting, self._waiting, self._listeners = self._waiting, [], []
         for d in waiting:
-            if error is not None:
-                d.errback(error)
-            elif response is not None:
-                d.callback(response)
+            d.callback(self)
 
     def interrupt(self, error: MeasuringError) -> None:
         """Tell everyone waiting, and anyone who asks later, that the job will not end now."""
@@ -194,21 +195,24 @@ class Job:
         )
 
     def summary(self) -> dict[str, Any]:
-        """The job as a line of a List answer."""
-        return {
+        """The job as a line of a List answer (with its Error when it ended without results)."""
+        summary: dict[str, Any] = {
             "Job": self.id,
             "State": self.state,
             "Submitted": iso(self.submitted),
             "Directory": self.spec.paths.directory,
+            "Base": self.spec.paths.base,
             "File": self.spec.paths.file,
             **({"Name": self.spec.name} if self.spec.code is not None else {}),
         }
+        if self.error is not None:
+            summary["Error"] = self.error.to_json()
+        return summary
 
     def status(self) -> dict[str, Any]:
         """The Response of a Job Status request."""
         status: dict[str, Any] = {
             **self.summary(),
-            "Base": self.spec.paths.base,
             "Functions": list(self.spec.functions) if self.spec.functions else None,
             "Started": iso(self.started),
             "Finished": iso(self.finished),
@@ -220,6 +224,28 @@ class Job:
         if self.response is not None:
             status["Results"] = self.response["Results"]
             status["Elapsed"] = self.response.get("Elapsed")
-        if self.error is not None:
-            status["Error"] = self.error.to_json()
         return status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    How much work the server takes on, and how long it keeps what is done: the settings of the
+    same names (``measuring.server.settings``), which also hold their defaults.
+    """
+
+    workers: int
+    job_timeout: float
+    max_queued: int
+    stop_grace: float
+    keep_jobs: float
+    keep_results: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What running a job gave: its results or its error, and what it printed."""
+
+    results: dict[str, Any] | None
+    error: MeasuringError | None
+    log: str

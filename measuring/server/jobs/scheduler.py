@@ -1,7 +1,7 @@
 """
 Jobs from submission to their end: the queue, the limits, the durable records.
 
-``JobManager.submit`` records a checked ``JobSpec`` in the job database (committed, synced) and
+``Scheduler.submit`` records a checked ``JobSpec`` in the job database (committed, synced) and
 queues it; jobs start in arrival order while fewer than ``workers`` run, each with a time limit.
 A job's end is written to the database before anyone is told. At start, jobs a crash interrupted
 are queued again; on stop, running jobs get a grace period, then run again at the next start.
@@ -10,13 +10,11 @@ Time comes from the injected clock; blocking work goes to the store's thread or 
 
 from __future__ import annotations
 
-import shutil
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,26 +25,31 @@ from measuring.errors import (
     Cancelled,
     Internal,
     MeasuringError,
-    NotFound,
     Timeout,
 )
 from measuring.messages import Message
-from measuring.server import results
-from measuring.server.jobs.records import Job, JobSpec, Progress, new_job_id, stored_response
+from measuring.server.jobs.queries import find_job
+from measuring.server.jobs.records import (
+    Job,
+    JobSpec,
+    Limits,
+    Outcome,
+    Progress,
+    new_job_id,
+    stored_response,
+)
 from measuring.server.threads import Runner
 
 MOST_INTERRUPTIONS = 3
-SWEEP_EVERY = 3600.0
-DAY = 86400.0
 _STATES = {Timeout: "timeout", Cancelled: "cancelled"}
 
-__all__ = ["Job", "JobManager", "JobSpec", "Limits"]
+__all__ = ["Job", "JobSpec", "Limits", "Scheduler"]
 
 
 class RunningJob(Protocol):
     """What the pool gives back for a job it runs (``measuring.server.pool.process.RunningJob``)."""
 
-    result: defer.Deferred[dict[str, Any]]
+    result: defer.Deferred[Outcome]  # never fails
     on_progress: Progress | None
 
     def kill(self, reason: MeasuringError) -> None: ...
@@ -67,53 +70,23 @@ class Store(Protocol):
 
     def update(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
 
+    def note(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
+
     def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
 
-    def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
-
     def recover(self, most: int, now: float) -> defer.Deferred[list[dict[str, Any]]]: ...
-
-    def expired_results(self, before: float) -> defer.Deferred[list[dict[str, Any]]]: ...
-
-    def mark_cleaned(self, jobs: list[str]) -> defer.Deferred[None]: ...
-
-    def sweep(self, before: float, cleaned_only: bool) -> defer.Deferred[int]: ...
-
-    def counters(self, since: float) -> defer.Deferred[dict[str, Any]]: ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    """
-    How much work the server takes on, and how long it keeps what is done: the settings of the
-    same names (``measuring.server.settings``), which also hold their defaults.
-    """
-
-    workers: int
-    job_timeout: float
-    max_queued: int
-    stop_grace: float
-    keep_jobs: float
-    keep_results: float | None
-
-
-def remove_results(directory: str, job: str) -> None:
-    """Remove a job's result folder and anything half-written it left."""
-    shutil.rmtree(files.result_dir(directory, job), ignore_errors=True)
-    files.remove_partial(directory, job)
 
 
 def _waits_for_next_start(job: Job) -> Busy:
     """What a client waiting for ``job`` hears when the server stops before it ends."""
     return Busy(
         f"the server is stopping before job {job.id} ended; it runs (again) from the start when "
-        f"the server is back (ask for it with a Job Status request)",
-        Job=job.id,
+        f"the server is back (ask for it with a Job Status request)"
     )
 
 
-class JobManager(Service):
-    """Records, queues and runs jobs, and answers for them."""
+class Scheduler(Service):
+    """Records, queues and runs jobs; cancels them. What is asked of jobs: ``queries``."""
 
     _log = Logger()
 
@@ -135,8 +108,6 @@ class JobManager(Service):
         self._stopping = False
         self._again: set[str] = set()
         self._writes: set[defer.Deferred[Any]] = set()
-        self._sweeper = task.LoopingCall(self.sweep)
-        self._sweeper.clock = clock
 
     # -- start and stop
 
@@ -144,7 +115,6 @@ class JobManager(Service):
         super().startService()
         recovering = self._store.recover(MOST_INTERRUPTIONS, self._clock.seconds())
         recovering.addCallbacks(self._requeue, self._unrecovered)
-        self._sweeper.start(SWEEP_EVERY, now=True)
 
     def _requeue(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
         jobs = [Job.from_record(record) for record in records]
@@ -175,8 +145,6 @@ class JobManager(Service):
         """Stop starting jobs; give running ones ``stop_grace`` seconds, then stop them too."""
         super().stopService()
         self._stopping = True
-        if self._sweeper.running:
-            self._sweeper.stop()
         for job in self._queue:
             job.interrupt(_waits_for_next_start(job))
         running = list(self._running.values())
@@ -261,13 +229,15 @@ class JobManager(Service):
                 self._clock.seconds(),
                 job.attempts + 1,
             )
-            self._track(
-                self._store.update(
-                    job.id, state="running", started=job.started, attempts=job.attempts
-                )
+            # Not synced: a job interrupted while running is queued again at the next start.
+            noted = self._store.note(
+                job.id, state="running", started=job.started, attempts=job.attempts
             )
+            self._track(noted)
             running = self._pool.run(job.spec.message(job.id))
-            running.on_progress = job.progress
+            running.on_progress = lambda done, total, job=job: job.progress(
+                done, total, self._clock.seconds()
+            )
             self._running[job.id] = running
             seconds = min(job.spec.timeout or limits.job_timeout, limits.job_timeout)
             timer = self._clock.callLater(
@@ -277,7 +247,7 @@ class JobManager(Service):
             )
             running.result.addBoth(self._ended, job, timer)
 
-    def _ended(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+    def _ended(self, outcome: Outcome | Failure, job: Job, timer: IDelayedCall) -> None:
         """A job's process is done with it: record how it ended, whatever went wrong doing so."""
         try:
             self._end(outcome, job, timer)
@@ -285,11 +255,11 @@ class JobManager(Service):
             self._log.failure("ending job {job}", job=job.id)
             self._running.pop(job.id, None)
             if not job.ended:
-                failure = Internal("the server failed ending this job; see its log", Job=job.id)
-                self._finish(job, "failed", None, failure)
+                failure = Internal("the server failed ending this job; see its log")
+                self._finish(job, "failed", None, failure, "")
             self._start_next()
 
-    def _end(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+    def _end(self, outcome: Outcome | Failure, job: Job, timer: IDelayedCall) -> None:
         if timer.active():
             timer.cancel()
         del self._running[job.id]
@@ -297,24 +267,24 @@ class JobManager(Service):
             self._again.discard(job.id)
             job.state, job.started = "queued", None
             self._remove_partial(job)
-            self._track(self._store.update(job.id, state="queued", started=None))
+            self._track(self._store.note(job.id, state="queued", started=None))
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):
-            error = outcome.value
-            if not isinstance(error, MeasuringError):
-                self._log.failure("job {job} failed inside the server", outcome, job=job.id)
-                error = Internal("the server failed running this job; see its log")
-            error.extra = {"Job": job.id, **error.extra}
-            self._finish(job, _STATES.get(type(error), "failed"), None, error)
+            self._log.failure("job {job} failed inside the server", outcome, job=job.id)
+            outcome = Outcome(None, Internal("the server failed running this job; see its log"), "")
+        if outcome.error is not None or outcome.results is None:
+            error = outcome.error or Internal("the job ended with neither results nor an error")
+            self._finish(job, _STATES.get(type(error), "failed"), None, error, outcome.log)
             self._remove_partial(job)
         else:
             elapsed = round(self._clock.seconds() - (job.started or 0.0), 3)
             # The files are where the server says, whatever the worker claimed.
-            for name, entry in outcome["Results"].items():
+            for name, entry in outcome.results.items():
                 if entry.get("Kind") != "Scalar":
                     entry["File"] = files.result_file(job.id, name, job.spec.output)
-            self._finish(job, "done", {**outcome, "Elapsed": elapsed}, None)
+            response = {"Results": outcome.results, "Log": outcome.log, "Elapsed": elapsed}
+            self._finish(job, "done", response, None, outcome.log)
         self._start_next()
 
     def _remove_partial(self, job: Job) -> defer.Deferred[Any]:
@@ -329,10 +299,11 @@ class JobManager(Service):
         state: str,
         response: dict[str, Any] | None,
         error: MeasuringError | None,
+        log: str,
     ) -> defer.Deferred[Any]:
         """Write how a job ended, then tell those waiting for it."""
         job.finished = self._clock.seconds()
-        job.log = (response or {}).get("Log") or (error.extra.get("Log", "") if error else "")
+        job.log = log
         written = self._store.update(
             job.id,
             state=state,
@@ -352,26 +323,23 @@ class JobManager(Service):
 
         return self._track(written).addBoth(told)
 
-    # -- answering for jobs
+    # -- what is live
+
+    def live(self, job_id: str) -> Job | None:
+        """The job, while it is queued or running (or its end is being written)."""
+        return self._live.get(job_id)
+
+    def running_log(self, job_id: str) -> str | None:
+        """What a running job's formulas printed so far; None when it is not running."""
+        running = self._running.get(job_id)
+        return None if running is None else running.log_text()
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs run and how many wait."""
+        return {"Running": len(self._running), "Queued": len(self._queue)}
 
     def _job(self, job_id: str) -> defer.Deferred[Job]:
-        """The job, live or from the database; NotFound when there is none."""
-        if job_id in self._live:
-            return defer.succeed(self._live[job_id])
-
-        def found(record: dict[str, Any] | None) -> Job:
-            if record is None:
-                raise NotFound(
-                    f"there is no job {job_id!r} on this server (finished jobs are kept "
-                    f"{self.limits.keep_jobs:g} days)"
-                )
-            return Job.from_record(record)
-
-        return self._store.get(job_id).addCallback(found)
-
-    def status(self, job_id: str) -> defer.Deferred[dict[str, Any]]:
-        """The Response of a Job Status request."""
-        return self._job(job_id).addCallback(lambda job: job.status())
+        return find_job(self, self._store, job_id, self.limits.keep_jobs)
 
     def cancel(self, job_id: str) -> defer.Deferred[str]:
         """Cancel a job (a queued one never starts, a running one stops); fires with its state."""
@@ -387,85 +355,9 @@ class JobManager(Service):
             self._running[job.id].kill(Cancelled("the job was cancelled"))
         elif job in self._queue:
             self._queue.remove(job)
-            self._finish(job, "cancelled", None, Cancelled("the job was cancelled", Job=job.id))
+            self._finish(job, "cancelled", None, Cancelled("the job was cancelled"), "")
         elif job.state == "queued":
             # Stopped by the server's stop: it stays queued for the next start.
             return defer.succeed(job.state)
         # Otherwise its end is being written.
         return job.when_finished().addBoth(lambda _: job.state)
-
-    def log(self, job_id: str) -> defer.Deferred[str]:
-        """What the job's formulas printed so far (all of it once the job has ended)."""
-        if job_id in self._running:
-            return defer.succeed(self._running[job_id].log_text())
-        return self._job(job_id).addCallback(lambda job: job.log)
-
-    def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]:
-        """The newest jobs (in ``state``, when given), newest first."""
-
-        def summaries(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            jobs = [self._live.get(record["id"]) or Job.from_record(record) for record in records]
-            return [job.summary() for job in jobs if state is None or job.state == state]
-
-        return self._store.recent(state, limit).addCallback(summaries)
-
-    def result(self, job_id: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]:
-        """Rows ``offset`` to ``offset + limit`` of one result of a finished job."""
-
-        def read(job: Job) -> Any:
-            if job.response is None:
-                raise NotFound(f"job {job_id} has no results: it is {job.state}")
-            found = job.response["Results"]
-            if name not in found:
-                raise NotFound(
-                    f"job {job_id} has no result {name!r} (its results: {', '.join(found)})"
-                )
-            entry = found[name]
-            if entry["Kind"] == "Scalar":
-                return {"Name": name, **entry}
-            directory = job.spec.paths.directory
-            rows = self._blocking.run(results.read_rows, directory, entry["File"], offset, limit)
-            return rows.addCallback(lambda page: {"Name": name, "Kind": entry["Kind"], **page})
-
-        return self._job(job_id).addCallback(read)
-
-    def counts(self) -> dict[str, int]:
-        """How many jobs run and how many wait."""
-        return {"Running": len(self._running), "Queued": len(self._queue)}
-
-    def history(self) -> defer.Deferred[dict[str, Any]]:
-        """Finished jobs by state, in all and in the last hour, and their mean run time."""
-        return self._store.counters(self._clock.seconds() - 3600.0)
-
-    # -- retention
-
-    def sweep(self) -> defer.Deferred[None]:
-        """Remove finished jobs older than ``keep_jobs`` days (and results, with keep_results)."""
-        now = self._clock.seconds()
-        keep_results = self.limits.keep_results
-        done: defer.Deferred[Any] = defer.succeed(None)
-        if keep_results is not None:
-            done = self._store.expired_results(now - keep_results * DAY)
-            done.addCallback(self._remove_results)
-        done.addCallback(
-            lambda _: self._store.sweep(now - self.limits.keep_jobs * DAY, keep_results is not None)
-        )
-        done.addCallback(self._swept)
-        done.addErrback(lambda f: self._log.failure("removing old jobs", f))
-        return done.addCallback(lambda _: None)
-
-    def _swept(self, removed: int) -> None:
-        if removed:
-            self._log.info(
-                "removed {n} finished jobs older than {days} days",
-                n=removed,
-                days=self.limits.keep_jobs,
-            )
-
-    def _remove_results(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
-        def remove() -> None:
-            for record in records:
-                remove_results(record["spec"]["paths"]["directory"], record["id"])
-
-        removed = self._blocking.run(remove)
-        return removed.addCallback(lambda _: self._store.mark_cleaned([r["id"] for r in records]))

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring.client import Client, JobFailed, NotFound
+from measuring.client import BadRequest, Client, JobFailed, NotFound
 from measuring.test.e2e.test_cli import cli
 from measuring.test.support import FINISHED, Server, sample_frame, write_formulas
 from measuring.test.support.cluster import DaskCluster, shared, wait_for
@@ -247,9 +247,13 @@ class InlineCodeTests(ClusterTestCase):
             )
             self.assertIn("mine.py has no formula named 'nope'", error.message)
             error = self.assertRaises(
-                JobFailed, client.run, self.data, BASE, code="def broken(df):\n    return (\n"
+                BadRequest, client.run, self.data, BASE, code="def broken(df):\n    return (\n"
             )
             self.assertRegex(error.message, r"^formulas\.py line \d+: SyntaxError")
+            error = self.assertRaises(
+                JobFailed, client.run, self.data, BASE, code="def broken(df):\n    return 1 // 0\n"
+            )
+            self.assertIn("ZeroDivisionError", error.message)
 
     def test_cli(self) -> None:
         """measuring-client run DIR BASE --code work.py sends the local file and shows results."""

@@ -2,7 +2,7 @@
 Tests for ``measuring.server.dispatch``: routing requests by Header, checking every field a user
 sends, and the one shape every answer has.
 
-The dispatcher runs against the real ``JobManager`` (over a fake worker pool whose jobs the test
+The dispatcher runs against the real ``Scheduler`` (over a fake worker pool whose jobs the test
 settles), the real ``Stats`` and a fake InfoService; path checks use real folders.
 """
 
@@ -17,18 +17,19 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.errors import JobFailed, TooLarge
 from measuring.server.dispatch import Dispatcher
-from measuring.server.jobs.scheduler import JobManager
+from measuring.server.jobs.queries import JobQueries
+from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.stats import Stats
 from measuring.server.threads import Synchronous
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.support.fakes import FakeInfo, FakePool, limits
 from measuring.wire import INFO_REQUESTS as REQUESTS
 
 
 class Harness:
     """
-    A Dispatcher over FakeInfo and the real JobManager: one worker, a fake pool, a fake clock,
+    A Dispatcher over FakeInfo and the real Scheduler: one worker, a fake pool, a fake clock,
     and the real job database in a folder of the test's own, started (recovery done).
     """
 
@@ -45,15 +46,12 @@ class Harness:
         self.pool = FakePool()
         self.database = JobDatabase(os.path.abspath(case.mktemp()) + ".sqlite")
         case.addCleanup(self.database.close)
-        self.jobs = JobManager(
-            self.pool,
-            JobStore(self.database, Synchronous()),
-            self.clock,
-            limits(**{"workers": 1, "job_timeout": 60.0, **overrides}),
-            Synchronous(),
-        )
+        store = JobStore(self.database, Synchronous())
+        held = limits(**{"workers": 1, "job_timeout": 60.0, **overrides})
+        self.jobs = Scheduler(self.pool, store, self.clock, held, Synchronous())
         self.jobs.startService()
-        self.dispatcher = Dispatcher(self.info, self.jobs, self.stats, roots)
+        self.queries = JobQueries(self.jobs, store, self.clock, Synchronous(), held)
+        self.dispatcher = Dispatcher(self.info, self.jobs, self.queries, self.stats, roots)
 
 
 class DispatcherTests(SynchronousTestCase):
@@ -181,10 +179,10 @@ class DaskTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
         self.site = os.path.join(self.root, "site")
-        os.makedirs(os.path.join(self.site, "data.parquet"))
+        write_parts(self.site)
         write_formulas(self.site)
         self.other_root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.other_root, "data.parquet"))
+        write_parts(self.other_root)
         write_formulas(self.other_root)
         self.outside = os.path.realpath(self.mktemp())
         os.makedirs(self.outside)

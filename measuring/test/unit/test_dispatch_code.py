@@ -12,7 +12,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.server.jobs.records import Job
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.unit.test_dispatch import Harness
 
 CODE = "def peak(df):\n    return df.value.max()\n"
@@ -23,7 +23,7 @@ class CodeTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.root, "site", "data.parquet"))
+        write_parts(os.path.join(self.root, "site"))
         write_formulas(os.path.join(self.root, "site"))
         self.harness = Harness(self, (self.root,))
 
@@ -65,7 +65,7 @@ class CodeTests(SynchronousTestCase):
         """A job of Code is recorded with it, so that it can run again after a restart."""
         self.code(Name="mine.py")
         job = self.harness.pool.runs[0].job
-        status = self.successResultOf(self.harness.jobs.status(job))
+        status = self.successResultOf(self.harness.queries.status(job))
         self.assertEqual((status["File"], status["Name"]), (None, "mine.py"))
         record = self.harness.database.get(job)
         assert record is not None
@@ -74,7 +74,10 @@ class CodeTests(SynchronousTestCase):
         self.assertEqual(spec.message(job)["Code"], CODE)
 
     def test_refused(self) -> None:
-        """Code and File together, neither, a bad Name or Code: BadRequest saying what to fix."""
+        """
+        Code and File together, neither, a bad Name or Code, a syntax error, a missing formula:
+        refused at once, saying what to fix, in the words used for a file.
+        """
         cases: list[tuple[dict[str, Any], list[str]]] = [
             ({"Code": CODE}, ['has both "File" and "Code"']),
             ({"Name": "x.py"}, ['"Name" names formulas sent as "Code"']),
@@ -93,6 +96,13 @@ class CodeTests(SynchronousTestCase):
             self.assertEqual(answer["Error"]["Code"], "BadRequest", fields)
             for word in words:
                 self.assertIn(word, answer["Error"]["Message"])
+        answer = self.code(Code="def peak(df):\n    return (\n", Name="mine.py")
+        self.assertEqual(answer["Error"]["Code"], "BadRequest", answer)
+        self.assertRegex(answer["Error"]["Message"], r"^mine\.py line \d+: SyntaxError")
+        answer = self.code(Functions=["nope"], Name="mine.py")
+        self.assertEqual(answer["Error"]["Code"], "NotFound", answer)
+        self.assertIn("mine.py has no formula named 'nope' (its formulas: peak)",
+                      answer["Error"]["Message"])  # fmt: skip
         answer = self.dask({"Directory": "site", "Base": "data.parquet"})
         self.assertIn('has no "File" (a formula file in Directory), nor "Code"',
                       answer["Error"]["Message"])  # fmt: skip

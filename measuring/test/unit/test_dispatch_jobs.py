@@ -2,7 +2,7 @@
 Tests for ``measuring.server.dispatch`` answering for jobs: Dask requests with Async, Progress and
 Timeout, the Busy answer, and every Job request with the checks on its fields.
 
-Same setting as ``test_dispatch``: the real Dispatcher, JobManager and job database, a fake pool.
+Same setting as ``test_dispatch``: the real Dispatcher, Scheduler and job database, a fake pool.
 Every line a connection would get (Progress lines, answers sent later, the answer) is collected
 in order in ``lines``.
 """
@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from measuring.errors import JobFailed
 from measuring.server.dispatch import JOB_REQUESTS
 from measuring.server.jobs.store import JobDatabase
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.support.fakes import FakeRunningJob
 from measuring.test.unit.test_dispatch import Harness
 from measuring.wire import STATES
@@ -32,7 +32,7 @@ class JobDispatchTestCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.root, "data.parquet"))
+        write_parts(self.root)
         write_formulas(self.root)
         self.make()
 
@@ -147,7 +147,7 @@ class AsyncProgressTests(JobDispatchTestCase):
         self.assertEqual(set(answer), {"Header", "Status", "Error"})
         self.assertError(answer, "Busy", "--max-queued 1")
         self.assertEqual(len(self.harness.pool.runs), 1)
-        self.assertEqual(len(self.successResultOf(self.harness.jobs.recent(None, 10))), 2)
+        self.assertEqual(len(self.successResultOf(self.harness.queries.recent(None, 10))), 2)
 
 
 class JobRequestTests(JobDispatchTestCase):

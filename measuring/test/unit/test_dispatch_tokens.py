@@ -3,7 +3,7 @@ Tests for the token check of ``measuring.server.dispatch``: with a token file, a
 of its tokens is answered ``Unauthorized``, the same way whatever it lacks, and nothing else is done
 with it; the log names the client and never a token.
 
-The dispatcher runs over the fakes of ``test_dispatch`` (real JobManager and Stats); the last
+The dispatcher runs over the fakes of ``test_dispatch`` (real Scheduler and Stats); the last
 tests go through ``RequestProtocol`` on a ``StringTransport``, as a client sees it.
 """
 
@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from measuring.server.access import Tokens
 from measuring.server.dispatch import Dispatcher
 from measuring.server.protocol import RequestProtocol
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.unit.test_dispatch import Harness
 
 TOKEN = "the-right-secret-0123456789"
@@ -67,12 +67,13 @@ class TokenTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.root, "data.parquet"))
+        write_parts(self.root)
         write_formulas(self.root)
         self.harness = Harness(self, (self.root,))
         self.dispatcher = Dispatcher(
             self.harness.info,
             self.harness.jobs,
+            self.harness.queries,
             self.harness.stats,
             (self.root,),
             tokens=Tokens((TOKEN, ROTATED)),
@@ -196,7 +197,12 @@ class TokenOverConnectionTests(SynchronousTestCase):
         harness = Harness(self)
         self.info = harness.info
         dispatcher = Dispatcher(
-            harness.info, harness.jobs, harness.stats, ("/",), tokens=Tokens((TOKEN,))
+            harness.info,
+            harness.jobs,
+            harness.queries,
+            harness.stats,
+            ("/",),
+            tokens=Tokens((TOKEN,)),
         )
         self.protocol = RequestProtocol(dispatcher, 4096)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))

@@ -26,8 +26,10 @@ from measuring.errors import (
     JobFailed,
     MemoryLimit,
 )
-from measuring.server.jobs.records import Job, JobSpec, new_job_id
-from measuring.server.jobs.scheduler import JobManager
+from measuring.server.jobs.queries import JobQueries
+from measuring.server.jobs.records import Job, JobSpec, Outcome, new_job_id
+from measuring.server.jobs.retention import Retention
+from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.paths import JobPaths
 from measuring.server.threads import Runner, Synchronous
@@ -35,6 +37,7 @@ from measuring.test.support.fakes import (
     FakePool,
     HeldRunner,
     RecordingRunner,
+    finished,
     limits,
 )
 
@@ -43,7 +46,7 @@ TIMEOUT = 60.0
 
 
 class JobsTestCase(SynchronousTestCase):
-    """JobManagers over a fake pool, a clock, and a job database in a folder of the test's own."""
+    """Schedulers over a fake pool, a clock, and a job database in a folder of the test's own."""
 
     def setUp(self) -> None:
         self.clock = task.Clock()
@@ -65,25 +68,30 @@ class JobsTestCase(SynchronousTestCase):
 
     def manager(
         self, runner: Runner | None = None, blocking: Runner | None = None, **overrides: Any
-    ) -> JobManager:
+    ) -> Scheduler:
         """
-        A started JobManager (one worker, TIMEOUT unless told) on the test's database; its store
+        A started Scheduler (one worker, TIMEOUT unless told) on the test's database; its store
         runs on ``runner``, its blocking calls on ``blocking`` (``self.blocking`` unless told).
         """
         database = JobDatabase(self.path)
         self.addCleanup(database.close)
         store = JobStore(database, Synchronous() if runner is None else runner)
-        manager = JobManager(
-            self.pool,
-            store,
-            self.clock,
-            limits(**{"workers": 1, "job_timeout": TIMEOUT, **overrides}),
-            self.blocking if blocking is None else blocking,
-        )
+        held = limits(**{"workers": 1, "job_timeout": TIMEOUT, **overrides})
+        blocking = self.blocking if blocking is None else blocking
+        manager = Scheduler(self.pool, store, self.clock, held, blocking)
         manager.startService()
+        self.queries = JobQueries(manager, store, self.clock, blocking, held)
+        self.retention = Retention(store, self.clock, held, blocking)
+        self.retention.startService()
+        self.addCleanup(self.retention.stopService)
         return manager
 
-    def submit(self, manager: JobManager, spec: JobSpec | None = None) -> Job:
+    def ask(self, **overrides: Any) -> JobQueries:
+        """The read side of a started Scheduler (``manager``)."""
+        self.manager(**overrides)
+        return self.queries
+
+    def submit(self, manager: Scheduler, spec: JobSpec | None = None) -> Job:
         """Submit a job and return it, recorded."""
         return self.successResultOf(manager.submit(self.spec if spec is None else spec))
 
@@ -95,7 +103,7 @@ class JobsTestCase(SynchronousTestCase):
             seen.append(self.on_disk(job.id))
             return outcome
 
-        return job.when_finished().addBoth(told), seen
+        return finished(job).addBoth(told), seen
 
     def on_disk(self, job: str) -> dict[str, Any]:
         """The job's record as the database holds it."""
@@ -223,12 +231,12 @@ class OutcomeTests(JobsTestCase):
         submitted = manager.submit(self.spec)
         runner.release()
         job = self.successResultOf(submitted)
-        finished = job.when_finished()
+        ending = finished(job)
         self.pool.runs[0].succeed()
-        self.assertNoResult(finished)
+        self.assertNoResult(ending)
         self.assertEqual(self.on_disk(job.id)["state"], "running")
         runner.release()
-        self.successResultOf(finished)
+        self.successResultOf(ending)
         self.assertEqual(self.on_disk(job.id)["state"], "done")
 
     def test_endStatesOnDisk(self) -> None:
@@ -244,7 +252,8 @@ class OutcomeTests(JobsTestCase):
             self.pool.runs[-1].print("Traceback ...\n")
             self.pool.runs[-1].fail(error)
             told = self.failureResultOf(finished, type(error)).value
-            self.assertEqual(told.extra, {"Job": job.id, "Log": "Traceback ...\n"})
+            self.assertIs(told, error)
+            self.assertEqual(job.log, "Traceback ...\n")
             [record] = seen
             self.assertEqual(
                 (record["state"], record["error"], record["log"], record["response"]),
@@ -255,8 +264,7 @@ class OutcomeTests(JobsTestCase):
         """A failure that is not a protocol error is logged and becomes Internal, "failed"."""
         job = self.submit(self.manager())
         self.pool.runs[0].result.errback(RuntimeError("a bug in the pool"))
-        error = self.failureResultOf(job.when_finished(), Internal).value
-        self.assertEqual(error.extra["Job"], job.id)
+        error = self.failureResultOf(finished(job), Internal).value
         self.assertNotIn("a bug in the pool", error.message)
         self.assertEqual(self.on_disk(job.id)["error"], error.to_json())
         self.assertEqual(self.on_disk(job.id)["state"], "failed")
@@ -266,10 +274,10 @@ class OutcomeTests(JobsTestCase):
         """A fault ending a job (Results not a dict) ends it "failed", Internal; the next starts."""
         manager = self.manager()
         job, following = self.submit(manager), self.submit(manager)
-        self.pool.runs[0].result.callback({"Results": [{"Kind": "Scalar"}], "Log": "printed\n"})
-        error = self.failureResultOf(job.when_finished(), Internal).value
+        broken = Outcome([{"Kind": "Scalar"}], None, "printed\n")  # type: ignore[arg-type]
+        self.pool.runs[0].result.callback(broken)
+        error = self.failureResultOf(finished(job), Internal).value
         self.assertEqual(error.message, "the server failed ending this job; see its log")
-        self.assertEqual(error.extra["Job"], job.id)
         record = self.on_disk(job.id)
         self.assertEqual((record["state"], record["error"]), ("failed", error.to_json()))
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
@@ -293,5 +301,5 @@ class OutcomeTests(JobsTestCase):
         self.pool.runs[0].succeed()
         self.clock.advance(3)
         self.pool.runs[1].succeed()
-        self.assertEqual(self.successResultOf(first.when_finished())["Elapsed"], 5.0)
-        self.assertEqual(self.successResultOf(second.when_finished())["Elapsed"], 3.0)
+        self.assertEqual(self.successResultOf(finished(first))["Elapsed"], 5.0)
+        self.assertEqual(self.successResultOf(finished(second))["Elapsed"], 3.0)

@@ -1,5 +1,5 @@
 """
-Tests for what ``measuring.server.jobs.scheduler.JobManager`` answers about jobs: Cancel, Status,
+Tests for what ``measuring.server.jobs.scheduler.Scheduler`` answers about jobs: Cancel, Status,
 Log, List, Result and Progress, for live jobs and for those only the job database still knows.
 
 Same setting as ``test_jobs``: the real job database in a temporary folder, a fake pool, a clock.
@@ -16,7 +16,7 @@ from measuring import files
 from measuring.errors import Cancelled, JobFailed, NotFound
 from measuring.server.jobs import records
 from measuring.server.jobs.records import Job, new_job_id
-from measuring.test.support.fakes import HeldRunner
+from measuring.test.support.fakes import HeldRunner, finished
 from measuring.test.unit.test_jobs import NOW, JobsTestCase
 
 
@@ -28,8 +28,7 @@ class CancelTests(JobsTestCase):
         manager = self.manager()
         first, queued, last = self.submit(manager), self.submit(manager), self.submit(manager)
         self.assertEqual(self.successResultOf(manager.cancel(queued.id)), "cancelled")
-        error = self.failureResultOf(queued.when_finished(), Cancelled).value
-        self.assertEqual(error.extra["Job"], queued.id)
+        self.failureResultOf(finished(queued), Cancelled)
         record = self.on_disk(queued.id)
         self.assertEqual((record["state"], record["started"]), ("cancelled", None))
         self.assertEqual(record["error"], {"Code": "Cancelled", "Message": "the job was cancelled"})
@@ -97,7 +96,7 @@ class StatusTests(JobsTestCase):
         manager = self.manager()
         job = self.submit(manager)
         self.assertEqual(
-            self.successResultOf(manager.status(job.id)),
+            self.successResultOf(self.queries.status(job.id)),
             {
                 "State": "running",
                 "Submitted": "2027-01-15T08:00:00+00:00",
@@ -116,7 +115,7 @@ class StatusTests(JobsTestCase):
         job = self.submit(self.manager())
         self.clock.advance(3)
         self.pool.runs[0].succeed({"peak": {"Kind": "Scalar", "Value": 7}})
-        status = self.successResultOf(self.manager().status(job.id))
+        status = self.successResultOf(self.ask().status(job.id))
         self.assertEqual(
             (status["State"], status["Finished"], status["Results"], status["Elapsed"]),
             ("done", "2027-01-15T08:00:03+00:00", {"peak": {"Kind": "Scalar", "Value": 7}}, 3.0),
@@ -128,7 +127,7 @@ class StatusTests(JobsTestCase):
         manager = self.manager()
         job = self.submit(manager)
         self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError: 'value'"))
-        status = self.successResultOf(manager.status(job.id))
+        status = self.successResultOf(self.queries.status(job.id))
         self.assertEqual(status["State"], "failed")
         self.assertEqual(
             status["Error"],
@@ -138,7 +137,7 @@ class StatusTests(JobsTestCase):
 
     def test_statusOfUnknownJob(self) -> None:
         """Status of a job not on record is NotFound naming it and how long jobs are kept."""
-        error = self.failureResultOf(self.manager().status("nope"), NotFound).value
+        error = self.failureResultOf(self.ask().status("nope"), NotFound).value
         self.assertIn("no job 'nope'", error.message)
         self.assertIn("kept 30 days", error.message)
 
@@ -147,12 +146,12 @@ class StatusTests(JobsTestCase):
         manager = self.manager()
         running, queued = self.submit(manager), self.submit(manager)
         self.pool.runs[0].print("step 1\n")
-        self.assertEqual(self.successResultOf(manager.log(running.id)), "step 1\n")
-        self.assertEqual(self.successResultOf(manager.log(queued.id)), "")
+        self.assertEqual(self.successResultOf(self.queries.log(running.id)), "step 1\n")
+        self.assertEqual(self.successResultOf(self.queries.log(queued.id)), "")
         self.pool.runs[0].print("step 2\n")
         self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"))
-        self.assertEqual(self.successResultOf(self.manager().log(running.id)), "step 1\nstep 2\n")
-        self.failureResultOf(manager.log("nope"), NotFound)
+        self.assertEqual(self.successResultOf(self.ask().log(running.id)), "step 1\nstep 2\n")
+        self.failureResultOf(self.queries.log("nope"), NotFound)
 
     def test_progressReachesListeners(self) -> None:
         """Progress from the pool reaches the job's listeners until the job ends."""
@@ -167,20 +166,22 @@ class StatusTests(JobsTestCase):
         self.assertEqual(seen, [(120, 480), (480, 480)])
 
     def test_progressAtMostEveryPeriod(self) -> None:
-        """Listeners hear at most every PROGRESS_EVERY s, but always the end; Status the latest."""
-        now = [5000.0]
-        self.patch(records.time, "monotonic", lambda: now[0])
+        """
+        Listeners hear at most every PROGRESS_EVERY s of the server's clock, but always the end;
+        Status the latest.
+        """
         manager = self.manager()
+        start = self.clock.seconds()
         job = self.submit(manager)
         seen: list[tuple[int, int]] = []
         job.listen(lambda done, total: seen.append((done, total)))
         # When each report comes, in periods of PROGRESS_EVERY from the first.
         reports = [(0, 1), (0.4, 2), (0.996, 3), (1, 4), (1.2, 5), (1.2, 10), (1.6, 10)]
         for periods, done in reports:
-            now[0] = 5000.0 + periods * records.PROGRESS_EVERY
+            self.clock.advance(start + periods * records.PROGRESS_EVERY - self.clock.seconds())
             self.pool.runs[0].progress(done, 10)
             if done == 3:
-                status = self.successResultOf(manager.status(job.id))
+                status = self.successResultOf(self.queries.status(job.id))
                 self.assertEqual(status["Progress"], {"Done": 3, "Total": 10})
         self.assertEqual(seen, [(1, 10), (4, 10), (10, 10), (10, 10)])
 
@@ -198,7 +199,7 @@ class ListTests(JobsTestCase):
         oldest, middle, newest = jobs
 
         def listed(state: str | None, limit: int) -> list[tuple[str, str]]:
-            found = self.successResultOf(manager.recent(state, limit))
+            found = self.successResultOf(self.queries.recent(state, limit))
             return [(summary["Job"], summary["State"]) for summary in found]
 
         self.assertEqual(
@@ -211,21 +212,22 @@ class ListTests(JobsTestCase):
         self.assertEqual(listed("done", 100), [])
 
     def test_summary(self) -> None:
-        """Each listed job has its id, state, submission time, Directory and File."""
+        """Each listed job has its id, state, submission time, Directory, Base, File; an error."""
         manager = self.manager()
         job = self.submit(manager)
-        self.assertEqual(
-            self.successResultOf(manager.recent(None, 1)),
-            [
-                {
-                    "Job": job.id,
-                    "State": "running",
-                    "Submitted": "2027-01-15T08:00:00+00:00",
-                    "Directory": self.directory,
-                    "File": os.path.join(self.directory, "work.py"),
-                }
-            ],
-        )
+        summary = {
+            "Job": job.id,
+            "State": "running",
+            "Submitted": "2027-01-15T08:00:00+00:00",
+            "Directory": self.directory,
+            "Base": os.path.join(self.directory, "time_series.parquet"),
+            "File": os.path.join(self.directory, "work.py"),
+        }
+        self.assertEqual(self.successResultOf(self.queries.recent(None, 1)), [summary])
+        self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"))
+        failed = {**summary, "State": "failed"}
+        failed["Error"] = {"Code": "JobFailed", "Message": "formula 'peak' raised KeyError"}
+        self.assertEqual(self.successResultOf(self.queries.recent(None, 1)), [failed])
 
 
 class ResultTests(JobsTestCase):
@@ -241,7 +243,7 @@ class ResultTests(JobsTestCase):
         """A single value comes back as its Name, Kind and Value."""
         job = self.done({"peak": {"Kind": "Scalar", "Value": 34.88}})
         self.assertEqual(
-            self.successResultOf(self.manager().result(job, "peak", 0, 1000)),
+            self.successResultOf(self.ask().result(job, "peak", 0, 1000)),
             {"Name": "peak", "Kind": "Scalar", "Value": 34.88},
         )
 
@@ -259,7 +261,7 @@ class ResultTests(JobsTestCase):
             {"mean_by_sensor": {"Kind": "Series", "File": relative, "Rows": 5}}
         )
         self.assertEqual(
-            self.successResultOf(self.manager().result(job.id, "mean_by_sensor", 1, 3)),
+            self.successResultOf(self.ask().result(job.id, "mean_by_sensor", 1, 3)),
             {
                 "Name": "mean_by_sensor",
                 "Kind": "Series",
@@ -279,10 +281,10 @@ class ResultTests(JobsTestCase):
         """A job that is not done has no results: NotFound saying its state."""
         manager = self.manager()
         running = self.submit(manager)
-        error = self.failureResultOf(manager.result(running.id, "peak", 0, 10), NotFound).value
+        error = self.failureResultOf(self.queries.result(running.id, "peak", 0, 10), NotFound).value
         self.assertIn("has no results: it is running", error.message)
         self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"))
-        error = self.failureResultOf(manager.result(running.id, "peak", 0, 10), NotFound).value
+        error = self.failureResultOf(self.queries.result(running.id, "peak", 0, 10), NotFound).value
         self.assertIn("has no results: it is failed", error.message)
 
     def test_unknownName(self) -> None:
@@ -290,9 +292,9 @@ class ResultTests(JobsTestCase):
         job = self.done(
             {"peak": {"Kind": "Scalar", "Value": 1}, "count": {"Kind": "Scalar", "Value": 2}}
         )
-        error = self.failureResultOf(self.manager().result(job, "mean", 0, 10), NotFound).value
+        error = self.failureResultOf(self.ask().result(job, "mean", 0, 10), NotFound).value
         self.assertIn("has no result 'mean' (its results: peak, count)", error.message)
 
     def test_unknownJob(self) -> None:
         """A Result of a job that is not on record is NotFound."""
-        self.failureResultOf(self.manager().result("nope", "peak", 0, 10), NotFound)
+        self.failureResultOf(self.ask().result("nope", "peak", 0, 10), NotFound)

@@ -1,5 +1,5 @@
 """
-Tests for the time ``measuring.server.jobs.scheduler.JobManager`` gives jobs and keeps them: each
+Tests for the time ``measuring.server.jobs.scheduler.Scheduler`` gives jobs and keeps them: each
 job's time limit, recovery at start, the stop with its grace period, the retention sweep, and the
 counters of finished jobs.
 
@@ -17,8 +17,8 @@ from twisted.internet import defer
 from measuring import files
 from measuring.errors import Busy, Cancelled, JobFailed, Timeout
 from measuring.server.jobs.records import Job, JobSpec, new_job_id
-from measuring.server.jobs.scheduler import DAY
-from measuring.test.support.fakes import HeldRunner
+from measuring.server.jobs.retention import DAY
+from measuring.test.support.fakes import HeldRunner, finished
 from measuring.test.unit.test_jobs import NOW, TIMEOUT, JobsTestCase
 
 GRACE = 30.0
@@ -30,9 +30,8 @@ class TimeLimitTests(JobsTestCase):
 
     def assertTimedOut(self, job: Job, seconds: float) -> None:
         """``job`` was killed with Timeout naming ``seconds``, and is "timeout" on disk."""
-        error = self.failureResultOf(job.when_finished(), Timeout).value
+        error = self.failureResultOf(finished(job), Timeout).value
         self.assertIn(f"its limit of {seconds:g} s", error.message)
-        self.assertEqual(error.extra["Job"], job.id)
         record = self.on_disk(job.id)
         self.assertEqual((record["state"], record["error"]["Code"]), ("timeout", "Timeout"))
 
@@ -112,9 +111,9 @@ class RecoveryTests(JobsTestCase):
     def test_interruptedThreeTimesFails(self) -> None:
         """A job interrupted for the third time is not run again: it fails saying why."""
         job = self.left("running", NOW - 100, interrupted=2)
-        manager = self.manager()
+        self.manager()
         self.assertEqual(self.pool.started(), [])
-        status = self.successResultOf(manager.status(job))
+        status = self.successResultOf(self.queries.status(job))
         self.assertEqual(status["State"], "failed")
         self.assertEqual(status["Error"]["Code"], "JobFailed")
         self.assertIn("interrupted 3 times", status["Error"]["Message"])
@@ -184,6 +183,7 @@ class StopTests(JobsTestCase):
         self.assertIsNone(self.successResultOf(stopped))
         self.assertEqual(self.on_disk(job.id)["state"], "done")
         self.assertIsNone(self.pool.runs[0].killed_with)
+        self.retention.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_jobPastGraceQueuedAgain(self) -> None:
@@ -229,7 +229,6 @@ class StopTests(JobsTestCase):
     def assertWaitsForNextStart(self, waiter: defer.Deferred[Any], job: Job) -> None:
         """``waiter`` failed Busy naming ``job``, which stays queued, on disk too."""
         error = self.failureResultOf(waiter, Busy).value
-        self.assertEqual(error.extra["Job"], job.id)
         self.assertIn(f"before job {job.id} ended", error.message)
         self.assertIn("the server is back", error.message)
         self.assertEqual((job.state, self.on_disk(job.id)["state"]), ("queued", "queued"))
@@ -238,7 +237,7 @@ class StopTests(JobsTestCase):
         """At stop, a client waiting for a queued job gets Busy naming it; it stays queued."""
         manager = self.manager(stop_grace=GRACE)
         running, queued = self.submit(manager), self.submit(manager)
-        waiter = queued.when_finished()
+        waiter = finished(queued)
         manager.stopService()
         self.assertWaitsForNextStart(waiter, queued)
         self.pool.runs[0].succeed()
@@ -255,7 +254,7 @@ class StopTests(JobsTestCase):
         def wait(job: Job) -> defer.Deferred[dict[str, Any]]:
             # What a Dask request does: wait for the job's end once it is recorded.
             recorded.append(job)
-            return job.when_finished()
+            return finished(job)
 
         waiter = manager.submit(self.spec).addCallback(wait)
         manager.stopService()
@@ -357,14 +356,14 @@ class HistoryTests(JobsTestCase):
         self.clock.advance(TIMEOUT - 3)
         every = {"Done": 1, "Failed": 1, "Cancelled": 1, "Timeout": 1}
         self.assertEqual(
-            self.successResultOf(manager.history()),
+            self.successResultOf(self.queries.history()),
             {"Total": every, "LastHour": every, "MeanSeconds": 16.5},
         )
         self.clock.advance(2 * HOUR)
         self.submit(manager)
         self.clock.advance(4)
         self.pool.runs[4].succeed()
-        history = self.successResultOf(manager.history())
+        history = self.successResultOf(self.queries.history())
         self.assertEqual(history["Total"], {**every, "Done": 2})
         self.assertEqual(
             history["LastHour"], {"Done": 1, "Failed": 0, "Cancelled": 0, "Timeout": 0}

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import traceback
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -66,18 +67,21 @@ class Settings:
     json: bool
     debug: bool
 
+    def token(self) -> str | None:
+        """The token of --token-file, if one is given."""
+        if not self.token_file:
+            return None
+        try:
+            with open(self.token_file, encoding="utf-8") as f:
+                return next(iter(token_lines(f.read().splitlines())), None)
+        except OSError as e:
+            raise Refused(f"cannot read --token-file {self.token_file}: {e.strerror}") from None
+
     def client(self) -> Client:
         """A client for ``--server``; with ``--json`` it prints every answer line it gets."""
-        token = None
-        if self.token_file:
-            try:
-                with open(self.token_file, encoding="utf-8") as f:
-                    token = next(iter(token_lines(f.read().splitlines())), None)
-            except OSError as e:
-                raise Refused(f"cannot read --token-file {self.token_file}: {e.strerror}") from None
         try:
             client = Client.from_address(
-                self.server, token=token, tls=self.tls, cafile=self.cafile, timeout=60.0
+                self.server, token=self.token(), tls=self.tls, cafile=self.cafile, timeout=60.0
             )
         except ValueError as e:
             raise click.UsageError(str(e)) from None
@@ -180,6 +184,53 @@ def status() -> None:
 
 
 @main.command()
+@click.option("--open", "open_browser", is_flag=True, help="Open it in the web browser too.")
+def dashboard(open_browser: bool) -> None:
+    """
+    The address of the server's dashboard (--http), with your token: opening it logs the
+    browser in.
+    """
+    settings = _settings()
+    with settings.client() as client:
+        where = client.status().get("Dashboard")
+        host = client.host
+    if not where:
+        click.echo(
+            f"error: the server at {settings.server} serves no dashboard: start it with "
+            f"--http ENDPOINT (e.g. --http tcp:8766:interface=127.0.0.1)",
+            err=True,
+        )
+        click.get_current_context().exit(EXIT_USAGE)
+    url = dashboard_url(str(where), host, settings.token())
+    click.echo(url)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+
+
+def dashboard_url(where: str, host: str, token: str | None) -> str:
+    """
+    The dashboard's address as this client reaches it: the server's own address, with the
+    client's host when the server listens on every interface, and ``?token=`` when there is one.
+    """
+    parts = urllib.parse.urlsplit(where)
+    if parts.hostname in ("0.0.0.0", "::"):
+        name = f"[{host}]" if ":" in host else host
+        parts = parts._replace(netloc=f"{name}:{parts.port}")
+    query = urllib.parse.urlencode({"token": token}) if token else ""
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def _duration(seconds: float) -> str:
+    minutes, second = divmod(int(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    days, hour = divmod(hours, 24)
+    parts = [f"{days}d"] * bool(days) + [f"{hour}h"] * bool(hours) + [f"{minute}m"] * bool(minutes)
+    return " ".join([*parts, f"{second}s"])
+
+
+@main.command()
 @click.argument("name")
 def info(name: str) -> None:
     """Any Info request: status, dask-process, all-process, all-statistic (any case)."""
@@ -208,6 +259,11 @@ _JOB_OPTIONS = [
     ),
     click.option("--output", type=click.Choice(list(OUTPUTS)), help="How tables are written."),
     click.option("--engine", type=click.Choice(ENGINES), help="How the data is read."),
+    click.option(
+        "--index",
+        metavar="COLUMN",
+        help="Index the data by this column (e.g. time), for resample and rolling windows.",
+    ),
     click.option("--timeout", type=float, help="Longest the job may run, in seconds."),
 ]
 
@@ -232,7 +288,7 @@ def _interrupted(job: str | None) -> None:
 @main.command()
 @_job_options
 def run(directory: str, base: str, file: str | None, code: str | None,
-        functions: tuple[str, ...], output: str | None, engine: str | None,
+        functions: tuple[str, ...], output: str | None, engine: str | None, index: str | None,
         timeout: float | None) -> None:  # fmt: skip
     """Run the formulas of FILE (or --code) over BASE in DIRECTORY, wait, show the results."""
     settings = _settings()
@@ -248,7 +304,7 @@ def run(directory: str, base: str, file: str | None, code: str | None,
         try:
             job = client.run(_local(directory), base, file, list(functions) or None, output,
                              timeout, engine, progress=settings.bars or None,
-                             accepted=accepted, code=code)  # fmt: skip
+                             accepted=accepted, index=index, code=code)  # fmt: skip
         except KeyboardInterrupt:
             _interrupted(started[0] if started else None)
         if not settings.json:
@@ -274,12 +330,20 @@ def _local(directory: str) -> str:
 @_job_options
 def submit(directory: str, base: str, file: str | None, code: str | None,
            functions: tuple[str, ...], output: str | None, engine: str | None,
-           timeout: float | None) -> None:  # fmt: skip
+           index: str | None, timeout: float | None) -> None:  # fmt: skip
     """Queue a job and print its id."""
     _formulas(file, code)
     with _settings().client() as client:
         job = client.submit(
-            _local(directory), base, file, list(functions) or None, output, timeout, engine, code
+            _local(directory),
+            base,
+            file,
+            list(functions) or None,
+            output,
+            timeout,
+            engine,
+            index,
+            code,
         )
     _human(lambda: click.echo(job.id))
 

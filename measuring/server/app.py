@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from measuring.cluster import ClusterSettings, probe
 from measuring.server import cluster
-from measuring.server.access import Tokens, keep_private
+from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
 from measuring.server.info import InfoService
@@ -27,7 +27,7 @@ from measuring.server.jobs.records import Limits
 from measuring.server.jobs.retention import Retention
 from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
-from measuring.server.listening import ClosingService, ListeningService, describe
+from measuring.server.listening import ClosingService, ListeningService, describe, url
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
@@ -59,9 +59,8 @@ def _pool(
 ) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
-        secrets = server_secrets(
-            settings.state_dir, settings.token_file, config_file, settings.ports
-        )
+        listening = (*settings.ports, *([settings.http] if settings.http else []))
+        secrets = server_secrets(settings.state_dir, settings.token_file, config_file, listening)
         sandbox = Bubblewrap(settings.data_roots, secrets)
     return WorkerPool(
         reactor,
@@ -79,6 +78,8 @@ def _pool(
         sandbox=sandbox,
         job_limits={
             "ResultBytes": settings.max_result_bytes,
+            "Threads": settings.job_threads,
+            **({"Memory": settings.job_memory} if settings.job_memory else {}),
             **({"Processes": settings.max_job_processes} if settings.max_job_processes else {}),
         },
         reap_orphans=True,
@@ -109,6 +110,32 @@ def _cluster(
     return [looking, view], view
 
 
+def _http(
+    settings: Config,
+    reactor: Any,
+    dispatcher: Dispatcher,
+    stats: Stats,
+    jobs: Scheduler,
+    pool: WorkerPool,
+    factory: RequestFactory,
+) -> ListeningService:
+    """The HTTP side (``--http``): the dashboard, the JSON API and /metrics."""
+    from measuring.server.web.metrics import MetricsPage, ServerCollector, registry
+    from measuring.server.web.site import site
+
+    assert settings.http is not None
+    collector = ServerCollector(stats, jobs, pool, lambda: len(factory.connections))
+    web = site(
+        dispatcher,
+        MetricsPage(registry(collector)),
+        settings.tokens,
+        loopback_only=not beyond_loopback(settings.http),
+        reactor=reactor,
+    )
+    endpoint = endpoints.serverFromString(reactor, settings.http)
+    return ListeningService([(settings.http, endpoint)], web, "measuring HTTP listening on")
+
+
 def build(settings: Config, reactor: Any, config_file: str | None = None) -> IService:
     """The whole server on ``reactor`` (which provides every reactor interface used below)."""
     if settings.insecure_no_token and not settings.tokens:
@@ -129,13 +156,18 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     found = cluster_settings(settings)
     pool = _pool(settings, reactor, watching, config_file, found)
     held = limits(settings)
-    jobs = Scheduler(
-        cluster.ClusterPool(pool, found) if found is not None else pool, store, reactor, held,
-        blocking,
-    )  # fmt: skip
+    runs = cluster.ClusterPool(pool, found) if found is not None else pool
+    jobs = Scheduler(runs, store, reactor, held, blocking, stats)
     queries = JobQueries(jobs, store, reactor, blocking, held)
+    http: ListeningService | None = None
+
+    def dashboard() -> str | None:
+        return url(http.ports[0], settings.http) if http and http.ports and settings.http else None
+
     looking, view = _cluster(found, reactor)
-    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking, view)
+    info = InfoService(
+        reactor, pool, queries, stats, settings.data_roots, blocking, dashboard, view
+    )
     dispatcher = Dispatcher(
         info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
         Tokens(settings.tokens), blocking,
@@ -147,6 +179,8 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     listener = ListeningService(
         [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports], factory
     )
+    if settings.http is not None:
+        http = _http(settings, reactor, dispatcher, stats, jobs, pool, factory)
     # Started in this order; stopped in reverse, each in turn: tell systemd, stop listening, let
     # running jobs end (or stop them), send the last answers and close connections, end the
     # workers, close the job database, and only then stop the threads it runs in.
@@ -164,6 +198,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         *looking,
         info,
         listener,
+        *([http] if http is not None else []),
         NotifyService(reactor, lambda: [describe(port) for port in listener.ports]),
     ):
         service.setServiceParent(top)

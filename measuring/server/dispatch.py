@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,8 +36,8 @@ KEYS = {
             "Format"),
 }  # fmt: skip
 DASK_FIELDS = (
-    "Directory", "Base", "File", "Code", "Name", "Functions", "Output", "Engine", "Async",
-    "Timeout", "Progress",
+    "Directory", "Base", "File", "Code", "Name", "Functions", "Output", "Engine", "Index",
+    "Async", "Timeout", "Progress",
 )  # fmt: skip
 DEFAULT_LIST, MAX_LIST = 100, 1000
 DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
@@ -76,9 +76,24 @@ def _functions(value: object) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _index(value: object) -> str | None:
+    """The column to index the dataset by (whether it exists, the worker finds out)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(
+            f'"Index" must be the name of a column of the dataset, such as "time", not '
+            f"{json_type(value) if not isinstance(value, str) else 'an empty string'}"
+        )
+    return value
+
+
 Check = Callable[
     [tuple[str, ...], str, str, str, tuple[str, ...] | None, tuple[str, ...]], JobPaths
 ]
+
+
+Counted = TypeVar("Counted", dict[str, Any], Streamed)
 
 
 class Info(Protocol):
@@ -218,16 +233,23 @@ class Dispatcher:
         if not self._tokens.valid(request.get("Token")):
             self._log.warn("refused a request without a valid token from {client}", client=client)
             return defer.succeed(
-                self._error_answer(
-                    Unauthorized('this server needs a valid "Token" in every request'), header
+                self._counted(
+                    self._error_answer(
+                        Unauthorized('this server needs a valid "Token" in every request'), header
+                    )
                 )
             )
         answer = defer.maybeDeferred(self._route, header, request, notify)
-        return answer.addErrback(self._failed, header)
+        return answer.addErrback(self._failed, header).addCallback(self._counted)
 
     def refuse(self, error: MeasuringError) -> Answer:
         """The answer to something that could not be read as a request."""
-        return self._error_answer(error, None)
+        return self._counted(self._error_answer(error, None))
+
+    def _counted(self, answer: Counted) -> Counted:
+        """Count ``answer`` (a line, or the line of a streamed one) and pass it on."""
+        self._stats.answered(answer.answer if isinstance(answer, Streamed) else answer)
+        return answer
 
     def _route(
         self, header: object, request: dict[str, Any], notify: Notify
@@ -337,6 +359,7 @@ class Dispatcher:
         output = _choice(fields, "Output", tuple(wire.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", wire.ENGINES, "pyarrow")
         timeout = _number(fields, "Timeout", 0.001, None, None)
+        index = _index(fields.get("Index"))
         _flag(fields, "Async")
         _flag(fields, "Progress")
         checked = self._blocking.run(
@@ -352,8 +375,14 @@ class Dispatcher:
             checked.addCallback(self._check_code, code, code_name, functions)
         return checked.addCallback(
             lambda paths: JobSpec(
-                paths=paths, functions=functions, output=output, engine=engine, timeout=timeout,
-                code=code, name=code_name,
+                paths=paths,
+                functions=functions,
+                output=output,
+                engine=engine,
+                timeout=timeout,
+                index=index,
+                code=code,
+                name=code_name,
             )
         )  # fmt: skip
 

@@ -146,9 +146,11 @@ class InfoService(Service):
         stats: Stats,
         data_roots: tuple[str, ...],
         blocking: Runner,
+        dashboard: Callable[[], str | None] = lambda: None,
         cluster: ClusterInfo | None = None,
     ) -> None:
         self._clock = clock
+        self._dashboard = dashboard
         self._cluster = cluster
         self._pool = pool
         self._jobs = jobs
@@ -215,6 +217,7 @@ class InfoService(Service):
             },
             "DataRoots": list(self._data_roots),
             "Versions": self._versions,
+            "Dashboard": self._dashboard(),
         }
 
     def dask_processes(self) -> defer.Deferred[dict[str, Any]]:

@@ -66,6 +66,25 @@ class Dispatcher(Protocol):
     def refuse(self, error: MeasuringError) -> Answer: ...
 
 
+_log = Logger()
+
+
+def encode(answer: Answer, dispatcher: Dispatcher) -> bytes:
+    """
+    An answer as UTF-8 JSON (no newline); one that cannot be (NaN, a lone surrogate) becomes
+    the dispatcher's Internal error answer, keeping its Header, Id and Job.
+    """
+    try:
+        data = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return data.encode("utf-8")
+    except ValueError:
+        _log.failure("answer could not be encoded: {answer!r}", answer=answer)
+        refusal = dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
+        kept = {key: answer[key] for key in ("Header", "Id", "Job") if key in answer}
+        # ensure_ascii escapes whatever UTF-8 could not hold
+        return json.dumps({**refusal, **kept}, allow_nan=False, separators=(",", ":")).encode()
+
+
 class RequestProtocol(LineReceiver):
     """One client connection: lines in, one answer line out per request (with its ``Id``)."""
 
@@ -242,16 +261,7 @@ class RequestProtocol(LineReceiver):
             self._rearm()
 
     def _send(self, answer: Answer) -> None:
-        try:
-            data = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-            line = data.encode("utf-8")
-        except ValueError:  # NaN, or a lone surrogate that UTF-8 cannot hold
-            self._log.failure("answer could not be encoded: {answer!r}", answer=answer)
-            refusal = self._dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
-            kept = {key: answer[key] for key in ("Header", "Id", "Job") if key in answer}
-            # ensure_ascii escapes whatever UTF-8 could not hold
-            line = json.dumps({**refusal, **kept}, allow_nan=False, separators=(",", ":")).encode()
-        self._write(line + self.delimiter)
+        self._write(encode(answer, self._dispatcher) + self.delimiter)
 
     def _write(self, data: bytes) -> None:
         """Write ``data`` now, or behind the raw bytes being sent."""

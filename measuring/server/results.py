@@ -22,7 +22,7 @@ from measuring import files
 from measuring.errors import Forbidden, NotFound
 from measuring.server.paths import resolve_inside
 from measuring.tables import records
-from measuring.wire import ARROW_STREAM, RESULTS
+from measuring.wire import ARROW_STREAM, OUTPUTS, RESULTS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,16 +44,20 @@ def place_results(outbox: str, directory: str, job: str) -> None:
     # What a sandboxed formula left must not lead the server (which sees everything) elsewhere.
     if os.path.realpath(source) != os.path.join(os.path.realpath(outbox), RESULTS, job):
         raise Forbidden(f"{source} leads outside the worker's outbox")
-    for name in os.listdir(source):
-        if not stat.S_ISREG(os.lstat(os.path.join(source, name)).st_mode):
-            raise Forbidden(f"{name} in the results is not a plain file")
+    placed = _placed_files(source)
     files.results_folder(directory)
     partial = files.partial_dir(directory, job)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         os.mkdir(partial)
-        for name in os.listdir(source):
+        for name in placed:
+            if os.path.dirname(name) and not os.path.isdir(
+                os.path.join(partial, os.path.dirname(name))
+            ):
+                os.mkdir(os.path.join(partial, os.path.dirname(name)))
             shutil.copyfile(os.path.join(source, name), os.path.join(partial, name))
+            files.fsync(os.path.join(partial, name))
+        for name in {os.path.dirname(name) for name in placed if os.path.dirname(name)}:
             files.fsync(os.path.join(partial, name))
         files.publish(directory, job)
     except BaseException:
@@ -61,16 +65,39 @@ def place_results(outbox: str, directory: str, job: str) -> None:
         raise
 
 
+def _placed_files(source: str) -> list[str]:
+    """
+    The files of a worker's results folder, relative to it: plain files, and ``.parquet``
+    folders (a table written in parts) of plain files; anything else is Forbidden.
+    """
+    found = []
+    for name in sorted(os.listdir(source)):
+        mode = os.lstat(os.path.join(source, name)).st_mode
+        if stat.S_ISDIR(mode) and name.endswith(OUTPUTS["parquet"]):
+            for part in sorted(os.listdir(os.path.join(source, name))):
+                if not stat.S_ISREG(os.lstat(os.path.join(source, name, part)).st_mode):
+                    raise Forbidden(f"{name}/{part} in the results is not a plain file")
+                found.append(os.path.join(name, part))
+        elif stat.S_ISREG(mode):
+            found.append(name)
+        else:
+            raise Forbidden(f"{name} in the results is not a plain file")
+    return found
+
+
 def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, Any]:
     """
     Rows ``offset`` to ``offset + limit`` of a result file, as JSON records, and how many in all.
 
-    Reads only the row groups it needs from Parquet; reads CSV and JSON in one pass, keeping
-    only the page (they hold no row count to skip by). ``file`` is relative to ``directory``.
+    Reads only the row groups it needs from Parquet (one file, or a folder of parts); reads CSV
+    and JSON in one pass, keeping only the page (they hold no row count to skip by). ``file`` is
+    relative to ``directory``.
     """
     import pandas as pd
 
-    path = resolve_inside(directory, "File", file, os.path.isfile)
+    path = resolve_inside(
+        directory, "File", file, lambda p: os.path.isfile(p) or p.endswith(".parquet")
+    )
     if path.endswith(".parquet"):
         total, frame = _parquet_rows(path, offset, limit)
     elif path.endswith(".csv"):
@@ -107,20 +134,34 @@ def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, A
 
 
 def _parquet_rows(path: str, offset: int, limit: int) -> tuple[int, pd.DataFrame]:
+    """
+    How many rows a Parquet result holds, and rows ``offset`` to ``offset + limit``: reading the
+    footers of its files (its parts, in order, when it is a folder) and only the row groups the
+    page needs.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    first, groups, start = None, [], 0
-    for group in range(parquet.num_row_groups):
-        rows = parquet.metadata.row_group(group).num_rows
-        if start + rows > offset and start < offset + limit:
-            first = start if first is None else first
-            groups.append(group)
-        start += rows
-    if not groups:
-        return start, parquet.schema_arrow.empty_table().to_pandas()
-    table = pa.concat_tables([parquet.read_row_group(group) for group in groups])
+    parts = (
+        [os.path.join(path, name) for name in sorted(os.listdir(path)) if name.endswith(".parquet")]
+        if os.path.isdir(path)
+        else [path]
+    )
+    first, tables, start = None, [], 0
+    schema = None
+    for part in parts:
+        parquet = pq.ParquetFile(part)
+        schema = schema or parquet.schema_arrow
+        for group in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if start + rows > offset and start < offset + limit:
+                first = start if first is None else first
+                tables.append(parquet.read_row_group(group))
+            start += rows
+    if not tables:
+        empty = schema.empty_table() if schema is not None else pa.table({})
+        return start, empty.to_pandas()
+    table = pa.concat_tables(tables, promote_options="permissive")
     return start, table.slice(offset - (first or 0), limit).to_pandas()
 
 

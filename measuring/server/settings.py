@@ -20,6 +20,7 @@ from typing import Any
 from measuring.wire import DEFAULT_ENDPOINT
 
 SANDBOXES = ("none", "bwrap")
+LOG_FORMATS = ("text", "json")
 Parser = Callable[[object], Any]
 
 
@@ -149,6 +150,16 @@ def _memory(value: object) -> int | str | None:
     return size
 
 
+def _threads(value: object) -> int | str:
+    """``auto``, or a whole number of threads from 1 to 256."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return whole(1, 256)(value)
+    except ValueError:
+        raise ValueError("a whole number of at least 1 and at most 256, or auto") from None
+
+
 def switch(value: object) -> bool:
     """true or false (a flag on the command line)."""
     if isinstance(value, bool):
@@ -245,6 +256,15 @@ SETTINGS: tuple[Setting, ...] = (
         "SIZE",
     ),
     Setting(
+        "job-threads",
+        _threads,
+        "auto",
+        "auto: the machine's cores",
+        "Threads each job computes with; its data is read in partitions sized so that this "
+        "many fit in --job-memory.",
+        "N",
+    ),
+    Setting(
         "max-queued",
         whole(1),
         100,
@@ -333,6 +353,23 @@ SETTINGS: tuple[Setting, ...] = (
         "Threads and processes a job may start beyond those its user runs at its start "
         "(RLIMIT_NPROC: user-wide; not for root, nor in the sandbox).",
         "N",
+    ),
+    Setting(
+        "http",
+        text,
+        None,
+        "off",
+        "A Twisted endpoint for the dashboard, /metrics and the JSON API over HTTP, e.g. "
+        "tcp:8766:interface=127.0.0.1.",
+        "ENDPOINT",
+    ),
+    Setting(
+        "log-format",
+        one_of(LOG_FORMATS),
+        "text",
+        "text",
+        "text (twistd's lines), or json: one twisted.logger JSON event per line.",
+        "text|json",
     ),
     Setting(
         "sandbox",

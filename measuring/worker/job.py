@@ -27,8 +27,10 @@ from measuring.messages import CLUSTER_MARK, JOB_MARK, Message, job_tmp
 from measuring.wire import ENGINES
 from measuring.worker import dataset as datasets
 from measuring.worker.cluster import Remote, in_file_remotely
-from measuring.worker.output import summarize
+from measuring.worker.output import ResultWriter, WriteFailed, is_table, summarize
 
+#: Threads a job computes with when the server does not say (``--job-threads``).
+DEFAULT_THREADS = 2
 Formula = Callable[[Any], Any]
 Progress = Callable[[int, int], None]
 
@@ -139,11 +141,18 @@ def compute(
     dataset: Any,
     path: str,
     progress: Progress | None = None,
+    writer: ResultWriter | None = None,
+    threads: int | None = None,
     remote: Remote | None = None,
 ) -> dict[str, Any]:
     """
-    Call every formula on the dataset, then compute all their results in one Dask call (on the
-    cluster with ``remote``), reporting its tasks to ``progress(done, total)`` as they complete.
+    Call every formula on the dataset, then compute all their results in one Dask call with
+    ``threads`` threads (or on the cluster, with ``remote``), reporting its tasks to
+    ``progress(done, total)`` as they complete.
+
+    With a ``writer``, table results are written partition by partition as they are computed
+    (their values are then what the writer streamed, not the tables). On a cluster they are
+    computed whole and written after: the tasks run in other processes than the writer's.
     """
     import dask
 
@@ -153,21 +162,47 @@ def compute(
             lazy[name] = formula(dataset.copy())
         except BaseException as e:
             _print_traceback(e)
-            raise JobFailed(f"formula {name!r} raised {describe(e, path)}") from None
+            raise JobFailed(f"formula {name!r} raised {_explained(e, path, dataset)}") from None
     try:
+        if writer is not None and remote is None:
+            lazy = {
+                name: writer.stream(name, value) if is_table(value) else value
+                for name, value in lazy.items()
+            }
         if remote is not None:
             values = remote.compute(list(lazy.values()), progress)
         else:
             with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
-                values = dask.compute(*lazy.values(), scheduler="threads")
-    except MeasuringError:
-        raise
+                values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
     except BaseException as e:
+        if writer is not None:
+            writer.abandon()
+        if isinstance(e, MeasuringError):
+            raise
+        if isinstance(e, WriteFailed) and writer is not None:
+            raise writer.failure(e) from None
         _print_traceback(e)
         raise JobFailed(
-            f"computing the formulas ({', '.join(lazy)}) raised {describe(e, path)}"
+            f"computing the formulas ({', '.join(lazy)}) raised {_explained(e, path, dataset)}"
         ) from None
     return dict(zip(lazy, values, strict=True))
+
+
+#: What Dask and pandas say when a formula needs a time index with known divisions.
+_NEEDS_INDEX = ("known divisions", "Only valid with DatetimeIndex")
+
+
+def _explained(error: BaseException, path: str, dataset: Any) -> str:
+    """``describe(error)``, and what to do when it failed for want of an indexed dataset."""
+    said = describe(error, path)
+    if not any(words in str(error) for words in _NEEDS_INDEX):
+        return said
+    times = [str(name) for name, dtype in dataset.dtypes.items() if dtype.kind == "M"]
+    column = times[0] if times else "time"
+    return (
+        f'{said}; index the dataset by its time column with "Index": "{column}" in the '
+        f"request (measuring-client --index {column}), which gives it known divisions"
+    )
 
 
 def run_job(message: Message, progress: Progress | None = None) -> Message:
@@ -175,6 +210,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
     remote = None
+    threads = limits.get("Threads") or DEFAULT_THREADS
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
         # A temporary folder of the job's own, which the server removes when the job has ended.
@@ -187,20 +223,15 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
         if remote is not None:
             remote.adopt(module)
         formulas = find_formulas(module, path, message.get("Functions"))
-        try:
-            dataset = datasets.read_dataset(message["Base"], message.get("Engine", "pyarrow"))
-        except Exception as e:
-            _print_traceback(e)
-            base = os.path.basename(message["Base"])
-            raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
-        values = compute(formulas, dataset, path, progress, remote)
-        described = summarize(
-            values,
-            message["Job"],
+        dataset = _dataset(message, limits.get("Memory"), threads)
+        writer = ResultWriter(
             message.get("Outbox") or message["Directory"],
+            message["Job"],
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
         )
+        values = compute(formulas, dataset, path, progress, writer, threads, remote)
+        described = summarize(values, writer)
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}
     except BaseException as e:
@@ -224,6 +255,27 @@ def write_code(code: str, name: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(code)
     return path
+
+
+def _dataset(message: Message, memory: int | None, threads: int) -> Any:
+    """The job's dataset, in partitions sized for its memory and threads; JobFailed if unread."""
+    import psutil
+
+    try:
+        baseline = psutil.Process().memory_info().rss
+        return datasets.read_dataset(
+            message["Base"],
+            message.get("Engine", "pyarrow"),
+            message.get("Index"),
+            datasets.partition_bytes(memory, threads, baseline),
+            threads,
+        )
+    except MeasuringError:
+        raise
+    except Exception as e:
+        _print_traceback(e)
+        base = os.path.basename(message["Base"])
+        raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
 
 
 def limit_job(limits: dict[str, int], sandboxed: bool) -> None:

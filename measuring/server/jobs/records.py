@@ -55,6 +55,8 @@ class JobSpec:
     output: str = "parquet"
     engine: str = "pyarrow"
     timeout: float | None = None
+    #: The column the dataset is indexed by, if the request names one.
+    index: str | None = None
     #: Formulas sent with the request, and the file name they go by (``paths.file`` is None).
     code: str | None = None
     name: str | None = None
@@ -71,6 +73,7 @@ class JobSpec:
             "Functions": list(self.functions) if self.functions is not None else None,
             "Output": self.output,
             "Engine": self.engine,
+            **({"Index": self.index} if self.index is not None else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -85,6 +88,7 @@ class JobSpec:
             output=data.get("output", "parquet"),
             engine=data.get("engine", "pyarrow"),
             timeout=data.get("timeout"),
+            index=data.get("index"),
             code=data.get("code"),
             name=data.get("name"),
         )

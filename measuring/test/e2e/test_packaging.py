@@ -103,6 +103,11 @@ class WheelTests(SynchronousTestCase):
         self.assertIn("twisted/plugins/measuring_plugin.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
+        # The dashboard's page, script and styles, and the chart library with its licence.
+        for name in ("index.html", "login.html", "static/dashboard.js", "static/charts.js",
+                     "static/dashboard.css", "static/vendor/uPlot.iife.min.js",
+                     "static/vendor/uPlot.min.css", "static/vendor/uPlot.LICENSE"):  # fmt: skip
+            self.assertIn(f"measuring/server/web/{name}", names)
 
         venv = os.path.join(work, "venv")
         _run(sys.executable, "-m", "venv", venv)

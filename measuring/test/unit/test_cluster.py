@@ -243,7 +243,9 @@ class ViewTests(SynchronousTestCase):
         self.view.startService()
         self.runner.release()
         pool, jobs = InfoPool(size=1, workers=[]), FakeJobs()
-        info = InfoService(self.clock, pool, jobs, Stats(), ("/",), Synchronous(), self.view)
+        info = InfoService(
+            self.clock, pool, jobs, Stats(), ("/",), Synchronous(), cluster=self.view
+        )
         status = self.successResultOf(info.answer("Status"))["Cluster"]
         self.assertEqual(status["Workers"], 2)
         self.assertNotIn("WorkerList", status)

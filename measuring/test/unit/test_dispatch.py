@@ -210,7 +210,7 @@ class DaskTests(SynchronousTestCase):
 
     def test_jobStarted(self) -> None:
         """A valid request starts a job on the real, checked paths with the requested options."""
-        self.answer(Functions=["peak", "count"], Output="csv", Engine="fastparquet")
+        self.answer(Functions=["peak", "count"], Output="csv", Engine="fastparquet", Index="time")
         [job] = self.harness.pool.runs
         self.assertEqual(
             job.message,
@@ -223,6 +223,7 @@ class DaskTests(SynchronousTestCase):
                 "Functions": ["peak", "count"],
                 "Output": "csv",
                 "Engine": "fastparquet",
+                "Index": "time",
             },
         )
 
@@ -300,6 +301,9 @@ class DaskTests(SynchronousTestCase):
             ({"Output": "xlsx"}, ['"Output" must be one of "parquet", "csv", "json"', "'xlsx'"]),
             ({"Output": 1}, ['"Output" must be one of']),
             ({"Engine": "polars"}, ['"Engine" must be one of "pyarrow", "fastparquet"']),
+            ({"Index": 3}, ['"Index" must be the name of a column', "not a number"]),
+            ({"Index": ""}, ['"Index" must be the name of a column', "not an empty string"]),
+            ({"Index": ["time"]}, ['"Index" must be the name of a column', "not an array"]),
             ({"Timeout": 0}, ['"Timeout" must be a number of at least 0.001', "not 0"]),
             ({"Timeout": -5}, ['"Timeout" must be a number', "not -5"]),
             ({"Timeout": "10"}, ['"Timeout" must be a number', "not '10'"]),

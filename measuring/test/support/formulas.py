@@ -225,7 +225,8 @@ def workers(df):
         time.sleep(0.1)
         return pd.Series([distributed.get_worker().address], name="address")
 
-    return df.map_partitions(where, meta=("address", "object"))
+    # Small datasets are read as one partition: split it, so that every worker gets some.
+    return df.repartition(npartitions=8).map_partitions(where, meta=("address", "object"))
 
 
 def mean_by_sensor(df):

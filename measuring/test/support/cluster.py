@@ -45,7 +45,8 @@ for name in [name for name in sys.modules if name.split(".")[0] == "measuring"]:
 """
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """End this (child) process when its parent ends (``preexec_fn``)."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -97,7 +98,7 @@ class DaskCluster:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def start(self) -> DaskCluster:

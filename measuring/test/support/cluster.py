@@ -25,6 +25,7 @@ from measuring.test.support.system import closed_port
 
 T = TypeVar("T")
 PATIENCE = 60.0
+POLL = 0.05
 PR_SET_PDEATHSIG = 1
 #: A preload for the scheduler and the workers that makes ``measuring`` unimportable there, as on
 #: a cluster that does not have it installed: what a job needs of it must come by value.
@@ -212,16 +213,21 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def wait_for(condition: Callable[[], T | None], what: str, patience: float = PATIENCE) -> T:
-    """Poll ``condition`` until it gives something true; AssertionError at the end."""
+def wait_for(
+    condition: Callable[[], T | None], what: str | Callable[[], str], patience: float = PATIENCE
+) -> T:
+    """Poll ``condition`` until it gives something true, and return that; AssertionError after
+    ``patience`` seconds, naming ``what`` was waited for."""
     deadline = time.monotonic() + patience
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"waited {patience:g} s for {what}")
-        time.sleep(0.05)
+            raise AssertionError(
+                f"waited {patience:g} s for {what if isinstance(what, str) else what()}"
+            )
+        time.sleep(POLL)
 
 
 class Shared:

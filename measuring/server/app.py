@@ -9,12 +9,15 @@ start in, and the reverse of the order they stop in (``services.InOrder``).
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
+from measuring.cluster import ClusterSettings, probe
+from measuring.server import cluster
 from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
@@ -48,7 +51,11 @@ def limits(settings: Config) -> Limits:
 
 
 def _pool(
-    settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None
+    settings: Config,
+    reactor: Any,
+    watching: ThreadRunner,
+    config_file: str | None,
+    found: ClusterSettings | None,
 ) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
@@ -60,7 +67,12 @@ def _pool(
         reactor,
         settings.workers,
         settings.state_dir,
-        worker_environment(os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir),
+        {
+            **worker_environment(
+                os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir
+            ),
+            **cluster.worker_environment(found),
+        },
         watching,
         settings.job_memory,
         sandbox=sandbox,
@@ -72,6 +84,30 @@ def _pool(
         },
         reap_orphans=True,
     )
+
+
+def cluster_settings(settings: Config) -> ClusterSettings | None:
+    """Where the cluster computing the jobs is, or None when they compute here."""
+    if settings.scheduler is None:
+        return None
+    return ClusterSettings(
+        address=settings.scheduler,
+        ca=settings.scheduler_ca,
+        cert=settings.scheduler_cert,
+        key=settings.scheduler_key,
+        timeout=settings.scheduler_timeout,
+    )
+
+
+def _cluster(
+    found: ClusterSettings | None, reactor: Any
+) -> tuple[list[Service], cluster.ClusterView | None]:
+    """The services that look at the cluster for Info (its thread first), or none."""
+    if found is None:
+        return [], None
+    looking = ThreadRunner(reactor, "measuring-cluster")
+    view = cluster.ClusterView(reactor, looking, found.address, partial(probe, found))
+    return [looking, view], view
 
 
 def _http(
@@ -117,16 +153,21 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     store = JobStore(
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
-    pool = _pool(settings, reactor, watching, config_file)
+    found = cluster_settings(settings)
+    pool = _pool(settings, reactor, watching, config_file, found)
     held = limits(settings)
-    jobs = Scheduler(pool, store, reactor, held, blocking, stats)
+    runs = cluster.ClusterPool(pool, found) if found is not None else pool
+    jobs = Scheduler(runs, store, reactor, held, blocking, stats)
     queries = JobQueries(jobs, store, reactor, blocking, held)
     http: ListeningService | None = None
 
     def dashboard() -> str | None:
         return url(http.ports[0], settings.http) if http and http.ports and settings.http else None
 
-    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking, dashboard)
+    looking, view = _cluster(found, reactor)
+    info = InfoService(
+        reactor, pool, queries, stats, settings.data_roots, blocking, dashboard, view
+    )
     dispatcher = Dispatcher(
         info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
         Tokens(settings.tokens), blocking,
@@ -154,6 +195,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         ClosingService(factory, reactor),
         jobs,
         Retention(store, reactor, held, blocking),
+        *looking,
         info,
         listener,
         *([http] if http is not None else []),

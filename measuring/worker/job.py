@@ -23,8 +23,9 @@ from dask.callbacks import Callback
 
 from measuring import formulas as words
 from measuring.errors import Internal, JobFailed, MeasuringError
-from measuring.messages import JOB_MARK, Message, job_tmp
+from measuring.messages import CLUSTER_MARK, JOB_MARK, Message, job_tmp
 from measuring.worker import dataset as datasets
+from measuring.worker.cluster import Remote, in_file_remotely
 from measuring.worker.output import ResultWriter, WriteFailed, is_table, summarize
 
 #: Threads a job computes with when the server does not say (``--job-threads``).
@@ -37,7 +38,7 @@ def _where(error: BaseException, path: str) -> str:
     """`` (work.py line 12)`` for the deepest frame of ``error`` in the formula file, or ``""``."""
     line = None
     for frame in traceback.extract_tb(error.__traceback__):
-        if frame.filename == path:
+        if frame.filename == path or in_file_remotely(frame, path):
             line = frame.lineno
     return f" ({os.path.basename(path)} line {line})" if line is not None else ""
 
@@ -55,9 +56,13 @@ def _print_traceback(error: BaseException) -> None:
     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
 
 
-def import_formulas(path: str) -> ModuleType:
+def module_name(job: str) -> str:
+    """The formula module's name in ``job``: one of its own, so that no two jobs share one."""
+    return "measuring_formulas_" + "".join(c if c.isalnum() else "_" for c in job)
+
+
+def import_formulas(path: str, name: str = "measuring_formulas") -> ModuleType:
     """Import the formula file as a module; JobFailed says what went wrong and on which line."""
-    name = "measuring_formulas"
     filename = os.path.basename(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -137,13 +142,16 @@ def compute(
     progress: Progress | None = None,
     writer: ResultWriter | None = None,
     threads: int | None = None,
+    remote: Remote | None = None,
 ) -> dict[str, Any]:
     """
     Call every formula on the dataset, then compute all their results in one Dask call with
-    ``threads`` threads, reporting its tasks to ``progress(done, total)`` as they complete.
+    ``threads`` threads (or on the cluster, with ``remote``), reporting its tasks to
+    ``progress(done, total)`` as they complete.
 
     With a ``writer``, table results are written partition by partition as they are computed
-    (their values are then what the writer streamed, not the tables).
+    (their values are then what the writer streamed, not the tables). On a cluster they are
+    computed whole and written after: the tasks run in other processes than the writer's.
     """
     import dask
 
@@ -155,13 +163,16 @@ def compute(
             _print_traceback(e)
             raise JobFailed(f"formula {name!r} raised {_explained(e, path, dataset)}") from None
     try:
-        if writer is not None:
+        if writer is not None and remote is None:
             lazy = {
                 name: writer.stream(name, value) if is_table(value) else value
                 for name, value in lazy.items()
             }
-        with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
-            values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
+        if remote is not None:
+            values = remote.compute(list(lazy.values()), progress)
+        else:
+            with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
+                values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
     except BaseException as e:
         if writer is not None:
             writer.abandon()
@@ -195,9 +206,9 @@ def _explained(error: BaseException, path: str, dataset: Any) -> str:
 
 def run_job(message: Message, progress: Progress | None = None) -> Message:
     """Run one job message; the answer is a Done or an Error message, never an exception."""
-    path = message["File"]
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
+    remote = None
     threads = limits.get("Threads") or DEFAULT_THREADS
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
@@ -205,7 +216,11 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
         tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
         os.makedirs(tempfile.tempdir, exist_ok=True)
         os.chdir(message["Directory"])
-        module = import_formulas(path)
+        path = message.get("File") or write_code(message["Code"], message["Name"])
+        remote = Remote.connect(message.get("Cluster"), message["Job"])
+        module = import_formulas(path, module_name(message["Job"]))
+        if remote is not None:
+            remote.adopt(module)
         formulas = find_formulas(module, path, message.get("Functions"))
         dataset = _dataset(message, limits.get("Memory"), threads)
         writer = ResultWriter(
@@ -214,7 +229,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
         )
-        values = compute(formulas, dataset, path, progress, writer, threads)
+        values = compute(formulas, dataset, path, progress, writer, threads, remote)
         described = summarize(values, writer)
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}
@@ -224,7 +239,21 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             "Type": "Error",
             "Error": Internal(f"the worker failed: {type(e).__name__}: {e}").to_json(),
         }
+    finally:
+        if remote is not None:
+            remote.close()
     return {"Type": "Done", "Results": described}
+
+
+def write_code(code: str, name: str) -> str:
+    """
+    Formulas sent with the request, as the file ``name`` in the job's temporary folder: imported,
+    checked and described like a formula file (messages name ``name``).
+    """
+    path = os.path.join(tempfile.gettempdir(), name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(code)
+    return path
 
 
 def _dataset(message: Message, memory: int | None, threads: int) -> Any:
@@ -305,6 +334,8 @@ def warm_up() -> None:
     import pyarrow.dataset  # what Dask reads Parquet through
     import pyarrow.parquet as pq
 
+    if os.environ.get(CLUSTER_MARK):
+        import distributed  # noqa: F401 (jobs will compute on the cluster)
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
         path = os.path.join(folder, "warm.parquet")
         frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})

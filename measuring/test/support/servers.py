@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -24,6 +23,7 @@ import psutil
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.local import Connection, LocalServer, environment, twistd
+from measuring.test.support.cluster import wait_for as polled
 from measuring.test.support.data import sample_frame, write_dataset, write_formulas
 from measuring.test.support.formulas import (
     CLIENT_FORMULAS,
@@ -37,7 +37,6 @@ T = TypeVar("T")
 
 #: How long a test waits at most for a server or a job to do something.
 PATIENCE = 60.0
-POLL = 0.05
 #: How long a stopping server may take, at most, to count as stopping "within a few seconds".
 STOPPING = 15.0
 BASE = "time_series.parquet"
@@ -143,14 +142,10 @@ class ServerTestCase(SynchronousTestCase):
         patience: float = PATIENCE,
     ) -> T:
         """Poll ``condition`` until it gives something true, and return that; fail at the end."""
-        deadline = time.monotonic() + patience
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                self.fail(f"waited {patience:g} s for {what if isinstance(what, str) else what()}")
-            time.sleep(POLL)
+        try:
+            return polled(condition, what, patience)
+        except AssertionError as e:
+            self.fail(str(e))
 
     # -- requests
 

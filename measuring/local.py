@@ -30,25 +30,35 @@ def environment() -> dict[str, str]:
     return env
 
 
-def twistd() -> list[str]:
-    """The command that runs ``twistd`` with this interpreter."""
+def twistd(python: str | None = None) -> list[str]:
+    """The command that runs ``twistd`` with this interpreter (or ``python``)."""
     beside = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(beside, os.X_OK):
+    if python is None and os.access(beside, os.X_OK):
         return [beside]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    return [python or sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 class LocalServer:
-    """The server in a subprocess, its output in ``log_path``."""
+    """
+    The server in a subprocess, its output in ``log_path``; ``twistd_options`` go before
+    ``measuring`` (twistd's own, such as ``--uid``); ``python`` runs it instead of this Python.
+    """
 
-    def __init__(self, folder: str, *arguments: str, patience: float = 60.0) -> None:
+    def __init__(
+        self,
+        folder: str,
+        *arguments: str,
+        patience: float = 60.0,
+        twistd_options: tuple[str, ...] = (),
+        python: str | None = None,
+    ) -> None:
         self.folder = folder
         self.patience = patience
         self.log_path = os.path.join(folder, "server.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by stop)
         self.process = subprocess.Popen(
             [
-                *twistd(), "-n", "--pidfile=", "measuring",
+                *twistd(python), "-n", "--pidfile=", *twistd_options, "measuring",
                 "--port", "tcp:0:interface=127.0.0.1",
                 "--state-dir", os.path.join(folder, ".measuring"),
                 *arguments,

@@ -52,9 +52,18 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 Message = dict[str, Any]
 
 
+#: The folders made in the workers' temporary folder (``TMPDIR``, ``<state>/tmp``): a job's own
+#: (``job_tmp``), a worker's warm-up, a sandboxed worker's outbox. Whatever a server that died
+#: left of them is removed at the next start.
+JOB_TMP_PREFIX = "job-"
+WARM_TMP_PREFIX = "measuring-warm-"
+OUTBOX_PREFIX = "worker-"
+TMP_PREFIXES = (JOB_TMP_PREFIX, WARM_TMP_PREFIX, OUTBOX_PREFIX)
+
+
 def job_tmp(tmp: str, job: str) -> str:
     """The temporary folder of a job inside the workers' one (``TMPDIR``); gone after the job."""
-    return os.path.join(tmp, f"job-{job}")
+    return os.path.join(tmp, f"{JOB_TMP_PREFIX}{job}")
 
 
 def encode(message: Message) -> bytes:

@@ -97,13 +97,18 @@ def secret_files(description: str) -> list[str]:
 
 
 def loopback(host: str) -> bool:
-    """True when ``host`` (a name, or an address, IPv6 in brackets or not) is loopback."""
+    """
+    True when ``host`` (a name, or an address, IPv6 in brackets or not, or IPv4-mapped) is
+    loopback.
+    """
     if host.lower() in ("localhost", "localhost.localdomain"):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def beyond_loopback(description: str, fileno: int | None = None) -> bool:

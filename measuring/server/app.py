@@ -21,7 +21,9 @@ from measuring.server import cluster
 from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
+from measuring.server.factory import RequestFactory
 from measuring.server.info import InfoService
+from measuring.server.jobs.journal import Journal
 from measuring.server.jobs.queries import JobQueries
 from measuring.server.jobs.records import Limits
 from measuring.server.jobs.retention import Retention
@@ -31,11 +33,11 @@ from measuring.server.listening import ClosingService, ListeningService, describ
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
-from measuring.server.protocol import RequestFactory
-from measuring.server.services import InOrder, ProcessSetup
+from measuring.server.services import InOrder, ProcessSetup, UserSetup
 from measuring.server.stats import Stats
 from measuring.server.systemd import NotifyService
 from measuring.server.threads import ThreadRunner
+from measuring.server.throttle import Throttle
 
 
 def limits(settings: Config) -> Limits:
@@ -68,9 +70,7 @@ def _pool(
         settings.workers,
         settings.state_dir,
         {
-            **worker_environment(
-                os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir
-            ),
+            **worker_environment(os.environ, workers_tmp(settings), settings.state_dir),
             **cluster.worker_environment(found),
         },
         watching,
@@ -84,6 +84,11 @@ def _pool(
         },
         reap_orphans=True,
     )
+
+
+def workers_tmp(settings: Config) -> str:
+    """The workers' temporary folder (their TMPDIR), in the state directory."""
+    return os.path.join(settings.state_dir, "tmp")
 
 
 def cluster_settings(settings: Config) -> ClusterSettings | None:
@@ -138,6 +143,7 @@ def _http(
 
 def build(settings: Config, reactor: Any, config_file: str | None = None) -> IService:
     """The whole server on ``reactor`` (which provides every reactor interface used below)."""
+    tmp = workers_tmp(settings)
     if settings.insecure_no_token and not settings.tokens:
         Logger().warn(
             "measuring runs WITHOUT a token (--insecure-no-token): anyone who can reach "
@@ -156,8 +162,9 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     found = cluster_settings(settings)
     pool = _pool(settings, reactor, watching, config_file, found)
     held = limits(settings)
+    journal = Journal(store, reactor, settings.state_dir)
     runs = cluster.ClusterPool(pool, found) if found is not None else pool
-    jobs = Scheduler(runs, store, reactor, held, blocking, stats)
+    jobs = Scheduler(runs, store, reactor, held, blocking, stats, journal)
     queries = JobQueries(jobs, store, reactor, blocking, held)
     http: ListeningService | None = None
 
@@ -168,13 +175,19 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     info = InfoService(
         reactor, pool, queries, stats, settings.data_roots, blocking, dashboard, view
     )
+    # What clients can make the server log (refusals, closes) is held to a rate.
+    throttle = Throttle(reactor)
     dispatcher = Dispatcher(
         info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
-        Tokens(settings.tokens), blocking,
+        Tokens(settings.tokens), blocking, throttle=throttle,
     )  # fmt: skip
     factory = RequestFactory(
         dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,
         settings.max_connections,
+        max_client_connections=settings.max_client_connections,
+        first_request_timeout=settings.first_request_timeout,
+        trust_tokens=bool(settings.tokens),
+        throttle=throttle,
     )  # fmt: skip
     listener = ListeningService(
         [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports], factory
@@ -187,6 +200,8 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     top = InOrder()
     for service in (
         ProcessSetup(keep_private, adopt_orphans),
+        # The workers' temporary folder, made by the user the server runs as (after --uid).
+        UserSetup(lambda: os.makedirs(tmp, mode=0o700, exist_ok=True)),
         blocking,
         watching,
         database,

@@ -3,8 +3,9 @@ The server's settings settled: defaults, overridden by a TOML file (``--config``
 flags. What the settings are is declared once, in ``settings``.
 
 Every setting is validated here and a bad one raises ``usage.UsageError`` with one line that names
-the setting and where it came from. Nothing here starts anything; the only side effect is creating
-the state directory, so that an unusable one stops the start instead of the first job.
+the setting and where it came from. Nothing here starts anything; the side effects are creating
+the state directory (for the user the server runs as), so that an unusable one stops the start
+instead of the first job, and raising the file limit for the connections (``fdlimit``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python.usage import UsageError
 
+from measuring.server import fdlimit
 from measuring.server.access import beyond_loopback, load_tokens
 from measuring.server.cluster import checked
 from measuring.server.settings import SETTINGS
@@ -45,6 +48,8 @@ class Config:
     insecure_no_token: bool = False
     idle_timeout: float = 300.0
     max_connections: int = 1000
+    first_request_timeout: float = 10.0
+    max_client_connections: int = 100
     max_result_bytes: int = 10 * 2**30
     max_job_processes: int | None = None
     sandbox: str = "none"
@@ -106,18 +111,46 @@ def _data_root(path: str, cwd: str, source: str) -> str:
     return real
 
 
-def _state_dir(path: str, cwd: str, source: str) -> str:
+def _state_dir(path: str, cwd: str, source: str, owner: tuple[int, int] | None) -> str:
+    """
+    The state directory, made if missing. With an ``owner`` (the user and group a server
+    started as root runs as, ``--uid``/``--gid``), what is made is given to them, and they must
+    be able to write it; what goes inside is made once privileges are dropped.
+    """
     real = _real(path, cwd)
+    made = []
+    folder = real
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:
         # The server's own: job records and logs, workers' temporary files. Not for others.
-        os.makedirs(os.path.join(real, "tmp"), mode=0o700, exist_ok=True)
+        os.makedirs(real, mode=0o700, exist_ok=True)
+        if owner is not None:
+            for folder in made:
+                os.chown(folder, *owner)
     except OSError as e:
         raise UsageError(f"{source}: cannot create {path!r}: {e.strerror}") from None
-    if not os.access(real, os.W_OK | os.X_OK):
+    if owner is not None and not _writable_by(real, *owner):
+        raise UsageError(
+            f"{source} {path!r} is not writable by uid {owner[0]}, whom the server runs as "
+            f"(--uid): give it to that user (chown)"
+        )
+    if owner is None and not os.access(real, os.W_OK | os.X_OK):
         raise UsageError(f"{source} {path!r} is not writable by this user")
     with contextlib.suppress(OSError):  # best effort: it may belong to someone else
         os.chmod(real, 0o700)
     return real
+
+
+def _writable_by(path: str, uid: int, gid: int) -> bool:
+    """Whether ``uid`` (in group ``gid``) may make files in the folder ``path`` (mode bits)."""
+    info = os.stat(path)
+    if info.st_uid == uid:
+        return info.st_mode & 0o300 == 0o300
+    if info.st_gid == gid:
+        return info.st_mode & 0o030 == 0o030
+    return info.st_mode & 0o003 == 0o003
 
 
 def load(
@@ -126,22 +159,30 @@ def load(
     check_endpoint: Callable[[str], object],
     environ: Mapping[str, str] = os.environ,
     cwd: str | None = None,
+    file_limit: fdlimit.FileLimit | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> Config:
     """
     Settle the settings: defaults, then ``config_file``, then ``flags`` (only those given).
 
     ``check_endpoint`` parses one endpoint description and raises on a bad one. Every error
-    names where the bad value came from: the flag, the file and key, or the environment.
+    names where the bad value came from: the flag, the file and key, or the environment. With
+    a ``file_limit`` (this process's), it is raised for ``max-connections``, or that is lowered
+    or refused (``fdlimit.fit``). ``owner``: the (uid, gid) a server started as root runs as.
     """
     cwd = os.getcwd() if cwd is None else cwd
     settings = _defaults(environ, cwd)
     sources = {name: f"--{name}" for name in settings}
     if environ.get("STATE_DIRECTORY"):
         sources["state-dir"] = "$STATE_DIRECTORY"
+    given = set(flags)
     if config_file is not None:
         file_settings = _read_file(config_file)
         _parsed(file_settings, lambda name: f"{config_file}: {name}", settings, sources)
+        given.update(file_settings)
     _parsed(flags, lambda name: f"--{name}", settings, sources)
+    if file_limit is not None:
+        settings["max-connections"] = _connections(settings, sources, given, file_limit)
 
     filenos: dict[str, int | None] = {}
     listening = [("port", description) for description in settings["port"]]
@@ -169,7 +210,7 @@ def load(
     return Config(
         ports=tuple(settings["port"]),
         data_roots=tuple(dict.fromkeys(roots)),
-        state_dir=_state_dir(settings["state-dir"], cwd, sources["state-dir"]),
+        state_dir=_state_dir(settings["state-dir"], cwd, sources["state-dir"], owner),
         workers=settings["workers"],
         job_timeout=settings["job-timeout"],
         max_request_bytes=settings["max-request-bytes"],
@@ -184,6 +225,8 @@ def load(
         insecure_no_token=settings["insecure-no-token"],
         idle_timeout=settings["idle-timeout"],
         max_connections=settings["max-connections"],
+        first_request_timeout=settings["first-request-timeout"],
+        max_client_connections=settings["max-client-connections"],
         max_result_bytes=settings["max-result-bytes"],
         max_job_processes=settings["max-job-processes"],
         sandbox=settings["sandbox"],
@@ -223,6 +266,22 @@ def _tokens(
             f"mean it"
         )
     return tokens
+
+
+def _connections(
+    settings: dict[str, Any], sources: dict[str, str], given: set[str], limit: fdlimit.FileLimit
+) -> int:
+    """``max-connections``, once the file limit holds it (lowered, saying so, if a default)."""
+    wanted = settings["max-connections"]
+    try:
+        connections, lowered = fdlimit.fit(
+            wanted, settings["workers"], "max-connections" in given, limit
+        )
+    except ValueError as e:
+        raise UsageError(f"{sources['max-connections']} {wanted}: {e}") from None
+    if lowered is not None:
+        Logger().warn("{lowered}", lowered=lowered)
+    return connections
 
 
 def _job_threads(setting: int | str) -> int:

@@ -27,6 +27,7 @@ from measuring.server.paths import JobPaths
 from measuring.server.protocol import Answer, Notify, Streamed
 from measuring.server.stats import Stats
 from measuring.server.threads import Runner, Synchronous
+from measuring.server.throttle import Throttle
 from measuring.wire import INFO_REQUESTS, JOB_REQUESTS, STATES
 
 KEYS = {
@@ -45,6 +46,8 @@ PATH_FIELDS = ("Directory", "Base")
 #: The Name of formulas sent as Code: a file name, as a formula file would have.
 CODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.py")
 DEFAULT_CODE_NAME = "formulas.py"
+#: The kind of warning a request without a valid token logs (``throttle``).
+UNAUTHORIZED_WARNINGS = "requests without a valid token"
 
 
 def _one_of(values: tuple[str, ...] | list[str]) -> str:
@@ -205,6 +208,7 @@ class Dispatcher:
         tokens: Tokens | None = None,
         blocking: Runner | None = None,
         check: Check = submission.check_job,
+        throttle: Throttle | None = None,
     ) -> None:
         """
         ``blocking`` runs the checks of a Dask request's files (``check``, which may block on a
@@ -217,6 +221,9 @@ class Dispatcher:
         self._data_roots = data_roots
         self._private = private
         self._tokens = tokens or Tokens()
+        # Anyone who can connect can send requests without a token: their warnings are held to
+        # a rate (the counters of All statistic count every one).
+        self._throttle = throttle or Throttle(None)
         self._blocking = blocking or Synchronous()
         self._check = check
         self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Any]]] = {
@@ -231,7 +238,11 @@ class Dispatcher:
         """The answer to one request; never fails (errors become error answers)."""
         header = request.get("Header")
         if not self._tokens.valid(request.get("Token")):
-            self._log.warn("refused a request without a valid token from {client}", client=client)
+            self._throttle.warn(
+                UNAUTHORIZED_WARNINGS,
+                "refused a request without a valid token from {client}",
+                client=client,
+            )
             return defer.succeed(
                 self._counted(
                     self._error_answer(

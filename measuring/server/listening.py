@@ -19,7 +19,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from measuring.server.protocol import RequestFactory
+from measuring.server.factory import RequestFactory
 
 
 class ClosingService(Service):

@@ -5,8 +5,11 @@ One client connection: bytes in, request objects to the dispatcher, one JSON lin
 the dispatcher, which returns a Deferred answer, and whatever cannot be read goes to it as an
 error to answer. An answer may be ``Streamed``: its line is followed by raw bytes (an Arrow
 stream), sent as the client reads them; lines of other answers wait until they are all sent.
-The connection is paced (no reading while answers pile up), closed when idle, and the factory
-refuses connections beyond a limit. ``listening`` holds the services around it.
+The connection is paced (no reading while answers pile up), closed when it sends no request soon
+after it opens and when it is idle. A client that half-closes (``nc -N``: it sends its requests,
+then the end of its side) gets every answer, then the connection closes. Lines that clients can
+cause go through a ``throttle``. ``factory`` builds the connections and admits them
+(``clients``); ``listening`` holds the services around it.
 """
 
 from __future__ import annotations
@@ -18,19 +21,22 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol, cast
 
 from twisted.internet import defer
-from twisted.internet import protocol as twisted_protocol
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHalfCloseableProtocol,
     IPushProducer,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from measuring.errors import BadRequest, Busy, Internal, MeasuringError, Timeout, TooLarge
+from measuring.server.clients import Connections, client_host
 from measuring.server.framing import Framer, parse, too_large
+from measuring.server.throttle import Throttle
 
 #: Requests a connection may have waiting for their answers before it is no longer read.
 MAX_PENDING = 64
@@ -38,6 +44,10 @@ MAX_PENDING = 64
 MAX_UNAUTHORIZED = 3
 #: Error Codes of requests that do not count as activity for the idle timeout.
 UNREAD = ("BadRequest", "TooLarge", "Unauthorized")
+#: The kinds of log lines clients can cause, each held to a rate (``throttle``).
+CLOSED_UNAUTHORIZED = "connections closed for requests without a valid token"
+CLOSED_QUIET = "connections closed for sending no request"
+REFUSED = "connections refused"
 
 #: Raw bytes written to the transport at a time, while the client reads them.
 CHUNK = 256 * 1024
@@ -85,6 +95,7 @@ def encode(answer: Answer, dispatcher: Dispatcher) -> bytes:
         return json.dumps({**refusal, **kept}, allow_nan=False, separators=(",", ":")).encode()
 
 
+@implementer(IHalfCloseableProtocol)
 class RequestProtocol(LineReceiver):
     """One client connection: lines in, one answer line out per request (with its ``Id``)."""
 
@@ -95,12 +106,16 @@ class RequestProtocol(LineReceiver):
         self,
         dispatcher: Dispatcher,
         max_request_bytes: int,
-        connections: set[RequestProtocol] | None = None,
+        connections: Connections[RequestProtocol] | None = None,
         clock: IReactorTime | None = None,
         idle_timeout: float | None = None,
+        *,
+        first_request_timeout: float | None = None,
+        trust_tokens: bool = False,
+        throttle: Throttle | None = None,
     ) -> None:
         self._dispatcher = dispatcher
-        self._connections = set() if connections is None else connections
+        self._connections = Connections() if connections is None else connections
         self._framer = Framer(max_request_bytes)
         self._max_request_bytes = max_request_bytes
         self._pending = 0
@@ -108,10 +123,20 @@ class RequestProtocol(LineReceiver):
         self._seen_request = False
         self._unsent = False
         self._reading = True
+        self._read_closed = False
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle: IDelayedCall | None = None
+        self._first_request_timeout = first_request_timeout
+        self._first: IDelayedCall | None = None
+        #: Whether the server has acted on a request of this connection (not refused it).
+        self._acted = False
+        # With tokens, a request that is not refused Unauthorized carried a valid one.
+        self._trust_tokens = trust_tokens
+        self._throttle = throttle or Throttle(None)
         self._client = "a client"
+        #: The address the connection comes from, or None for a Unix socket (``clients``).
+        self.client_host: str | None = None
         # What waits to be written behind a Streamed answer's bytes: lines, and further bodies.
         self._outgoing: deque[bytes | Streamed] = deque()
         self._streaming: Streamed | None = None
@@ -123,13 +148,51 @@ class RequestProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._connections.add(self)
         if self.transport is not None:
             peer = self.transport.getPeer()
+            self.client_host = client_host(peer)
             self._client = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
             # The transport pauses us when answers pile up unsent (a client that does not read).
             self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._connections.add(self)
         self._rearm()
+        if self._clock is not None and self._first_request_timeout is not None:
+            self._first = self._clock.callLater(self._first_request_timeout, self._first_expired)
+
+    @property
+    def unused(self) -> bool:
+        """True while no request of this connection was acted on, nor waits for its answer."""
+        return not self._acted and self._pending == 0 and bool(self.connected)
+
+    def make_room(self) -> None:
+        """Close this unused connection: its place goes to a new one (``clients``)."""
+        self._close(
+            Busy(
+                "the server has as many connections open as it takes (--max-connections); "
+                "this one had sent no request, and its place went to a new connection"
+            ),
+            CLOSED_QUIET,
+            "closing {client} to make room: it had sent no request",
+        )
+
+    def _close(self, error: MeasuringError, kind: str, line: str) -> None:
+        """Send ``error``, log ``line`` (a line of ``kind``, held to a rate), close."""
+        self._throttle.info(kind, line, client=self._client)
+        self._send(self._dispatcher.refuse(error))
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _first_expired(self) -> None:
+        if self._acted or self._pending:
+            return
+        self._close(
+            Timeout(
+                f"no request came within {self._first_request_timeout:g} s of connecting "
+                f"(--first-request-timeout); the connection is closed"
+            ),
+            CLOSED_QUIET,
+            "closing {client}: no request within the first-request timeout",
+        )
 
     # IPushProducer, for the transport: answers wait to be sent, so read no more requests.
     def pauseProducing(self) -> None:
@@ -154,7 +217,7 @@ class RequestProtocol(LineReceiver):
             return
         self._reading = reading
         self.paused = not reading  # LineReceiver takes no more lines from its buffer meanwhile
-        if self.transport is not None and self.connected:
+        if self.transport is not None and self.connected and not self._read_closed:
             producer = cast(IPushProducer, self.transport)
             if reading:
                 producer.resumeProducing()
@@ -162,11 +225,42 @@ class RequestProtocol(LineReceiver):
                 producer.pauseProducing()
         if reading:
             self.dataReceived(b"")  # the lines that arrived in the meantime
+            self._close_if_answered()
+
+    # IHalfCloseableProtocol: the client has sent everything it will send.
+    def readConnectionLost(self) -> None:
+        """Answer every request already received (the last needs no newline), then close."""
+        if self._read_closed:
+            return
+        self._read_closed = True
+        if self._buffer and not self._buffer.endswith(self.delimiter):
+            self.dataReceived(self.delimiter)
+        self._close_if_answered()
+
+    def writeConnectionLost(self) -> None:
+        """The client reads no more: nothing more to say."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _close_if_answered(self) -> None:
+        """After the client's end: close once every request it sent has its answer, sent."""
+        sending = self._streaming is not None or bool(self._outgoing)
+        if not self._read_closed or self._pending or self._buffer or sending:
+            return
+        if self.transport is None:
+            return
+        if self._framer.pending:
+            self._framer.reset()
+            self._refuse(BadRequest("the connection ended in the middle of a request"))
+        # Done with: its place is free now, not once the close is through.
+        self._connections.discard(self)
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        for timer in (self._idle, self._first):
+            if timer is not None and timer.active():
+                timer.cancel()
         super().connectionLost(reason)
         self._drop_bodies()
         self._connections.discard(self)
@@ -185,17 +279,14 @@ class RequestProtocol(LineReceiver):
             # A job this connection asked for still runs for it: keep waiting.
             self._rearm()
             return
-        self._log.info("closing the idle connection of {client}", client=self._client)
-        self._send(
-            self._dispatcher.refuse(
-                Timeout(
-                    f"no request came for {self._idle_timeout:g} s (--idle-timeout); "
-                    f"the connection is closed"
-                )
-            )
+        self._close(
+            Timeout(
+                f"no request came for {self._idle_timeout:g} s (--idle-timeout); "
+                f"the connection is closed"
+            ),
+            CLOSED_QUIET,
+            "closing the idle connection of {client}",
         )
-        if self.transport is not None:
-            self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
         try:
@@ -251,14 +342,23 @@ class RequestProtocol(LineReceiver):
         if code == "Unauthorized":
             self._unauthorized += 1
             if self._unauthorized >= MAX_UNAUTHORIZED and self.transport is not None:
-                self._log.warn("closing {client}: too many requests without a valid token",
-                               client=self._client)  # fmt: skip
+                self._throttle.warn(
+                    CLOSED_UNAUTHORIZED,
+                    "closing {client}: too many requests without a valid token",
+                    client=self._client,
+                )
                 self.transport.loseConnection()
-        elif code not in UNREAD:
-            self._seen_request = True
+        else:
+            if self._trust_tokens:
+                self._connections.trust(self)
+            if code not in UNREAD:
+                self._seen_request = self._acted = True
+                if self._first is not None and self._first.active():
+                    self._first.cancel()
         if self._pending == 0 and self.connected and self._seen_request:
             self._seen_request = False
             self._rearm()
+        self._close_if_answered()
 
     def _send(self, answer: Answer) -> None:
         self._write(encode(answer, self._dispatcher) + self.delimiter)
@@ -290,6 +390,7 @@ class RequestProtocol(LineReceiver):
         finally:
             self._pumping = False
         self._pace()
+        self._close_if_answered()
 
     def _write_waiting(self) -> None:
         while not self._unsent and self.connected and self.transport is not None:
@@ -318,77 +419,3 @@ class RequestProtocol(LineReceiver):
                 item.body.close()
         self._streaming = None
         self._outgoing.clear()
-
-
-class _Refusal(twisted_protocol.Protocol):
-    """A connection beyond ``--max-connections``: one error line, then closed."""
-
-    def __init__(self, answer: Answer) -> None:
-        self._answer = answer
-
-    def connectionMade(self) -> None:
-        line = json.dumps(self._answer, separators=(",", ":")).encode("utf-8") + b"\n"
-        if self.transport is not None:
-            self.transport.write(line)
-            self.transport.loseConnection()
-
-
-class RequestFactory(Factory):
-    """
-    Builds a RequestProtocol per connection, all sharing one dispatcher; knows them all, and
-    refuses connections beyond ``max_connections``.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        max_request_bytes: int,
-        clock: IReactorTime | None = None,
-        idle_timeout: float | None = None,
-        max_connections: int | None = None,
-    ) -> None:
-        self._dispatcher = dispatcher
-        self._max_request_bytes = max_request_bytes
-        self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._max_connections = max_connections
-        self.connections: set[RequestProtocol] = set()
-
-    def close_all(self, clock: IReactorTime, patience: float = 5.0) -> defer.Deferred[None]:
-        """
-        Close every connection once what was written to it is sent (within ``patience``
-        seconds, then at once); fires when all are closed.
-        """
-        connections = list(self.connections)
-        for connection in connections:
-            if connection.transport is not None:
-                connection.transport.loseConnection()
-
-        def abort() -> None:
-            for connection in connections:
-                if connection.connected and connection.transport is not None:
-                    connection.transport.abortConnection()  # type: ignore[attr-defined]
-
-        timer = clock.callLater(patience, abort)
-        closed = defer.DeferredList([c.closed for c in connections])
-        return closed.addCallback(lambda _: timer.cancel() if timer.active() else None)
-
-    def buildProtocol(self, addr: object) -> twisted_protocol.Protocol:
-        if self._max_connections is not None and len(self.connections) >= self._max_connections:
-            self._log.warn("refused a connection: {n} are open already", n=len(self.connections))
-            busy = Busy(
-                f"the server has {len(self.connections)} connections open, as many as it takes "
-                f"(--max-connections); try again later"
-            )
-            return _Refusal(self._dispatcher.refuse(busy))
-        protocol = RequestProtocol(
-            self._dispatcher,
-            self._max_request_bytes,
-            self.connections,
-            self._clock,
-            self._idle_timeout,
-        )
-        protocol.factory = self
-        return protocol

@@ -41,3 +41,22 @@ class ProcessSetup(Service):
         super().privilegedStartService()
         for step in self._steps:
             step()
+
+
+class UserSetup(Service):
+    """
+    Steps made in ``startService``: after twistd has dropped privileges (``--uid``), as the user
+    the server runs as, so that what they make belongs to that user. A step that fails stops the
+    start.
+    """
+
+    def __init__(self, *steps: Callable[[], None]) -> None:
+        self._steps = steps
+
+    def startService(self) -> None:
+        super().startService()
+        for step in self._steps:
+            try:
+                step()
+            except OSError as e:
+                raise SystemExit(f"measuring: {e}") from None

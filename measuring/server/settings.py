@@ -330,11 +330,29 @@ SETTINGS: tuple[Setting, ...] = (
         "S",
     ),
     Setting(
+        "first-request-timeout",
+        amount("seconds"),
+        10.0,
+        "10",
+        "Close a new connection that sends no request for this long.",
+        "S",
+    ),
+    Setting(
         "max-connections",
         whole(1),
         1000,
         "1000",
-        "Connections open at once; more are refused with Busy.",
+        "Connections open at once; then a new one takes the place of one that has sent no "
+        "request yet, or is refused with Busy.",
+        "N",
+    ),
+    Setting(
+        "max-client-connections",
+        whole(1),
+        100,
+        "100",
+        "Connections open at once from one client address (not loopback, not Unix sockets; "
+        "a connection that has shown a valid token no longer counts); more are refused with Busy.",
         "N",
     ),
     Setting(

@@ -7,6 +7,8 @@ settled ``Config`` and the installed reactor to ``app.build``.
 
 from __future__ import annotations
 
+import os
+import pwd
 from typing import Any
 
 from twisted.application.service import IService
@@ -14,6 +16,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from measuring.server import config, logs
+from measuring.server.fdlimit import ProcessFileLimit
 from measuring.server.settings import SETTINGS, Setting
 
 
@@ -76,11 +79,22 @@ class Options(usage.Options):
             flags,
             self["config"],
             check_endpoint=lambda description: endpoints.serverFromString(reactor, description),
+            file_limit=ProcessFileLimit(),
+            owner=self._owner(),
         )
         if self.parent is not None:  # twistd's own options: where and how it logs
             observer = logs.choose(self.config.log_format, self.parent)
             if observer is not None:
                 self.parent["logger"] = observer
+
+    def _owner(self) -> tuple[int, int] | None:
+        """The user and group twistd switches to after the start (``--uid``, ``--gid``), if any."""
+        twistd: dict[str, Any] = getattr(self, "parent", None) or {}
+        uid = twistd.get("uid")
+        if uid is None or os.geteuid() != 0:
+            return None
+        gid = twistd.get("gid")
+        return uid, gid if gid is not None else pwd.getpwuid(uid).pw_gid
 
 
 for _setting in SETTINGS:

@@ -23,7 +23,7 @@ from dask.callbacks import Callback
 
 from measuring import formulas as words
 from measuring.errors import Internal, JobFailed, MeasuringError
-from measuring.messages import CLUSTER_MARK, JOB_MARK, Message, job_tmp
+from measuring.messages import CLUSTER_MARK, JOB_MARK, WARM_TMP_PREFIX, Message, job_tmp
 from measuring.worker import dataset as datasets
 from measuring.worker.cluster import Remote, in_file_remotely
 from measuring.worker.output import ResultWriter, WriteFailed, is_table, summarize
@@ -212,9 +212,17 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     threads = limits.get("Threads") or DEFAULT_THREADS
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
-        # A temporary folder of the job's own, which the server removes when the job has ended.
-        tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
-        os.makedirs(tempfile.tempdir, exist_ok=True)
+        # A temporary folder of the job's own, which the server removes when the job has ended:
+        # in the folder the server gave, never elsewhere (tempfile would fall back to /tmp).
+        tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(
+            os.environ.get("TMPDIR") or tempfile.gettempdir(), message["Job"]
+        )
+        try:
+            os.makedirs(tempfile.tempdir, exist_ok=True)
+        except OSError as e:
+            raise Internal(
+                f"the job's temporary folder {tempfile.tempdir} cannot be made: {e.strerror}"
+            ) from None
         os.chdir(message["Directory"])
         path = message.get("File") or write_code(message["Code"], message["Name"])
         remote = Remote.connect(message.get("Cluster"), message["Job"])
@@ -336,7 +344,7 @@ def warm_up() -> None:
 
     if os.environ.get(CLUSTER_MARK):
         import distributed  # noqa: F401 (jobs will compute on the cluster)
-    with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
+    with tempfile.TemporaryDirectory(prefix=WARM_TMP_PREFIX) as folder:
         path = os.path.join(folder, "warm.parquet")
         frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
         frame.to_parquet(path, engine="pyarrow")

@@ -23,6 +23,8 @@ class Live(Protocol):
 
     def live(self, job_id: str) -> Job | None: ...
 
+    def recovered(self) -> defer.Deferred[None]: ...
+
     def running_log(self, job_id: str) -> str | None: ...
 
     def counts(self) -> dict[str, int]: ...
@@ -43,10 +45,17 @@ class Records(Finder, Protocol):
 
 
 def find_job(live: Live, store: Finder, job_id: str, keep_jobs: float) -> defer.Deferred[Job]:
-    """The job, live or from the database; NotFound when there is none."""
-    job = live.live(job_id)
-    if job is not None:
-        return defer.succeed(job)
+    """
+    The job, live or from the database; NotFound when there is none. While recovery sorts out
+    what the last server left (the database may say "queued" of a job it finds ended), the
+    answer waits for it.
+    """
+
+    def look(_: object) -> Job | defer.Deferred[Job]:
+        job = live.live(job_id)
+        if job is not None:
+            return job
+        return store.get(job_id).addCallback(found)
 
     def found(record: dict[str, Any] | None) -> Job:
         if record is None:
@@ -56,7 +65,7 @@ def find_job(live: Live, store: Finder, job_id: str, keep_jobs: float) -> defer.
             )
         return Job.from_record(record)
 
-    return store.get(job_id).addCallback(found)
+    return live.recovered().addCallback(look)
 
 
 class JobQueries:

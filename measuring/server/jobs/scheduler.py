@@ -28,6 +28,8 @@ from measuring.errors import (
     Timeout,
 )
 from measuring.messages import Message
+from measuring.server.jobs import outcomes
+from measuring.server.jobs.journal import Journal
 from measuring.server.jobs.queries import find_job
 from measuring.server.jobs.records import (
     Job,
@@ -38,10 +40,10 @@ from measuring.server.jobs.records import (
     new_job_id,
     stored_response,
 )
+from measuring.server.jobs.recovery import Recovery
 from measuring.server.stats import Stats
 from measuring.server.threads import Runner
 
-MOST_INTERRUPTIONS = 3
 _STATES = {Timeout: "timeout", Cancelled: "cancelled"}
 
 __all__ = ["Job", "JobSpec", "Limits", "Scheduler"]
@@ -109,9 +111,12 @@ class Scheduler(Service):
         limits: Limits,
         blocking: Runner,
         events: JobEvents | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._pool = pool
         self._store = store
+        # Records of jobs already accepted are written through it: retried until written.
+        self._journal = journal or Journal(store, clock, "of this server")
         self._clock = clock
         self.limits = limits
         self._blocking = blocking
@@ -126,23 +131,19 @@ class Scheduler(Service):
         self._stopping = False
         self._again: set[str] = set()
         self._writes: set[defer.Deferred[Any]] = set()
+        #: Outcomes of finished jobs being kept beside their results (``outcomes``).
+        self._kept: dict[str, defer.Deferred[Any]] = {}
+        self._recovery: Recovery | None = None
 
     # -- start and stop
 
     def startService(self) -> None:
         super().startService()
-        recovering = self._store.recover(MOST_INTERRUPTIONS, self._clock.seconds())
-        recovering.addCallbacks(self._requeue, self._unrecovered)
-
-    def _requeue(self, records: list[dict[str, Any]]) -> defer.Deferred[None]:
-        jobs = [Job.from_record(record) for record in records]
-        for job in jobs:
-            self._live[job.id] = job
-        if jobs:
-            self._log.info("{n} jobs queued from before the last stop", n=len(jobs))
-        # What their interrupted runs half-wrote goes before they run again.
-        done = defer.DeferredList([self._remove_partial(job) for job in jobs], consumeErrors=True)
-        return done.addCallback(lambda _: self._queued_again(jobs))
+        self._recovery = Recovery(
+            self._store, self._journal, self._clock, self._blocking, self._live, self._stored
+        )
+        recovering = defer.Deferred.fromCoroutine(self._recovery.run())
+        recovering.addCallbacks(self._queued_again, self._unrecovered)
 
     def _queued_again(self, jobs: list[Job]) -> None:
         for _ in jobs:
@@ -165,6 +166,8 @@ class Scheduler(Service):
         """Stop starting jobs; give running ones ``stop_grace`` seconds, then stop them too."""
         super().stopService()
         self._stopping = True
+        if self._recovery is not None:
+            self._recovery.stopped = True
         for job in self._queue:
             job.interrupt(_waits_for_next_start(job))
         running = list(self._running.values())
@@ -180,7 +183,11 @@ class Scheduler(Service):
         def stopped(_: object) -> defer.Deferred[Any]:
             if timer.active():
                 timer.cancel()
-            return defer.DeferredList(list(self._writes), consumeErrors=True)
+            # Records the disk refuses are not waited for: their outcomes are kept on disk.
+            journal = self._journal.stop()
+            return journal.addCallback(
+                lambda _: defer.DeferredList(list(self._writes), consumeErrors=True)
+            )
 
         return ended.addBoth(stopped).addCallback(lambda _: None)
 
@@ -210,6 +217,9 @@ class Scheduler(Service):
             raise Busy("the server is stopping; send the job again once it is back")
         if self._broken is not None:
             raise Internal(self._broken)
+        refusal = self._journal.refusal()
+        if refusal is not None:
+            raise refusal
         waiting = len(self._queue) + self._recording
         if waiting >= self.limits.max_queued:
             raise Busy(
@@ -222,6 +232,7 @@ class Scheduler(Service):
 
         def recorded(_: object) -> Job:
             self._recording -= 1
+            self._journal.succeeded()
             self._live[job.id] = job
             self._queue.append(job)
             self._events.job_queued()
@@ -234,8 +245,7 @@ class Scheduler(Service):
 
         def failed(reason: Failure) -> Failure:
             self._recording -= 1
-            self._log.failure("recording job {job}", reason, job=job.id)
-            return Failure(Internal("the job could not be recorded; see the server's log"))
+            return Failure(self._journal.failed(reason))
 
         return self._store.add(job.record()).addCallbacks(recorded, failed)
 
@@ -249,10 +259,9 @@ class Scheduler(Service):
             job.state, job.started, job.attempts = "running", started, job.attempts + 1
             self._events.job_started(started - job.submitted)
             # Not synced: a job interrupted while running is queued again at the next start.
-            noted = self._store.note(
-                job.id, state="running", started=job.started, attempts=job.attempts
+            self._journal.write(
+                job.id, synced=False, state="running", started=job.started, attempts=job.attempts
             )
-            self._track(noted)
             running = self._pool.run(job.spec.message(job.id))
             running.on_progress = lambda done, total, job=job: job.progress(
                 done, total, self._clock.seconds()
@@ -286,7 +295,7 @@ class Scheduler(Service):
             self._again.discard(job.id)
             job.state, job.started = "queued", None
             self._remove_partial(job)
-            self._track(self._store.note(job.id, state="queued", started=None))
+            self._journal.write(job.id, synced=False, state="queued", started=None)
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):
@@ -319,13 +328,17 @@ class Scheduler(Service):
         response: dict[str, Any] | None,
         error: MeasuringError | None,
         log: str,
-    ) -> defer.Deferred[Any]:
-        """Write how a job ended, then tell those waiting for it."""
+    ) -> None:
+        """
+        Write how a job ended, then tell those waiting for it. If the disk refuses the record,
+        they are told all the same: the outcome is kept in memory and beside the job's results
+        (``outcomes``) until the record is written.
+        """
         job.finished = self._clock.seconds()
         ran = job.finished - job.started if job.state == "running" and job.started else None
         self._events.job_ended(state, ran)
         job.log = log
-        written = self._store.update(
+        write = self._journal.write(
             job.id,
             state=state,
             finished=job.finished,
@@ -334,21 +347,59 @@ class Scheduler(Service):
             log=job.log,
         )
 
-        def told(_: object) -> None:
+        def told(written: bool) -> None:
             job.settle(state, response, error)
-            self._live.pop(job.id, None)
+            if not written:
+                self._keep_outcome(job)
             message = (
                 error.message if error is not None else f"in {response and response['Elapsed']} s"
             )
             self._log.info("job {job} {state}: {message}", job=job.id, state=state, message=message)
 
-        return self._track(written).addBoth(told)
+        write.tried.addCallback(told)
+        write.done.addCallback(lambda _: self._stored(job, write.retried))
+
+    def _keep_outcome(self, job: Job) -> None:
+        """Keep a finished job's record beside its results until the database takes it."""
+        kept = self._blocking.run(outcomes.keep, job.spec.paths.directory, job.id, job.record())
+
+        def unkept(reason: Failure) -> None:
+            self._log.warn(
+                "the outcome of job {job} could not be kept beside its results either ({why}): "
+                "if the server stops before its record is written, the job runs again",
+                job=job.id,
+                why=reason.getErrorMessage(),
+            )
+
+        self._kept[job.id] = self._track(kept.addErrback(unkept))
+
+    def _stored(self, job: Job, kept: bool) -> None:
+        """A finished job's record is written: it is answered for from the database now."""
+        if self._live.get(job.id) is job:
+            del self._live[job.id]
+        if kept:
+            keeping = self._kept.pop(job.id, defer.succeed(None))
+            forgotten = keeping.addCallback(
+                lambda _: self._blocking.run(outcomes.forget, job.spec.paths.directory, job.id)
+            )
+            self._track(forgotten)
 
     # -- what is live
 
     def live(self, job_id: str) -> Job | None:
         """The job, while it is queued or running (or its end is being written)."""
         return self._live.get(job_id)
+
+    def recovered(self) -> defer.Deferred[None]:
+        """
+        Fires once recovery has sorted out what the last server left (at once after it, or
+        while the disk is too full for it: then the database answers as it is).
+        """
+        if self._recovered or self._broken is not None or self._journal.trouble is not None:
+            return defer.succeed(None)
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self._after_recovery.append(waiting)
+        return waiting
 
     def running_log(self, job_id: str) -> str | None:
         """What a running job's formulas printed so far; None when it is not running."""

@@ -12,6 +12,8 @@ store also holds the state directory's lock, so two servers never share one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -22,12 +24,19 @@ from typing import Any, TypeVar
 from twisted.application.service import Service
 from twisted.internet import defer
 
+from measuring.errors import Internal
 from measuring.server.threads import Runner
 from measuring.wire import FINISHED
 
 T = TypeVar("T")
 
 JSON_FIELDS = ("spec", "response", "error")
+COLUMNS = (
+    "id", "state", "spec", "submitted", "started", "finished", "attempts", "interrupted",
+    "response", "error", "log", "cleaned",
+)  # fmt: skip
+#: SQLite's codes for a file that is damaged, or no database at all.
+DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -52,17 +61,35 @@ Record = dict[str, Any]
 
 
 def _row(row: sqlite3.Row | None) -> Record | None:
+    """A row as a record, its JSON fields decoded; ValueError when they cannot be."""
     if row is None:
         return None
     record = dict(row)
     for field in JSON_FIELDS:
-        if record[field] is not None:
+        if record.get(field) is not None:
             record[field] = json.loads(record[field])
+    spec = record.get("spec")
+    if "spec" in record and not (isinstance(spec, dict) and isinstance(spec.get("paths"), dict)):
+        raise ValueError("its request is not a job's request")
     return record
 
 
-def _json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+class DamagedDatabase(Exception):
+    """The job database file is damaged (or no SQLite database): the server must not use it."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        state_dir = os.path.dirname(path)
+        super().__init__(
+            f"the job database {path} is damaged ({problem}). The server does not start on it, "
+            f"so that no accepted job is lost. Run: measuring-admin recover {state_dir} -- it "
+            f"copies every job it can read into a fresh database and keeps the damaged one "
+            f"beside it; then start the server again (docs/deploy.md, Operations)"
+        )
+
+
+def damaged(error: BaseException) -> bool:
+    """True when ``error`` says the database file is damaged."""
+    return getattr(error, "sqlite_errorcode", None) in DAMAGED_CODES
 
 
 def _encoded(fields: Record) -> Record:
@@ -88,16 +115,29 @@ class JobDatabase:
         assert self._db is not None
         return self._db
 
-    def open(self) -> None:
-        """Open (or create, readable by this user only) the database, in WAL mode, synced."""
+    def open(self, check: bool = False) -> None:
+        """
+        Open (or create, readable by this user only) the database, in WAL mode, synced; with
+        ``check``, its pages are checked (``PRAGMA quick_check``). DamagedDatabase when damaged.
+        """
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._synced = None
-        self._sync(True)
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._synced = None
+            self._sync(True)
+            self._db.executescript(_SCHEMA)
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check")] if check else []
+        except sqlite3.DatabaseError as e:
+            self.close()
+            if damaged(e):
+                raise DamagedDatabase(self.path, str(e)) from None
+            raise
+        if problems and problems != ["ok"]:
+            self.close()
+            raise DamagedDatabase(self.path, "PRAGMA quick_check: " + "; ".join(problems[:3]))
 
     def _sync(self, synced: bool) -> None:
         """Let the next commits wait for the disk (FULL), or not (NORMAL: synced at checkpoints)."""
@@ -127,8 +167,22 @@ class JobDatabase:
         with self.db:
             self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**values, "id": job})
 
+    def insert_raw(self, rows: list[Record]) -> None:
+        """Insert rows as the table keeps them (JSON fields as text): for ``salvage``."""
+        marks = ", ".join(f":{name}" for name in COLUMNS)
+        with self.db:
+            self.db.executemany(f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({marks})", rows)
+
     def get(self, job: str) -> Record | None:
-        return _row(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job,)).fetchone())
+        """The record of ``job``; Internal naming it when the record cannot be read."""
+        try:
+            return _row(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job,)).fetchone())
+        except (sqlite3.DatabaseError, ValueError) as e:
+            raise Internal(
+                f"the record of job {job} cannot be read ({e}): the job database is damaged; "
+                f"run measuring-admin recover {os.path.dirname(self.path)} with the server "
+                f"stopped"
+            ) from None
 
     def recent(self, state: str | None, limit: int) -> list[Record]:
         """Jobs, newest first, without their logs and answers (with their errors)."""
@@ -139,10 +193,11 @@ class JobDatabase:
             + " ORDER BY submitted DESC, id DESC LIMIT ?",
             (state, limit) if state else (limit,),
         ).fetchall()
-        return [
-            {**dict(row), "spec": json.loads(row["spec"]), "error": _json(row["error"])}
-            for row in rows
-        ]
+        records = []
+        for row in rows:
+            with contextlib.suppress(ValueError):  # a damaged record: Job Status says more
+                records.append(_row(row))
+        return [record for record in records if record is not None]
 
     def recover(self, most_interruptions: int, now: float) -> list[Record]:
         """
@@ -172,7 +227,18 @@ class JobDatabase:
         rows = self.db.execute(
             "SELECT * FROM jobs WHERE state = 'queued' ORDER BY submitted, id"
         ).fetchall()
-        return [record for record in map(_row, rows) if record is not None]
+        records, unreadable = [], []
+        for row in rows:
+            try:
+                records.append(_row(row))
+            except ValueError as e:
+                unreadable.append((now, _unreadable(e), row["id"]))
+        with self.db:
+            # A job whose request cannot be read cannot run: it fails, and the others run.
+            self.db.executemany(
+                "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?", unreadable
+            )
+        return [record for record in records if record is not None]
 
     def expired_results(self, before: float) -> list[Record]:
         """Finished jobs that ended before ``before`` and whose results are still on disk."""
@@ -221,6 +287,19 @@ class JobDatabase:
         }
 
 
+def is_full(error: BaseException) -> bool:
+    """True when ``error`` says the disk (or the user's quota) is full."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _unreadable(error: ValueError) -> str:
+    return json.dumps(
+        {"Code": "Internal", "Message": f"the job's record is damaged ({error}); it cannot run"}
+    )
+
+
 class StateLocked(Exception):
     """Another server holds the state directory."""
 
@@ -254,8 +333,10 @@ class JobStore(Service):
         self._state_dir = state_dir
         self._lock: int | None = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+    def startService(self) -> None:
+        # In startService, not privilegedStartService: the lock and the database are made by
+        # the user the server runs as, once twistd has dropped privileges (--uid).
+        super().startService()
         if self._state_dir is not None and self._lock is None:
             try:
                 self._lock = lock_state_dir(self._state_dir)
@@ -263,16 +344,13 @@ class JobStore(Service):
                 raise SystemExit(f"measuring: {e}") from None
             # Open it now (a quick local file), so that a start without a usable database fails.
             try:
-                self._database.open()
+                self._database.open(check=True)
+            except DamagedDatabase as e:
+                raise SystemExit(f"measuring: {e}") from None
             except (sqlite3.Error, OSError) as e:
                 raise SystemExit(
                     f"measuring: cannot open the job database {self._database.path}: {e}"
                 ) from None
-
-    def startService(self) -> None:
-        if self._lock is None:
-            self.privilegedStartService()
-        super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

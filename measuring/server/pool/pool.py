@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 import measuring
 from measuring.errors import Cancelled, Internal
-from measuring.messages import SERVER_MARK, Message
+from measuring.messages import OUTBOX_PREFIX, SERVER_MARK, TMP_PREFIXES, Message
 from measuring.server.pool.cleanup import finish_job
 from measuring.server.pool.memory import MemoryWatch
 from measuring.server.pool.orphans import OrphanReaper
@@ -156,7 +156,7 @@ class WorkerPool(Service):
         killed = kill_marked(SERVER_MARK, mark) if mark else []
         if tmp and os.path.isdir(tmp):
             for name in os.listdir(tmp):
-                if name.startswith(("job-", "worker-")):
+                if name.startswith(TMP_PREFIXES):
                     shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
         return killed
 
@@ -293,7 +293,7 @@ class WorkerPool(Service):
         self._running.add(job)
         environment, outbox, sandbox = {}, None, None
         if self._sandbox is not None:
-            outbox = os.path.join(self._environment["TMPDIR"], f"worker-{secrets.token_hex(8)}")
+            outbox = os.path.join(self._environment["TMPDIR"], OUTBOX_PREFIX + secrets.token_hex(8))
             os.makedirs(outbox)
             environment = {"TMPDIR": outbox, "HOME": outbox}
             sandbox = self._sandbox.command([], outbox)

@@ -55,8 +55,18 @@ class Server(LocalServer):
     may pass its own ``--stop-grace``; the last one given wins).
     """
 
-    def __init__(self, folder: str, *arguments: str, patience: float = PATIENCE) -> None:
-        super().__init__(folder, "--stop-grace", "2", *arguments, patience=patience)
+    def __init__(
+        self,
+        folder: str,
+        *arguments: str,
+        patience: float = PATIENCE,
+        twistd_options: tuple[str, ...] = (),
+        python: str | None = None,
+    ) -> None:
+        super().__init__(
+            folder, "--stop-grace", "2", *arguments, patience=patience,
+            twistd_options=twistd_options, python=python,
+        )  # fmt: skip
 
     def descendants(self) -> list[int]:
         """Pids of every process below the server."""
@@ -108,10 +118,22 @@ class ServerTestCase(SynchronousTestCase):
         one's jobs). ``--stop-grace 1`` comes first, so a stop never waits long for a job a test
         left running; the previous server's log is kept as ``server-<n>.log``.
         """
+        return self.start_twistd(arguments)
+
+    def start_twistd(
+        self,
+        arguments: tuple[str, ...],
+        twistd_options: tuple[str, ...] = (),
+        python: str | None = None,
+    ) -> Server:
+        """``start``, with twistd's own options (``--uid``) and another Python if given."""
         log = os.path.join(self.folder, "server.log")
         if os.path.exists(log):
             shutil.copy(log, os.path.join(self.folder, f"server-{len(self.servers)}.log"))
-        server = Server(self.folder, "--data-root", self.folder, "--stop-grace", "1", *arguments)
+        server = Server(
+            self.folder, "--data-root", self.folder, "--stop-grace", "1", *arguments,
+            twistd_options=twistd_options, python=python,
+        )  # fmt: skip
         self.servers.append(server)
         self.addCleanup(self.stop_and_check, server)
         return server

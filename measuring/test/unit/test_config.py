@@ -172,10 +172,10 @@ class LoadTests(LoadTestCase):
         )
 
     def test_stateDirCreated(self) -> None:
-        """The state dir and its tmp folder are created, parents included."""
+        """The state dir is created, parents included (what goes in it, at the start)."""
         state_dir = self.load({"state-dir": "a/b/state"}).state_dir
         self.assertEqual(state_dir, os.path.join(self.cwd, "a", "b", "state"))
-        self.assertTrue(os.path.isdir(os.path.join(state_dir, "tmp")))
+        self.assertTrue(os.path.isdir(state_dir))
 
     def test_badFlags(self) -> None:
         """A bad flag stops the start with one line naming the flag, the value and the rule."""
@@ -325,7 +325,7 @@ class OptionsTests(OptionsTestCase):
                 stop_grace=0.5,
             ),
         )
-        self.assertTrue(os.path.isdir(os.path.join(self.state, "tmp")))
+        self.assertTrue(os.path.isdir(self.state))
 
     def test_configFile(self) -> None:
         """--config reads the file, and flags win over it."""

@@ -23,7 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.server.access import Tokens
 from measuring.server.dispatch import Dispatcher
-from measuring.server.protocol import RequestFactory, RequestProtocol
+from measuring.server.factory import RequestFactory
+from measuring.server.protocol import RequestProtocol
 from measuring.test.support import write_formulas, write_parts
 from measuring.test.unit.test_dispatch import Harness
 from measuring.test.unit.test_dispatch_tokens import TOKEN, WRONG
@@ -265,6 +266,12 @@ class MaxConnectionsTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         return protocol, transport
 
+    def used(self) -> tuple[Protocol, StringTransport]:
+        """A new connection that has had one request answered."""
+        protocol, transport = self.connect()
+        self.assertServed(protocol, transport)
+        return protocol, transport
+
     def assertRefused(self, transport: StringTransport) -> None:
         """One Busy line naming the limit was written, and the connection closes."""
         [refusal] = answers(transport)
@@ -282,8 +289,8 @@ class MaxConnectionsTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_thirdConnectionRefused(self) -> None:
-        """Two connections are served; the third gets one Busy line and is closed."""
-        first, second = self.connect(), self.connect()
+        """Two connections in use are served; the third gets one Busy line and is closed."""
+        first, second = self.used(), self.used()
         _, third = self.connect()
         self.assertRefused(third)
         self.assertServed(*first)
@@ -293,8 +300,8 @@ class MaxConnectionsTests(SynchronousTestCase):
 
     def test_refusedConnectionTakesNoSlot(self) -> None:
         """A refused connection, open or closed, leaves the slots as they were."""
-        self.connect()
-        self.connect()
+        self.used()
+        self.used()
         refused, transport = self.connect()
         refused.connectionLost(Failure(ConnectionDone()))
         self.assertRefused(self.connect()[1])
@@ -302,8 +309,8 @@ class MaxConnectionsTests(SynchronousTestCase):
 
     def test_lostConnectionFreesSlot(self) -> None:
         """When a connection is lost, the next one is served."""
-        first, _ = self.connect()
-        self.connect()
+        first, _ = self.used()
+        self.used()
         first.connectionLost(Failure(ConnectionDone()))
         self.assertServed(*self.connect())
         self.assertRefused(self.connect()[1])
@@ -315,4 +322,4 @@ class MaxConnectionsTests(SynchronousTestCase):
         self.assertEqual(answers(transport)[0]["Error"]["Code"], "Timeout")
         self.assertTrue(transport.disconnecting)
         protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.factory.connections, set())
+        self.assertEqual(len(self.factory.connections), 0)

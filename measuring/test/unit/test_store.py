@@ -274,9 +274,8 @@ class LockTests(SynchronousTestCase):
         store = JobStore(
             JobDatabase(os.path.join(self.state, "jobs.sqlite")), Synchronous(), self.state
         )
-        store.privilegedStartService()
+        store.startService()  # as the user the server runs as: after privileges are dropped
         self.addCleanup(os.close, store._lock)  # type: ignore[arg-type]  # held until the process ends
-        store.startService()
         self.addCleanup(store.stopService)
         self.assertRaises(StateLocked, lock_state_dir, self.state)
 
@@ -286,7 +285,7 @@ class LockTests(SynchronousTestCase):
         store = JobStore(
             JobDatabase(os.path.join(self.state, "jobs.sqlite")), Synchronous(), self.state
         )
-        error = self.assertRaises(SystemExit, store.privilegedStartService)
+        error = self.assertRaises(SystemExit, store.startService)
         self.assertEqual(
             error.code, f"measuring: another measuring server (pid {os.getpid()}) uses {self.state}"
         )

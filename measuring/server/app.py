@@ -30,6 +30,7 @@ from measuring.server.jobs.retention import Retention
 from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.listening import ClosingService, ListeningService, describe, url
+from measuring.server.pool.cgroups import Containment
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
@@ -58,6 +59,7 @@ def _pool(
     watching: ThreadRunner,
     config_file: str | None,
     found: ClusterSettings | None,
+    containment: Containment,
 ) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
@@ -83,6 +85,7 @@ def _pool(
             **({"Processes": settings.max_job_processes} if settings.max_job_processes else {}),
         },
         reap_orphans=True,
+        containment=containment,
     )
 
 
@@ -160,7 +163,9 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
     found = cluster_settings(settings)
-    pool = _pool(settings, reactor, watching, config_file, found)
+    # The jobs' cgroups and the guard that ends their processes when the server ends.
+    containment = Containment(reactor, settings.state_dir, mark=settings.state_dir)
+    pool = _pool(settings, reactor, watching, config_file, found, containment)
     held = limits(settings)
     journal = Journal(store, reactor, settings.state_dir)
     runs = cluster.ClusterPool(pool, found) if found is not None else pool
@@ -206,6 +211,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         watching,
         database,
         store,
+        containment,
         pool,
         ClosingService(factory, reactor),
         jobs,

@@ -92,6 +92,20 @@ def settle_in(parent: int) -> None:
         os._exit(1)
 
 
+def join_cgroup(path: str | None) -> None:
+    """
+    Join the job's cgroup (the server made it: ``measuring.server.pool.cgroups``) before anything
+    else, so that every process the job starts is in it and ends with it.
+    """
+    if not path:
+        return
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:
+        os.write(2, f"measuring: the job's cgroup {path} cannot be joined: {e.strerror}\n".encode())
+
+
 def single_threaded_no_more() -> None:
     """
     Undo what kept the template single-threaded and shared with every other child: the thread
@@ -113,6 +127,7 @@ def run_forked(fds: Sequence[int], request: Message) -> None:
     """Become the job process of ``request`` (a Fork request); never returns."""
     template = os.getppid()
     take_fds(fds)
+    join_cgroup(request.get("Cgroup"))
     settle_in(template)
     # Every process below this one inherits the mark (a process it runs reads it in its
     # environment; this one's own /proc environ is the template's).

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 import measuring
 from measuring.errors import Cancelled, Internal
 from measuring.messages import OUTBOX_PREFIX, SERVER_MARK, TMP_PREFIXES, Message
+from measuring.server.pool.cgroups import Containment
 from measuring.server.pool.cleanup import finish_job
 from measuring.server.pool.memory import MemoryWatch
 from measuring.server.pool.orphans import OrphanReaper
@@ -110,6 +111,7 @@ class WorkerPool(Service):
         sandbox: Bubblewrap | None = None,
         job_limits: dict[str, int] | None = None,
         reap_orphans: bool = False,
+        containment: Containment | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
@@ -119,6 +121,8 @@ class WorkerPool(Service):
         self._blocking = blocking
         self.memory_limit = memory_limit
         self._sandbox = sandbox
+        # A cgroup for each job process, where one can be had (``cgroups``).
+        self._containment = containment
         #: What a job process enforces on its job: ``ResultBytes``, ``Processes`` (worker.job).
         self.job_limits = job_limits or {}
         # -P: the worker's folder is not on sys.path, so no file there can shadow a module.
@@ -297,7 +301,10 @@ class WorkerPool(Service):
             os.makedirs(outbox)
             environment = {"TMPDIR": outbox, "HOME": outbox}
             sandbox = self._sandbox.command([], outbox)
-        request = {"Environment": environment, "Sandbox": sandbox}
+        # The job process joins its cgroup first of all: everything it starts stays in it.
+        key = secrets.token_hex(8)
+        cgroup = self._containment.job_cgroup(key) if self._containment is not None else None
+        request = {"Environment": environment, "Sandbox": sandbox, "Cgroup": cgroup}
 
         def forked(pid: int) -> None:
             process.forked(pid)
@@ -307,9 +314,9 @@ class WorkerPool(Service):
             forked, lambda _: process.exited(None)
         )
         process.start({**job.message, "Limits": self.job_limits, "Outbox": outbox})
-        process.ended.addCallback(self._ended, job, outbox)
+        process.ended.addCallback(self._ended, job, outbox, key)
 
-    def _ended(self, ending: Ending, job: RunningJob, outbox: str | None) -> None:
+    def _ended(self, ending: Ending, job: RunningJob, outbox: str | None, key: str) -> None:
         """``job``'s process ended: clean up after it, then settle the job (or run it again)."""
         tmp = self._environment.get("TMPDIR")
         again = (
@@ -321,10 +328,18 @@ class WorkerPool(Service):
         )
         place = ending.done and outbox is not None
         finished = self._blocking.run(
-            finish_job, job.job, str(job.message["Directory"]), tmp, outbox, place
+            self._finish, key, job.job, str(job.message["Directory"]), tmp, outbox, place
         )
         finished.addErrback(lambda f: f"{type(f.value).__name__}: {f.value}")
         finished.addCallback(self._cleaned, job, ending, again)
+
+    def _finish(
+        self, key: str, job: str, directory: str, tmp: str | None, outbox: str | None, place: bool
+    ) -> str | None:
+        """In a thread: end what the job left in its cgroup, then ``cleanup.finish_job``."""
+        if self._containment is not None:
+            self._containment.end(key)
+        return finish_job(job, directory, tmp, outbox, place)
 
     def _cleaned(self, problem: str | None, job: RunningJob, ending: Ending, again: bool) -> None:
         self._running.discard(job)

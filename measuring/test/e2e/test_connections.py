@@ -230,6 +230,8 @@ class FileLimitTests(ServerTestCase):
         with server_under(self.folder, (1024, 1024)) as log:
             self.assertTrue(log.startswith("exit code None"), log)
             self.assertIn(f"--max-connections lowered from 1000 to {1024 - reserve(2)}", log)
-            port = int(log.split(LISTENING)[1].split()[0])
+            found = re.search(r"measuring listening on 127\.0\.0\.1:(\d+)", log)
+            assert found is not None, log
+            port = int(found.group(1))
             with Connection(port, timeout=PATIENCE) as connection:
                 self.assertEqual(connection.ask(STATUS)["Status"], "OK")

@@ -222,6 +222,7 @@ def main() -> None:
         )
     print()
     print(harness.markdown(["fetched as", "time", "size", "", "faster than JSON pages"], rows))
+    harness.print_load()
 
 
 if __name__ == "__main__":

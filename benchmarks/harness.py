@@ -102,6 +102,11 @@ def print_machine() -> None:
         print(f"- {key}: {value}")
 
 
+def print_load() -> None:
+    """The load average now, to print after a table (the machine may be shared)."""
+    print(f"\nThe machine's {machine()['load']} at the end.")
+
+
 # -- peak memory
 
 

@@ -197,7 +197,8 @@ def cell(run: Run | None, server: Run | None, is_server: bool) -> str:
     if run is None:
         return "—"
     if run.error is not None or run.seconds is None:
-        return (run.error or "failed").split(":")[0]
+        code = (run.error or "failed").split(":")[0]
+        return f"{code} · {mib(run.peak)}" if run.peak else code
     text = f"{run.seconds:.2f} s"
     if not is_server:
         ratio = f"{server.seconds / run.seconds:.2f}x" if server and server.seconds else "—"
@@ -224,7 +225,7 @@ def report(case: Case, table: dict[str, dict[str, Run]], tools: list[str]) -> No
         " faster) · peak resident memory of the process tree doing the work · the CPU time it"
         " used (all cores)."
     )
-    print(f"The machine's {harness.machine()['load']} at the end.")
+    harness.print_load()
     if notes:
         print("\n" + "\n".join(notes))
 

@@ -157,6 +157,7 @@ def main() -> None:
         f"({jobs} jobs in {wall:.2f} s)"
     )
     print(f"idle warm worker: {', '.join(harness.mib(rss) for rss in memory)} resident")
+    harness.print_load()
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ that holds it on ``sys.path`` too, so the benchmarks measure this checkout's ser
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -249,6 +252,13 @@ def summarize(runs: list[Run]) -> Run:
         middle([run.wall for run in runs]),
         runs[-1].report,
     )
+
+
+def temporary_folder() -> str:
+    """A new folder for one run's data, removed when the script exits."""
+    folder = os.path.realpath(tempfile.mkdtemp(prefix="measuring-bench-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 # -- the server

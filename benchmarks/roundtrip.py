@@ -17,8 +17,6 @@ Starts ``twistd -n measuring --workers 2`` on a free loopback port and measures,
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import threading
 import time
 
@@ -114,7 +112,7 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=10, help="jobs per client (10)")
     parser.add_argument("--workers", type=int, default=2, help="the server's --workers (2)")
     args = parser.parse_args()
-    folder = os.path.realpath(tempfile.mkdtemp(prefix="measuring-bench-"))
+    folder = harness.temporary_folder()
     write_dataset(folder, frame=sample_frame(rows=10_000))
     write_formulas(folder, FORMULAS)
     print(f"## Round trips, --workers {args.workers}, trivial job over 10,000 rows\n")

@@ -12,18 +12,13 @@ from typing import Any, ClassVar
 
 
 class MeasuringError(Exception):
-    """
-    An error the server answers with; ``code`` is the protocol's Code.
-
-    ``extra`` holds top-level answer fields that belong with the error (``Job``, ``Log``).
-    """
+    """An error the server answers with; ``code`` is the protocol's Code."""
 
     code: ClassVar[str] = "Internal"
 
-    def __init__(self, message: str, **extra: Any) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.extra: dict[str, Any] = extra
 
     def to_json(self) -> dict[str, str]:
         """The ``Error`` object of an answer."""

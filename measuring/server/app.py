@@ -15,7 +15,7 @@ from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
-from measuring.server.access import Tokens, keep_private
+from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
 from measuring.server.info import InfoService
@@ -24,7 +24,7 @@ from measuring.server.jobs.records import Limits
 from measuring.server.jobs.retention import Retention
 from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
-from measuring.server.listening import ClosingService, ListeningService, describe
+from measuring.server.listening import ClosingService, ListeningService, describe, url
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
@@ -47,12 +47,13 @@ def limits(settings: Config) -> Limits:
     )
 
 
-def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None):
+def _pool(
+    settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None
+) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
-        secrets = server_secrets(
-            settings.state_dir, settings.token_file, config_file, settings.ports
-        )
+        listening = (*settings.ports, *([settings.http] if settings.http else []))
+        secrets = server_secrets(settings.state_dir, settings.token_file, config_file, listening)
         sandbox = Bubblewrap(settings.data_roots, secrets)
     return WorkerPool(
         reactor,
@@ -65,10 +66,38 @@ def _pool(settings: Config, reactor: Any, watching: ThreadRunner, config_file: s
         sandbox=sandbox,
         job_limits={
             "ResultBytes": settings.max_result_bytes,
+            "Threads": settings.job_threads,
+            **({"Memory": settings.job_memory} if settings.job_memory else {}),
             **({"Processes": settings.max_job_processes} if settings.max_job_processes else {}),
         },
         reap_orphans=True,
     )
+
+
+def _http(
+    settings: Config,
+    reactor: Any,
+    dispatcher: Dispatcher,
+    stats: Stats,
+    jobs: Scheduler,
+    pool: WorkerPool,
+    factory: RequestFactory,
+) -> ListeningService:
+    """The HTTP side (``--http``): the dashboard, the JSON API and /metrics."""
+    from measuring.server.web.metrics import MetricsPage, ServerCollector, registry
+    from measuring.server.web.site import site
+
+    assert settings.http is not None
+    collector = ServerCollector(stats, jobs, pool, lambda: len(factory.connections))
+    web = site(
+        dispatcher,
+        MetricsPage(registry(collector)),
+        settings.tokens,
+        loopback_only=not beyond_loopback(settings.http),
+        reactor=reactor,
+    )
+    endpoint = endpoints.serverFromString(reactor, settings.http)
+    return ListeningService([(settings.http, endpoint)], web, "measuring HTTP listening on")
 
 
 def build(settings: Config, reactor: Any, config_file: str | None = None) -> IService:
@@ -90,12 +119,17 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     )
     pool = _pool(settings, reactor, watching, config_file)
     held = limits(settings)
-    jobs = Scheduler(pool, store, reactor, held, blocking)
+    jobs = Scheduler(pool, store, reactor, held, blocking, stats)
     queries = JobQueries(jobs, store, reactor, blocking, held)
-    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking)
+    http: ListeningService | None = None
+
+    def dashboard() -> str | None:
+        return url(http.ports[0], settings.http) if http and http.ports and settings.http else None
+
+    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking, dashboard)
     dispatcher = Dispatcher(
         info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
-        Tokens(settings.tokens),
+        Tokens(settings.tokens), blocking,
     )  # fmt: skip
     factory = RequestFactory(
         dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,
@@ -104,6 +138,8 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     listener = ListeningService(
         [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports], factory
     )
+    if settings.http is not None:
+        http = _http(settings, reactor, dispatcher, stats, jobs, pool, factory)
     # Started in this order; stopped in reverse, each in turn: tell systemd, stop listening, let
     # running jobs end (or stop them), send the last answers and close connections, end the
     # workers, close the job database, and only then stop the threads it runs in.
@@ -120,6 +156,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         Retention(store, reactor, held, blocking),
         info,
         listener,
+        *([http] if http is not None else []),
         NotifyService(reactor, lambda: [describe(port) for port in listener.ports]),
     ):
         service.setServiceParent(top)

@@ -34,6 +34,7 @@ class Config:
     job_timeout: float
     max_request_bytes: int
     job_memory: int | None = None
+    job_threads: int = 2
     max_queued: int = 100
     keep_jobs: float = 30.0
     keep_results: float | None = None
@@ -46,6 +47,8 @@ class Config:
     max_result_bytes: int = 10 * 2**30
     max_job_processes: int | None = None
     sandbox: str = "none"
+    http: str | None = None
+    log_format: str = "text"
 
 
 _PARSERS: dict[str, Callable[[object], Any]] = {s.name: s.parse for s in SETTINGS}
@@ -135,12 +138,15 @@ def load(
     _parsed(flags, lambda name: f"--{name}", settings, sources)
 
     filenos: dict[str, int | None] = {}
-    for description in settings["port"]:
+    listening = [("port", description) for description in settings["port"]]
+    if settings["http"] is not None:
+        listening.append(("http", settings["http"]))
+    for name, description in listening:
         try:
             endpoint = check_endpoint(description)
         except Exception as e:
             raise UsageError(
-                f"{sources['port']} {description!r} is not a usable endpoint: {e}"
+                f"{sources[name]} {description!r} is not a usable endpoint: {e}"
             ) from None
         # An adopted socket (systemd:) knows its descriptor: the one to check for exposure.
         filenos[description] = getattr(endpoint, "fileno", None)
@@ -161,6 +167,7 @@ def load(
         job_timeout=settings["job-timeout"],
         max_request_bytes=settings["max-request-bytes"],
         job_memory=_job_memory(settings["job-memory"], settings["workers"]),
+        job_threads=_job_threads(settings["job-threads"]),
         max_queued=settings["max-queued"],
         keep_jobs=settings["keep-jobs"],
         keep_results=settings["keep-results"],
@@ -173,6 +180,8 @@ def load(
         max_result_bytes=settings["max-result-bytes"],
         max_job_processes=settings["max-job-processes"],
         sandbox=settings["sandbox"],
+        http=settings["http"],
+        log_format=settings["log-format"],
     )
 
 
@@ -187,14 +196,32 @@ def _tokens(
             tokens = load_tokens(path)
         except ValueError as e:
             raise UsageError(f"{sources['token-file']} {settings['token-file']!r}: {e}") from None
+    if tokens or settings["insecure-no-token"]:
+        return tokens
     exposed = [port for port in settings["port"] if beyond_loopback(port, filenos.get(port))]
-    if exposed and not tokens and not settings["insecure-no-token"]:
+    if exposed:
         raise UsageError(
             f"{sources['port']} {exposed[0]!r} can be reached from other machines, and no "
             f"--token-file is set: anyone reaching it could run code here. Set --token-file, "
             f"listen on 127.0.0.1, or give --insecure-no-token if you really mean it"
         )
+    http = settings["http"]
+    if http is not None and beyond_loopback(http, filenos.get(http)):
+        raise UsageError(
+            f"{sources['http']} {http!r} can be reached from other machines, and no "
+            f"--token-file is set: anyone reaching it could see every job and cancel it. Set "
+            f"--token-file, listen on 127.0.0.1, or give --insecure-no-token if you really "
+            f"mean it"
+        )
     return tokens
+
+
+def _job_threads(setting: int | str) -> int:
+    """``auto``: as many threads as this process may run on cores (measured best, even with
+    ``--workers`` jobs sharing them: docs/performance.md)."""
+    if setting != "auto":
+        return int(setting)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _job_memory(setting: int | str | None, workers: int) -> int | None:

@@ -3,13 +3,14 @@ Requests to answers: validate each request, route it by ``Header``, turn every e
 ``{"Code", "Message"}``.
 
 ``Dispatcher`` knows nothing about connections: it takes a request object and returns a Deferred
-answer. ``_error_answer`` is the one place where an error becomes an answer.
+answer. ``_error_answer`` is the one place where an error becomes an answer. What a request names
+on disk is checked (``submission``) through the blocking-call runner, never on the reactor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -17,21 +18,25 @@ from twisted.python.failure import Failure
 
 from measuring import wire
 from measuring.errors import BadRequest, Internal, MeasuringError, Unauthorized
-from measuring.server import paths as data_paths
+from measuring.server import submission
 from measuring.server.access import Tokens
 from measuring.server.framing import json_type
 from measuring.server.jobs.records import Job, JobSpec
-from measuring.server.protocol import Answer, Notify
+from measuring.server.paths import JobPaths
+from measuring.server.protocol import Answer, Notify, Streamed
 from measuring.server.stats import Stats
+from measuring.server.threads import Runner, Synchronous
 from measuring.wire import INFO_REQUESTS, JOB_REQUESTS, STATES
 
 KEYS = {
     "Info": ("Header", "Request", "Id", "Token"),
     "Dask": ("Header", "Request", "Id", "Token"),
-    "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset"),
-}
+    "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset",
+            "Format"),
+}  # fmt: skip
 DASK_FIELDS = (
-    "Directory", "Base", "File", "Functions", "Output", "Engine", "Async", "Timeout", "Progress",
+    "Directory", "Base", "File", "Functions", "Output", "Engine", "Index", "Async", "Timeout",
+    "Progress",
 )  # fmt: skip
 DEFAULT_LIST, MAX_LIST = 100, 1000
 DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
@@ -67,6 +72,26 @@ def _functions(value: object) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _index(value: object) -> str | None:
+    """The column to index the dataset by (whether it exists, the worker finds out)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(
+            f'"Index" must be the name of a column of the dataset, such as "time", not '
+            f"{json_type(value) if not isinstance(value, str) else 'an empty string'}"
+        )
+    return value
+
+
+Check = Callable[
+    [tuple[str, ...], str, str, str, tuple[str, ...] | None, tuple[str, ...]], JobPaths
+]
+
+
+Counted = TypeVar("Counted", dict[str, Any], Streamed)
+
+
 class Info(Protocol):
     """What answers Info requests (``measuring.server.info.InfoService``)."""
 
@@ -90,7 +115,9 @@ class Queries(Protocol):
 
     def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
 
-    def result(self, job: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]: ...
+    def result(
+        self, job: str, name: str, offset: int, limit: int | None, form: str = ...
+    ) -> defer.Deferred[Any]: ...
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:
@@ -141,7 +168,13 @@ class Dispatcher:
         data_roots: tuple[str, ...],
         private: tuple[str, ...] = (),
         tokens: Tokens | None = None,
+        blocking: Runner | None = None,
+        check: Check = submission.check_job,
     ) -> None:
+        """
+        ``blocking`` runs the checks of a Dask request's files (``check``, which may block on a
+        slow disk) off the reactor; synchronously when not given, for tests.
+        """
         self._info = info
         self._jobs = jobs
         self._queries = queries
@@ -149,7 +182,9 @@ class Dispatcher:
         self._data_roots = data_roots
         self._private = private
         self._tokens = tokens or Tokens()
-        self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Answer]]] = {
+        self._blocking = blocking or Synchronous()
+        self._check = check
+        self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Any]]] = {
             "Info": self._info_request,
             "Dask": self._dask_request,
             "Job": self._job_request,
@@ -163,16 +198,23 @@ class Dispatcher:
         if not self._tokens.valid(request.get("Token")):
             self._log.warn("refused a request without a valid token from {client}", client=client)
             return defer.succeed(
-                self._error_answer(
-                    Unauthorized('this server needs a valid "Token" in every request'), header
+                self._counted(
+                    self._error_answer(
+                        Unauthorized('this server needs a valid "Token" in every request'), header
+                    )
                 )
             )
         answer = defer.maybeDeferred(self._route, header, request, notify)
-        return answer.addErrback(self._failed, header)
+        return answer.addErrback(self._failed, header).addCallback(self._counted)
 
     def refuse(self, error: MeasuringError) -> Answer:
         """The answer to something that could not be read as a request."""
-        return self._error_answer(error, None)
+        return self._counted(self._error_answer(error, None))
+
+    def _counted(self, answer: Counted) -> Counted:
+        """Count ``answer`` (a line, or the line of a streamed one) and pass it on."""
+        self._stats.answered(answer.answer if isinstance(answer, Streamed) else answer)
+        return answer
 
     def _route(
         self, header: object, request: dict[str, Any], notify: Notify
@@ -194,14 +236,21 @@ class Dispatcher:
             error = Internal("the server failed answering this request; the details are in its log")
         return self._error_answer(error, header)
 
-    def _error_answer(self, error: MeasuringError, header: object) -> Answer:
+    def _error_answer(self, error: MeasuringError, header: object, **fields: Any) -> Answer:
+        """The one place an error becomes an answer; ``fields`` (``Job``, ``Log``) go with it."""
         self._stats.error(error.code)
         return {
             "Header": header if isinstance(header, str) else "Error",
             "Status": "Error",
-            **error.extra,
+            **fields,
             "Error": error.to_json(),
         }
+
+    def _job_failed(self, reason: Failure, header: str, job: str) -> Answer | Failure:
+        """An error about one job, answered with the job's id."""
+        if isinstance(reason.value, MeasuringError):
+            return self._error_answer(reason.value, header, Job=job)
+        return reason
 
     def _info_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
         name = request.get("Request")
@@ -220,7 +269,7 @@ class Dispatcher:
 
     def _dask_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
         fields = request.get("Request")
-        spec = self.dask_spec(fields)  # checks Async and Progress too
+        checked = self.dask_spec(fields)  # checks Async and Progress too
         assert isinstance(fields, dict)
         background, progress = fields.get("Async", False), fields.get("Progress", False)
 
@@ -231,13 +280,8 @@ class Dispatcher:
                         {"Header": "Progress", "Job": job.id, "Done": done, "Total": total}
                     )
                 )
-            final = job.when_finished().addCallback(
-                lambda response: {
-                    "Header": "Dask",
-                    "Status": "OK",
-                    "Job": job.id,
-                    "Response": response,
-                }
+            final = job.when_finished().addCallbacks(
+                self._ended_answer, self._job_failed, errbackArgs=("Dask", job.id)
             )
             accepted = {"Header": "Dask", "Status": "Accepted", "Job": job.id}
             if not background:
@@ -249,10 +293,21 @@ class Dispatcher:
             final.addErrback(lambda _: None)
             return accepted
 
-        return self._jobs.submit(spec).addCallback(submitted)
+        return checked.addCallback(self._jobs.submit).addCallback(submitted)
 
-    def dask_spec(self, fields: object) -> JobSpec:
-        """Check the ``Request`` object of a Dask request and resolve its paths."""
+    def _ended_answer(self, job: Job) -> Answer:
+        """The answer to a Dask request whose job has ended: its Response, or its error."""
+        if job.error is not None or job.response is None:
+            error = job.error or Internal(f"job {job.id} ended without results")
+            return self._error_answer(error, "Dask", Job=job.id, Log=job.log)
+        return {"Header": "Dask", "Status": "OK", "Job": job.id, "Response": job.response}
+
+    def dask_spec(self, fields: object) -> defer.Deferred[JobSpec]:
+        """
+        Check the ``Request`` object of a Dask request; then, in the blocking-call runner, resolve
+        its paths and check its files. Raises at once for a bad field; the Deferred fails with
+        the error a file check found.
+        """
         if not isinstance(fields, dict):
             raise BadRequest(
                 'a Dask request needs "Request": {"Directory": ..., "Base": ..., "File": ...}, '
@@ -268,24 +323,42 @@ class Dispatcher:
         output = _choice(fields, "Output", tuple(wire.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", wire.ENGINES, "pyarrow")
         timeout = _number(fields, "Timeout", 0.001, None, None)
+        index = _index(fields.get("Index"))
         _flag(fields, "Async")
         _flag(fields, "Progress")
-        paths = data_paths.resolve_job(
-            self._data_roots, fields["Directory"], fields["Base"], fields["File"], self._private
+        checked = self._blocking.run(
+            self._check,
+            self._data_roots,
+            fields["Directory"],
+            fields["Base"],
+            fields["File"],
+            functions,
+            self._private,
         )
-        return JobSpec(
-            paths=paths, functions=functions, output=output, engine=engine, timeout=timeout
+        return checked.addCallback(
+            lambda paths: JobSpec(
+                paths=paths,
+                functions=functions,
+                output=output,
+                engine=engine,
+                timeout=timeout,
+                index=index,
+            )
         )
 
-    def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
+    def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Any]:
         name = request.get("Request")
         if not isinstance(name, str) or name not in JOB_REQUESTS:
             raise BadRequest(
                 f'a Job "Request" must be one of {_one_of(JOB_REQUESTS)}, not {name!r}'
             )
 
-        def answer(response: dict[str, Any], **extra: Any) -> Answer:
-            return {"Header": "Job", "Request": name, "Status": "OK", **extra, "Response": response}
+        def answer(response: Any, **extra: Any) -> Answer | Streamed:
+            body = None
+            if isinstance(response, tuple):  # an Arrow stream: the fields, and the bytes after
+                response, body = response
+            line = {"Header": "Job", "Request": name, "Status": "OK", **extra, "Response": response}
+            return line if body is None else Streamed(line, body, response["Bytes"])
 
         if name == "List":
             state = request.get("State")
@@ -304,13 +377,14 @@ class Dispatcher:
             found = self._queries.log(job).addCallback(lambda log: {"Log": log})
         else:
             result = _text(request, "Name", "a Job Result request")
+            form = _choice(request, "Format", wire.RESULT_FORMATS, "json")
             offset = _number(request, "Offset", 0, None, 0)
-            limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
-            found = self._queries.result(job, result, offset, limit)
+            if form == "arrow":  # the whole result, or as many rows as asked for
+                limit = _number(request, "Limit", 1, None, None)
+            else:
+                limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
+            found = self._queries.result(job, result, offset, limit, form)
 
-        def failed(reason: Failure) -> Failure:
-            if isinstance(reason.value, MeasuringError):
-                reason.value.extra.setdefault("Job", job)
-            return reason
-
-        return found.addCallbacks(lambda response: answer(response, Job=job), failed)
+        return found.addCallbacks(
+            lambda response: answer(response, Job=job), self._job_failed, errbackArgs=("Job", job)
+        )

@@ -38,7 +38,10 @@ class PoolView(Protocol):
     def processes(self) -> list[WorkerInfo]: ...
 
     @property
-    def ready_count(self) -> int: ...
+    def template_state(self) -> str: ...
+
+    @property
+    def busy(self) -> int: ...
 
 
 class JobsView(Protocol):
@@ -135,8 +138,10 @@ class InfoService(Service):
         stats: Stats,
         data_roots: tuple[str, ...],
         blocking: Runner,
+        dashboard: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._clock = clock
+        self._dashboard = dashboard
         self._pool = pool
         self._jobs = jobs
         self._stats = stats
@@ -184,7 +189,11 @@ class InfoService(Service):
             "Started": iso(self._started),
             "Pid": os.getpid(),
             "Jobs": self._jobs.counts(),
-            "Workers": {"Size": self._pool.size, "Ready": self._pool.ready_count},
+            "Workers": {
+                "Size": self._pool.size,
+                "Busy": self._pool.busy,
+                "Template": self._pool.template_state,
+            },
             "Limits": {
                 "JobTimeout": self._jobs.limits.job_timeout,
                 "JobMemory": self._pool.memory_limit,
@@ -192,6 +201,7 @@ class InfoService(Service):
             },
             "DataRoots": list(self._data_roots),
             "Versions": self._versions,
+            "Dashboard": self._dashboard(),
         }
 
     def dask_processes(self) -> defer.Deferred[dict[str, Any]]:
@@ -219,7 +229,7 @@ class InfoService(Service):
 
     def all_processes(self) -> defer.Deferred[dict[str, Any]]:
         roles = {
-            worker.pid: ("job" if worker.job else "worker", worker.job)
+            worker.pid: ("job" if worker.job else "template", worker.job)
             for worker in self._pool.processes()
         }
 

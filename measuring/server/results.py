@@ -1,6 +1,7 @@
 """
 Runs in the server's threads: a sandboxed worker's results placed into the job's Directory, and
-result files read back a page at a time (Job Result).
+result files read back for Job Result: a page at a time as JSON records, or whole (or a slice) as
+an Arrow IPC stream spooled to a temporary file, which the connection then sends as raw bytes.
 
 Nothing here imports the reactor; pandas and pyarrow are imported inside the functions.
 """
@@ -13,16 +14,22 @@ import json
 import os
 import shutil
 import stat
-from typing import TYPE_CHECKING, Any
+import tempfile
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 from measuring import files
-from measuring.errors import Forbidden
+from measuring.errors import Forbidden, NotFound
 from measuring.server.paths import resolve_inside
 from measuring.tables import records
-from measuring.wire import RESULTS
+from measuring.wire import ARROW_STREAM, OUTPUTS, RESULTS
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
+
+#: Rows per record batch of an Arrow stream.
+BATCH_ROWS = 64 * 1024
 
 
 def place_results(outbox: str, directory: str, job: str) -> None:
@@ -37,16 +44,20 @@ def place_results(outbox: str, directory: str, job: str) -> None:
     # What a sandboxed formula left must not lead the server (which sees everything) elsewhere.
     if os.path.realpath(source) != os.path.join(os.path.realpath(outbox), RESULTS, job):
         raise Forbidden(f"{source} leads outside the worker's outbox")
-    for name in os.listdir(source):
-        if not stat.S_ISREG(os.lstat(os.path.join(source, name)).st_mode):
-            raise Forbidden(f"{name} in the results is not a plain file")
+    placed = _placed_files(source)
     files.results_folder(directory)
     partial = files.partial_dir(directory, job)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         os.mkdir(partial)
-        for name in os.listdir(source):
+        for name in placed:
+            if os.path.dirname(name) and not os.path.isdir(
+                os.path.join(partial, os.path.dirname(name))
+            ):
+                os.mkdir(os.path.join(partial, os.path.dirname(name)))
             shutil.copyfile(os.path.join(source, name), os.path.join(partial, name))
+            files.fsync(os.path.join(partial, name))
+        for name in {os.path.dirname(name) for name in placed if os.path.dirname(name)}:
             files.fsync(os.path.join(partial, name))
         files.publish(directory, job)
     except BaseException:
@@ -54,16 +65,39 @@ def place_results(outbox: str, directory: str, job: str) -> None:
         raise
 
 
+def _placed_files(source: str) -> list[str]:
+    """
+    The files of a worker's results folder, relative to it: plain files, and ``.parquet``
+    folders (a table written in parts) of plain files; anything else is Forbidden.
+    """
+    found = []
+    for name in sorted(os.listdir(source)):
+        mode = os.lstat(os.path.join(source, name)).st_mode
+        if stat.S_ISDIR(mode) and name.endswith(OUTPUTS["parquet"]):
+            for part in sorted(os.listdir(os.path.join(source, name))):
+                if not stat.S_ISREG(os.lstat(os.path.join(source, name, part)).st_mode):
+                    raise Forbidden(f"{name}/{part} in the results is not a plain file")
+                found.append(os.path.join(name, part))
+        elif stat.S_ISREG(mode):
+            found.append(name)
+        else:
+            raise Forbidden(f"{name} in the results is not a plain file")
+    return found
+
+
 def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, Any]:
     """
     Rows ``offset`` to ``offset + limit`` of a result file, as JSON records, and how many in all.
 
-    Reads only the row groups it needs from Parquet; reads CSV and JSON in one pass, keeping
-    only the page (they hold no row count to skip by). ``file`` is relative to ``directory``.
+    Reads only the row groups it needs from Parquet (one file, or a folder of parts); reads CSV
+    and JSON in one pass, keeping only the page (they hold no row count to skip by). ``file`` is
+    relative to ``directory``.
     """
     import pandas as pd
 
-    path = resolve_inside(directory, "File", file, os.path.isfile)
+    path = resolve_inside(
+        directory, "File", file, lambda p: os.path.isfile(p) or p.endswith(".parquet")
+    )
     if path.endswith(".parquet"):
         total, frame = _parquet_rows(path, offset, limit)
     elif path.endswith(".csv"):
@@ -100,18 +134,116 @@ def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, A
 
 
 def _parquet_rows(path: str, offset: int, limit: int) -> tuple[int, pd.DataFrame]:
+    """
+    How many rows a Parquet result holds, and rows ``offset`` to ``offset + limit``: reading the
+    footers of its files (its parts, in order, when it is a folder) and only the row groups the
+    page needs.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    first, groups, start = None, [], 0
-    for group in range(parquet.num_row_groups):
-        rows = parquet.metadata.row_group(group).num_rows
-        if start + rows > offset and start < offset + limit:
-            first = start if first is None else first
-            groups.append(group)
-        start += rows
-    if not groups:
-        return start, parquet.schema_arrow.empty_table().to_pandas()
-    table = pa.concat_tables([parquet.read_row_group(group) for group in groups])
+    parts = (
+        [os.path.join(path, name) for name in sorted(os.listdir(path)) if name.endswith(".parquet")]
+        if os.path.isdir(path)
+        else [path]
+    )
+    first, tables, start = None, [], 0
+    schema = None
+    for part in parts:
+        parquet = pq.ParquetFile(part)
+        schema = schema or parquet.schema_arrow
+        for group in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if start + rows > offset and start < offset + limit:
+                first = start if first is None else first
+                tables.append(parquet.read_row_group(group))
+            start += rows
+    if not tables:
+        empty = schema.empty_table() if schema is not None else pa.table({})
+        return start, empty.to_pandas()
+    table = pa.concat_tables(tables, promote_options="permissive")
     return start, table.slice(offset - (first or 0), limit).to_pandas()
+
+
+def arrow_stream(
+    directory: str, file: str, offset: int, limit: int | None
+) -> tuple[dict[str, Any], IO[bytes]]:
+    """
+    Rows ``offset`` to ``offset + limit`` (to the end for None) of a result as an Arrow IPC
+    stream, in an unnamed temporary file (gone once closed), read from its start; and what the
+    answer line says of it: ``Rows`` (in all), ``Offset``, ``Count``, ``Columns``, ``Bytes``.
+
+    A Parquet result may be one file or a folder of parts (read in order, batch by batch, so a
+    large result never sits in memory whole); CSV and JSON results are read whole.
+    """
+    path = resolve_inside(directory, "File", file, lambda p: os.path.isfile(p) or os.path.isdir(p))
+    schema, total, batches = _batches(path)
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 (the caller closes it once sent)
+    count = 0
+    try:
+        import pyarrow as pa
+
+        with pa.ipc.new_stream(spool, schema) as writer:
+            for batch in _slice(batches, offset, limit):
+                writer.write_batch(batch)
+                count += batch.num_rows
+        size = spool.tell()
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    meta = {
+        "File": file,
+        "Rows": total,
+        "Offset": offset,
+        "Count": count,
+        "Columns": [str(name) for name in schema.names],
+        "Format": "arrow",
+        "MediaType": ARROW_STREAM,
+        "Bytes": size,
+    }
+    return meta, spool
+
+
+def _batches(path: str) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
+    """A result's schema, its rows in all, and its record batches in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.endswith(".csv") or path.endswith(".json"):
+        import pandas as pd
+
+        frame = pd.read_csv(path) if path.endswith(".csv") else pd.read_json(path, orient="records")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        return table.schema, table.num_rows, iter(table.to_batches(BATCH_ROWS))
+    parts = [
+        pq.ParquetFile(part) for part in (files.data_files(path) if os.path.isdir(path) else [path])
+    ]
+    if not parts:
+        raise NotFound(f"the result folder {os.path.basename(path)} holds no Parquet files")
+    schema = parts[0].schema_arrow
+    total = sum(part.metadata.num_rows for part in parts)
+
+    def read() -> Iterator[pa.RecordBatch]:
+        for part in parts:
+            with part:
+                for batch in part.iter_batches(BATCH_ROWS):
+                    yield batch if batch.schema.equals(schema) else batch.cast(schema)
+
+    return schema, total, read()
+
+
+def _slice(
+    batches: Iterator[pa.RecordBatch], offset: int, limit: int | None
+) -> Iterator[pa.RecordBatch]:
+    """The rows ``offset`` to ``offset + limit`` of a sequence of batches."""
+    start = 0
+    for batch in batches:
+        end = start + batch.num_rows
+        low = max(offset - start, 0)
+        high = batch.num_rows if limit is None else min(offset + limit - start, batch.num_rows)
+        if high > low:
+            yield batch.slice(low, high - low)
+        start = end
+        if limit is not None and start >= offset + limit:
+            return

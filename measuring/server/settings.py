@@ -20,6 +20,7 @@ from typing import Any
 from measuring.wire import DEFAULT_ENDPOINT
 
 SANDBOXES = ("none", "bwrap")
+LOG_FORMATS = ("text", "json")
 Parser = Callable[[object], Any]
 
 
@@ -149,6 +150,16 @@ def _memory(value: object) -> int | str | None:
     return size
 
 
+def _threads(value: object) -> int | str:
+    """``auto``, or a whole number of threads from 1 to 256."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return whole(1, 256)(value)
+    except ValueError:
+        raise ValueError("a whole number of at least 1 and at most 256, or auto") from None
+
+
 def switch(value: object) -> bool:
     """true or false (a flag on the command line)."""
     if isinstance(value, bool):
@@ -231,6 +242,15 @@ SETTINGS: tuple[Setting, ...] = (
         "auto: 80 % of the machine's memory shared by --workers",
         "Most memory a job's processes may use together (4GB, auto, none); then they are stopped.",
         "SIZE",
+    ),
+    Setting(
+        "job-threads",
+        _threads,
+        "auto",
+        "auto: the machine's cores",
+        "Threads each job computes with; its data is read in partitions sized so that this "
+        "many fit in --job-memory.",
+        "N",
     ),
     Setting(
         "max-queued",
@@ -323,11 +343,29 @@ SETTINGS: tuple[Setting, ...] = (
         "N",
     ),
     Setting(
+        "http",
+        text,
+        None,
+        "off",
+        "A Twisted endpoint for the dashboard, /metrics and the JSON API over HTTP, e.g. "
+        "tcp:8766:interface=127.0.0.1.",
+        "ENDPOINT",
+    ),
+    Setting(
+        "log-format",
+        one_of(LOG_FORMATS),
+        "text",
+        "text",
+        "text (twistd's lines), or json: one twisted.logger JSON event per line.",
+        "text|json",
+    ),
+    Setting(
         "sandbox",
         one_of(SANDBOXES),
         "none",
         "none",
-        "none, or bwrap: workers see the data roots read-only, no network, their own PIDs.",
+        "none, or bwrap: each job in a sandbox of its own: the data roots read-only, no "
+        "network, its own PIDs.",
         "none|bwrap",
     ),
 )

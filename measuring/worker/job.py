@@ -1,11 +1,8 @@
 """
-Runs inside a worker process: one job, then exit.
-
-``python -m measuring.worker PARENT_PID`` imports Dask, pandas and pyarrow, warms them up with a
-tiny computation, says Ready and waits for one job (see ``messages``). It then imports the
-formula file, calls every formula on the dataset, computes them all in one ``dask.compute`` call,
-writes the results (``loader``) and reports back. Everything the formulas print goes to stdout and
-stderr, which the server keeps as the job's log. This module never imports the reactor.
+One job, run in a job process (``main``): import the formula file, call every formula on the
+dataset, compute them all in one ``dask.compute`` call, write the results (``output``) and answer
+with a Done or an Error message. ``warm_up`` is what the template runs once, single-threaded,
+before it forks job processes. Never imports twisted or ``measuring.server``.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from types import ModuleType
@@ -25,12 +21,14 @@ from typing import Any
 
 from dask.callbacks import Callback
 
-from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
+from measuring import formulas as words
+from measuring.errors import Internal, JobFailed, MeasuringError
 from measuring.messages import JOB_MARK, Message, job_tmp
-from measuring.wire import ENGINES
 from measuring.worker import dataset as datasets
-from measuring.worker.output import summarize
+from measuring.worker.output import ResultWriter, WriteFailed, is_table, summarize
 
+#: Threads a job computes with when the server does not say (``--job-threads``).
+DEFAULT_THREADS = 2
 Formula = Callable[[Any], Any]
 Progress = Callable[[int, int], None]
 
@@ -73,7 +71,7 @@ def import_formulas(path: str) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         _print_traceback(e)
-        raise JobFailed(f"{filename} line {e.lineno}: {type(e).__name__}: {e.msg}") from None
+        raise JobFailed(words.syntax_error(path, e)) from None
     except BaseException as e:
         _print_traceback(e)
         raise JobFailed(f"importing {filename} raised {describe(e, path)}") from None
@@ -87,53 +85,45 @@ def find_formulas(module: ModuleType, path: str, wanted: list[str] | None) -> di
     A formula is a public top-level function defined in the file itself, narrowed by ``__all__``
     and then by ``wanted``.
     """
-    filename = os.path.basename(path)
     public: dict[str, Formula] = {
         name: value
         for name, value in vars(module).items()
         if inspect.isfunction(value)
         and value.__module__ == module.__name__
-        and not name.startswith("_")
+        and words.is_public(name)
     }
     exported = getattr(module, "__all__", None)
     if exported is not None:
         public = {name: value for name, value in public.items() if name in exported}
     if wanted is None:
         if not public:
-            raise JobFailed(
-                f"{filename} defines no formulas: a formula is a public top-level function "
-                f"that takes the dataset"
-            )
+            raise JobFailed(words.none_defined(path))
         return public
     missing = [name for name in wanted if name not in public]
     if missing:
-        raise NotFound(
-            f"{filename} has no formula named {missing[0]!r} "
-            f"(its formulas: {', '.join(public) or 'none'})"
-        )
+        raise words.missing(path, missing[0], public)
     return {name: public[name] for name in wanted}
 
 
 class ProgressReporter(Callback):
-    """A Dask callback reporting ``(tasks done, tasks in all)``, at most every ``every`` seconds."""
+    """
+    A Dask callback reporting ``(tasks done, tasks in all)`` as tasks complete. It does not
+    throttle: the server passes progress on to clients at most every 0.25 s, on its own clock.
+    """
 
-    def __init__(self, report: Progress, every: float = 0.25) -> None:
+    def __init__(self, report: Progress) -> None:
         super().__init__()
         self._report = report
-        self._every = every
-        self._last = 0.0
 
     def _send(self, state: dict[str, Any]) -> None:
         done = len(state["finished"])
         self._report(done, done + sum(len(state[k]) for k in ("ready", "waiting", "running")))
-        self._last = time.monotonic()
 
     def _start_state(self, dsk: Any, state: dict[str, Any]) -> None:
         self._send(state)
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        if time.monotonic() - self._last >= self._every:
-            self._send(state)
+        self._send(state)
 
     def _finish(self, dsk: Any, state: dict[str, Any], errored: bool) -> None:
         if not errored:
@@ -141,11 +131,19 @@ class ProgressReporter(Callback):
 
 
 def compute(
-    formulas: dict[str, Formula], dataset: Any, path: str, progress: Progress | None = None
+    formulas: dict[str, Formula],
+    dataset: Any,
+    path: str,
+    progress: Progress | None = None,
+    writer: ResultWriter | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """
-    Call every formula on the dataset, then compute all their results in one Dask call,
-    reporting its tasks to ``progress(done, total)`` as they complete.
+    Call every formula on the dataset, then compute all their results in one Dask call with
+    ``threads`` threads, reporting its tasks to ``progress(done, total)`` as they complete.
+
+    With a ``writer``, table results are written partition by partition as they are computed
+    (their values are then what the writer streamed, not the tables).
     """
     import dask
 
@@ -155,16 +153,44 @@ def compute(
             lazy[name] = formula(dataset.copy())
         except BaseException as e:
             _print_traceback(e)
-            raise JobFailed(f"formula {name!r} raised {describe(e, path)}") from None
+            raise JobFailed(f"formula {name!r} raised {_explained(e, path, dataset)}") from None
     try:
+        if writer is not None:
+            lazy = {
+                name: writer.stream(name, value) if is_table(value) else value
+                for name, value in lazy.items()
+            }
         with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
-            values = dask.compute(*lazy.values(), scheduler="threads")
+            values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
     except BaseException as e:
+        if writer is not None:
+            writer.abandon()
+        if isinstance(e, MeasuringError):
+            raise
+        if isinstance(e, WriteFailed) and writer is not None:
+            raise writer.failure(e) from None
         _print_traceback(e)
         raise JobFailed(
-            f"computing the formulas ({', '.join(lazy)}) raised {describe(e, path)}"
+            f"computing the formulas ({', '.join(lazy)}) raised {_explained(e, path, dataset)}"
         ) from None
     return dict(zip(lazy, values, strict=True))
+
+
+#: What Dask and pandas say when a formula needs a time index with known divisions.
+_NEEDS_INDEX = ("known divisions", "Only valid with DatetimeIndex")
+
+
+def _explained(error: BaseException, path: str, dataset: Any) -> str:
+    """``describe(error)``, and what to do when it failed for want of an indexed dataset."""
+    said = describe(error, path)
+    if not any(words in str(error) for words in _NEEDS_INDEX):
+        return said
+    times = [str(name) for name, dtype in dataset.dtypes.items() if dtype.kind == "M"]
+    column = times[0] if times else "time"
+    return (
+        f'{said}; index the dataset by its time column with "Index": "{column}" in the '
+        f"request (measuring-client --index {column}), which gives it known divisions"
+    )
 
 
 def run_job(message: Message, progress: Progress | None = None) -> Message:
@@ -172,6 +198,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     path = message["File"]
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
+    threads = limits.get("Threads") or DEFAULT_THREADS
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
         # A temporary folder of the job's own, which the server removes when the job has ended.
@@ -180,20 +207,15 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
         os.chdir(message["Directory"])
         module = import_formulas(path)
         formulas = find_formulas(module, path, message.get("Functions"))
-        try:
-            dataset = datasets.read_dataset(message["Base"], message.get("Engine", "pyarrow"))
-        except Exception as e:
-            _print_traceback(e)
-            base = os.path.basename(message["Base"])
-            raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
-        values = compute(formulas, dataset, path, progress)
-        described = summarize(
-            values,
-            message["Job"],
+        dataset = _dataset(message, limits.get("Memory"), threads)
+        writer = ResultWriter(
             message.get("Outbox") or message["Directory"],
+            message["Job"],
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
         )
+        values = compute(formulas, dataset, path, progress, writer, threads)
+        described = summarize(values, writer)
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}
     except BaseException as e:
@@ -203,6 +225,27 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             "Error": Internal(f"the worker failed: {type(e).__name__}: {e}").to_json(),
         }
     return {"Type": "Done", "Results": described}
+
+
+def _dataset(message: Message, memory: int | None, threads: int) -> Any:
+    """The job's dataset, in partitions sized for its memory and threads; JobFailed if unread."""
+    import psutil
+
+    try:
+        baseline = psutil.Process().memory_info().rss
+        return datasets.read_dataset(
+            message["Base"],
+            message.get("Engine", "pyarrow"),
+            message.get("Index"),
+            datasets.partition_bytes(memory, threads, baseline),
+            threads,
+        )
+    except MeasuringError:
+        raise
+    except Exception as e:
+        _print_traceback(e)
+        base = os.path.basename(message["Base"])
+        raise JobFailed(f"cannot read {base} as Parquet: {type(e).__name__}: {e}") from None
 
 
 def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
@@ -218,15 +261,23 @@ def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         _lower(resource.RLIMIT_FSIZE, limits["ResultBytes"])
     if limits.get("Processes") and not sandboxed:
-        import psutil
+        _lower(resource.RLIMIT_NPROC, tasks_of(os.getuid()) + limits["Processes"])
 
-        uid = os.getuid()
-        running = sum(
-            process.info["num_threads"] or 1
-            for process in psutil.process_iter(["uids", "num_threads"])
-            if process.info["uids"] and process.info["uids"].real == uid
-        )
-        _lower(resource.RLIMIT_NPROC, running + limits["Processes"])
+
+def tasks_of(uid: int) -> int:
+    """How many threads (the kernel counts them as processes) the user ``uid`` runs now."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/stat") as f:
+                count += int(f.read().rsplit(")", 1)[1].split()[17])
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
 
 
 def _lower(limit: int, value: int) -> None:
@@ -238,12 +289,35 @@ def _lower(limit: int, value: int) -> None:
 
 
 def warm_up() -> None:
-    """Import and exercise what a job uses, so that the first job does not pay for it."""
+    """
+    Import and exercise what a job uses, so that no job pays for it, without starting a thread:
+    the template forks job processes, and a fork copies no thread. fastparquet reads the whole
+    way with Dask's single-threaded scheduler; pyarrow builds its Dask graph, and reads from
+    memory, since reading a file starts Arrow's I/O threads. Pools of threads start in the job.
+    """
+    import io
+
+    import dask
+    import dask.dataframe  # the collections a formula gets
+    import fastparquet
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset  # what Dask reads Parquet through
+    import pyarrow.parquet as pq
 
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
         path = os.path.join(folder, "warm.parquet")
-        pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]}).to_parquet(path)
-        for engine in ENGINES:
-            dataset = datasets.read_dataset(path, engine)
-            compute({"mean": lambda data: data.groupby("sensor").value.mean()}, dataset, path)
+        frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
+        frame.to_parquet(path, engine="pyarrow")
+        # Opening a file through pyarrow starts Arrow's I/O threads: the readers' own code is
+        # imported here, and first runs in the job.
+        import measuring.worker.dataset
+        import measuring.worker.output  # noqa: F401
+
+        dataset = dask.dataframe.from_pandas(frame, npartitions=1)
+        dask.compute(dataset.groupby("sensor").value.mean(), scheduler="sync")
+        fastparquet.ParquetFile(path).to_pandas()
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, engine="pyarrow")
+        table = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).read(use_threads=False)
+        table.to_pandas(use_threads=False)

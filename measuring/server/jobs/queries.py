@@ -28,17 +28,21 @@ class Live(Protocol):
     def counts(self) -> dict[str, int]: ...
 
 
-class Records(Protocol):
-    """The job database as the read side uses it (``store.JobStore``)."""
+class Finder(Protocol):
+    """Where a job that is not live is looked up (``store.JobStore``)."""
 
     def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
+
+
+class Records(Finder, Protocol):
+    """The job database as the read side uses it (``store.JobStore``)."""
 
     def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
 
     def counters(self, since: float) -> defer.Deferred[dict[str, Any]]: ...
 
 
-def find_job(live: Live, store: Records, job_id: str, keep_jobs: float) -> defer.Deferred[Job]:
+def find_job(live: Live, store: Finder, job_id: str, keep_jobs: float) -> defer.Deferred[Job]:
     """The job, live or from the database; NotFound when there is none."""
     job = live.live(job_id)
     if job is not None:
@@ -90,8 +94,14 @@ class JobQueries:
 
         return self._store.recent(state, limit).addCallback(summaries)
 
-    def result(self, job_id: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]:
-        """Rows ``offset`` to ``offset + limit`` of one result of a finished job."""
+    def result(
+        self, job_id: str, name: str, offset: int, limit: int | None, form: str = "json"
+    ) -> defer.Deferred[Any]:
+        """
+        Rows ``offset`` to ``offset + limit`` of one result of a finished job: a page of JSON
+        records, or with ``form`` "arrow" the page's fields and an open file of the Arrow stream
+        (to the end for a ``limit`` of None). A single value is its fields alone, in any form.
+        """
 
         def read(job: Job) -> Any:
             if job.response is None:
@@ -104,9 +114,15 @@ class JobQueries:
             entry = found[name]
             if entry["Kind"] == "Scalar":
                 return {"Name": name, **entry}
+            described = {"Name": name, "Kind": entry["Kind"]}
             directory = job.spec.paths.directory
+            if form == "arrow":
+                stream = self._blocking.run(
+                    results.arrow_stream, directory, entry["File"], offset, limit
+                )
+                return stream.addCallback(lambda made: ({**described, **made[0]}, made[1]))
             rows = self._blocking.run(results.read_rows, directory, entry["File"], offset, limit)
-            return rows.addCallback(lambda page: {"Name": name, "Kind": entry["Kind"], **page})
+            return rows.addCallback(lambda page: {**described, **page})
 
         return self._job(job_id).addCallback(read)
 

@@ -55,6 +55,8 @@ class JobSpec:
     output: str = "parquet"
     engine: str = "pyarrow"
     timeout: float | None = None
+    #: The column the dataset is indexed by, if the request names one.
+    index: str | None = None
 
     def message(self, job: str) -> Message:
         """The Job message a worker process runs."""
@@ -67,6 +69,7 @@ class JobSpec:
             "Functions": list(self.functions) if self.functions is not None else None,
             "Output": self.output,
             "Engine": self.engine,
+            **({"Index": self.index} if self.index is not None else {}),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +84,7 @@ class JobSpec:
             output=data.get("output", "parquet"),
             engine=data.get("engine", "pyarrow"),
             timeout=data.get("timeout"),
+            index=data.get("index"),
         )
 
 
@@ -98,26 +102,27 @@ class Job:
     response: dict[str, Any] | None = None
     error: MeasuringError | None = None
     log: str = ""
-    _waiting: list[defer.Deferred[dict[str, Any]]] = field(default_factory=list, repr=False)
+    _waiting: list[defer.Deferred[Job]] = field(default_factory=list, repr=False)
     _listeners: list[Progress] = field(default_factory=list, repr=False)
     #: The last (done, total) its running computation reported.
     last_progress: tuple[int, int] | None = field(default=None, repr=False)
-    _progress_told: float = field(default=0.0, repr=False)
+    _progress_told: float | None = field(default=None, repr=False)
     _interrupted: MeasuringError | None = field(default=None, repr=False)
 
     @property
     def ended(self) -> bool:
         return self.state in FINISHED
 
-    def when_finished(self) -> defer.Deferred[dict[str, Any]]:
-        """Fires with the job's Response once it is done, or fails with its error."""
-        if self.response is not None:
-            return defer.succeed(self.response)
-        if self.error is not None:
-            return defer.fail(self.error)
+    def when_finished(self) -> defer.Deferred[Job]:
+        """
+        Fires with the job once it has ended (done or not: see ``response`` and ``error``), or
+        fails with why it will not end now (the server stops).
+        """
+        if self.ended:
+            return defer.succeed(self)
         if self._interrupted is not None:
             return defer.fail(self._interrupted)
-        waiting: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        waiting: defer.Deferred[Job] = defer.Deferred()
         self._waiting.append(waiting)
         return waiting
 
@@ -126,11 +131,14 @@ class Job:
         if not self.ended:
             self._listeners.append(progress)
 
-    def progress(self, done: int, total: int) -> None:
-        """Pass on the job's progress: at most ``PROGRESS_EVERY`` seconds apart, and the end."""
+    def progress(self, done: int, total: int, now: float) -> None:
+        """
+        Pass on the job's progress (``now`` from the server's clock): at most
+        ``PROGRESS_EVERY`` seconds apart, and the end. The one place progress is throttled.
+        """
         self.last_progress = (done, total)
-        now = time.monotonic()
-        if done < total and now - self._progress_told < PROGRESS_EVERY:
+        told = self._progress_told
+        if done < total and told is not None and now - told < PROGRESS_EVERY:
             return
         self._progress_told = now
         for listener in list(self._listeners):
@@ -143,10 +151,7 @@ class Job:
         self.state, self.response, self.error = state, response, error
         waiting, self._waiting, self._listeners = self._waiting, [], []
         for d in waiting:
-            if error is not None:
-                d.errback(error)
-            elif response is not None:
-                d.callback(response)
+            d.callback(self)
 
     def interrupt(self, error: MeasuringError) -> None:
         """Tell everyone waiting, and anyone who asks later, that the job will not end now."""
@@ -188,20 +193,23 @@ class Job:
         )
 
     def summary(self) -> dict[str, Any]:
-        """The job as a line of a List answer."""
-        return {
+        """The job as a line of a List answer (with its Error when it ended without results)."""
+        summary: dict[str, Any] = {
             "Job": self.id,
             "State": self.state,
             "Submitted": iso(self.submitted),
             "Directory": self.spec.paths.directory,
+            "Base": self.spec.paths.base,
             "File": self.spec.paths.file,
         }
+        if self.error is not None:
+            summary["Error"] = self.error.to_json()
+        return summary
 
     def status(self) -> dict[str, Any]:
         """The Response of a Job Status request."""
         status: dict[str, Any] = {
             **self.summary(),
-            "Base": self.spec.paths.base,
             "Functions": list(self.spec.functions) if self.spec.functions else None,
             "Started": iso(self.started),
             "Finished": iso(self.finished),
@@ -213,8 +221,6 @@ class Job:
         if self.response is not None:
             status["Results"] = self.response["Results"]
             status["Elapsed"] = self.response.get("Elapsed")
-        if self.error is not None:
-            status["Error"] = self.error.to_json()
         return status
 
 
@@ -231,3 +237,12 @@ class Limits:
     stop_grace: float
     keep_jobs: float
     keep_results: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What running a job gave: its results or its error, and what it printed."""
+
+    results: dict[str, Any] | None
+    error: MeasuringError | None
+    log: str

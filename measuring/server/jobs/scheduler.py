@@ -33,10 +33,12 @@ from measuring.server.jobs.records import (
     Job,
     JobSpec,
     Limits,
+    Outcome,
     Progress,
     new_job_id,
     stored_response,
 )
+from measuring.server.stats import Stats
 from measuring.server.threads import Runner
 
 MOST_INTERRUPTIONS = 3
@@ -48,7 +50,7 @@ __all__ = ["Job", "JobSpec", "Limits", "Scheduler"]
 class RunningJob(Protocol):
     """What the pool gives back for a job it runs (``measuring.server.pool.process.RunningJob``)."""
 
-    result: defer.Deferred[dict[str, Any]]
+    result: defer.Deferred[Outcome]  # never fails
     on_progress: Progress | None
 
     def kill(self, reason: MeasuringError) -> None: ...
@@ -69,17 +71,28 @@ class Store(Protocol):
 
     def update(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
 
+    def note(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
+
     def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
 
     def recover(self, most: int, now: float) -> defer.Deferred[list[dict[str, Any]]]: ...
+
+
+class JobEvents(Protocol):
+    """Who counts what happens to jobs (``measuring.server.stats.Stats``): cheap, in memory."""
+
+    def job_queued(self) -> None: ...
+
+    def job_started(self, waited: float) -> None: ...
+
+    def job_ended(self, state: str, ran: float | None) -> None: ...
 
 
 def _waits_for_next_start(job: Job) -> Busy:
     """What a client waiting for ``job`` hears when the server stops before it ends."""
     return Busy(
         f"the server is stopping before job {job.id} ended; it runs (again) from the start when "
-        f"the server is back (ask for it with a Job Status request)",
-        Job=job.id,
+        f"the server is back (ask for it with a Job Status request)"
     )
 
 
@@ -89,13 +102,20 @@ class Scheduler(Service):
     _log = Logger()
 
     def __init__(
-        self, pool: Pool, store: Store, clock: IReactorTime, limits: Limits, blocking: Runner
+        self,
+        pool: Pool,
+        store: Store,
+        clock: IReactorTime,
+        limits: Limits,
+        blocking: Runner,
+        events: JobEvents | None = None,
     ) -> None:
         self._pool = pool
         self._store = store
         self._clock = clock
         self.limits = limits
         self._blocking = blocking
+        self._events: JobEvents = events if events is not None else Stats()
         self._live: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
         self._running: dict[str, RunningJob] = {}
@@ -125,6 +145,8 @@ class Scheduler(Service):
         return done.addCallback(lambda _: self._queued_again(jobs))
 
     def _queued_again(self, jobs: list[Job]) -> None:
+        for _ in jobs:
+            self._events.job_queued()
         self._queue = deque([*jobs, *self._queue])
         self._recovered = True
         waiting, self._after_recovery = self._after_recovery, []
@@ -202,6 +224,7 @@ class Scheduler(Service):
             self._recording -= 1
             self._live[job.id] = job
             self._queue.append(job)
+            self._events.job_queued()
             if self._stopping:
                 job.interrupt(_waits_for_next_start(job))
             self._log.info("job {job} queued: {file}", job=job.id, file=spec.paths.file)
@@ -221,18 +244,18 @@ class Scheduler(Service):
             if len(self._running) >= limits.workers:
                 return
             job = self._queue.popleft()
-            job.state, job.started, job.attempts = (
-                "running",
-                self._clock.seconds(),
-                job.attempts + 1,
+            started = self._clock.seconds()
+            job.state, job.started, job.attempts = "running", started, job.attempts + 1
+            self._events.job_started(started - job.submitted)
+            # Not synced: a job interrupted while running is queued again at the next start.
+            noted = self._store.note(
+                job.id, state="running", started=job.started, attempts=job.attempts
             )
-            self._track(
-                self._store.update(
-                    job.id, state="running", started=job.started, attempts=job.attempts
-                )
-            )
+            self._track(noted)
             running = self._pool.run(job.spec.message(job.id))
-            running.on_progress = job.progress
+            running.on_progress = lambda done, total, job=job: job.progress(
+                done, total, self._clock.seconds()
+            )
             self._running[job.id] = running
             seconds = min(job.spec.timeout or limits.job_timeout, limits.job_timeout)
             timer = self._clock.callLater(
@@ -242,7 +265,7 @@ class Scheduler(Service):
             )
             running.result.addBoth(self._ended, job, timer)
 
-    def _ended(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+    def _ended(self, outcome: Outcome | Failure, job: Job, timer: IDelayedCall) -> None:
         """A job's process is done with it: record how it ended, whatever went wrong doing so."""
         try:
             self._end(outcome, job, timer)
@@ -250,11 +273,11 @@ class Scheduler(Service):
             self._log.failure("ending job {job}", job=job.id)
             self._running.pop(job.id, None)
             if not job.ended:
-                failure = Internal("the server failed ending this job; see its log", Job=job.id)
-                self._finish(job, "failed", None, failure)
+                failure = Internal("the server failed ending this job; see its log")
+                self._finish(job, "failed", None, failure, "")
             self._start_next()
 
-    def _end(self, outcome: dict[str, Any] | Failure, job: Job, timer: IDelayedCall) -> None:
+    def _end(self, outcome: Outcome | Failure, job: Job, timer: IDelayedCall) -> None:
         if timer.active():
             timer.cancel()
         del self._running[job.id]
@@ -262,24 +285,24 @@ class Scheduler(Service):
             self._again.discard(job.id)
             job.state, job.started = "queued", None
             self._remove_partial(job)
-            self._track(self._store.update(job.id, state="queued", started=None))
+            self._track(self._store.note(job.id, state="queued", started=None))
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):
-            error = outcome.value
-            if not isinstance(error, MeasuringError):
-                self._log.failure("job {job} failed inside the server", outcome, job=job.id)
-                error = Internal("the server failed running this job; see its log")
-            error.extra = {"Job": job.id, **error.extra}
-            self._finish(job, _STATES.get(type(error), "failed"), None, error)
+            self._log.failure("job {job} failed inside the server", outcome, job=job.id)
+            outcome = Outcome(None, Internal("the server failed running this job; see its log"), "")
+        if outcome.error is not None or outcome.results is None:
+            error = outcome.error or Internal("the job ended with neither results nor an error")
+            self._finish(job, _STATES.get(type(error), "failed"), None, error, outcome.log)
             self._remove_partial(job)
         else:
             elapsed = round(self._clock.seconds() - (job.started or 0.0), 3)
             # The files are where the server says, whatever the worker claimed.
-            for name, entry in outcome["Results"].items():
+            for name, entry in outcome.results.items():
                 if entry.get("Kind") != "Scalar":
                     entry["File"] = files.result_file(job.id, name, job.spec.output)
-            self._finish(job, "done", {**outcome, "Elapsed": elapsed}, None)
+            response = {"Results": outcome.results, "Log": outcome.log, "Elapsed": elapsed}
+            self._finish(job, "done", response, None, outcome.log)
         self._start_next()
 
     def _remove_partial(self, job: Job) -> defer.Deferred[Any]:
@@ -294,10 +317,13 @@ class Scheduler(Service):
         state: str,
         response: dict[str, Any] | None,
         error: MeasuringError | None,
+        log: str,
     ) -> defer.Deferred[Any]:
         """Write how a job ended, then tell those waiting for it."""
         job.finished = self._clock.seconds()
-        job.log = (response or {}).get("Log") or (error.extra.get("Log", "") if error else "")
+        ran = job.finished - job.started if job.state == "running" and job.started else None
+        self._events.job_ended(state, ran)
+        job.log = log
         written = self._store.update(
             job.id,
             state=state,
@@ -349,7 +375,7 @@ class Scheduler(Service):
             self._running[job.id].kill(Cancelled("the job was cancelled"))
         elif job in self._queue:
             self._queue.remove(job)
-            self._finish(job, "cancelled", None, Cancelled("the job was cancelled", Job=job.id))
+            self._finish(job, "cancelled", None, Cancelled("the job was cancelled"), "")
         elif job.state == "queued":
             # Stopped by the server's stop: it stays queued for the next start.
             return defer.succeed(job.state)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import dask
 import pandas as pd
 from dask.callbacks import Callback
 
@@ -139,12 +138,3 @@ class ComputeTests(WorkerTestCase):
         self.assertEqual((reports[0], reports[-1]), ((0, total), (total, total)))
         self.assertEqual(reports, sorted(reports))
         self.assertEqual({reported for _, reported in reports}, {total})
-
-    def test_progressIsThrottled(self) -> None:
-        """No report comes sooner than ``every`` seconds after the one before, but the final one."""
-        reports: list[tuple[int, int]] = []
-        dataset = datasets.read_dataset(self.base, "fastparquet")
-        with worker_job.ProgressReporter(lambda *done: reports.append(done), every=3600):
-            dask.compute(dataset.value.sum(), scheduler="threads")
-        total = reports[0][1]
-        self.assertEqual(reports, [(0, total), (total, total)])

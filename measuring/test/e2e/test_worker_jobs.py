@@ -265,4 +265,4 @@ class RunJobTests(WorkerTestCase):
         code, message = self.error(self.run_job(source))
         self.assertEqual(code, "JobFailed")
         self.assertIn(f"writing the results to {self.directory}/results failed", message)
-        self.assertEqual(os.listdir(os.path.join(self.directory, "results")), [])
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "results")))

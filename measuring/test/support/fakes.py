@@ -17,12 +17,25 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from measuring.errors import MeasuringError
 from measuring.messages import Message
-from measuring.server.jobs.records import Progress
+from measuring.server.jobs.records import Job, Outcome, Progress
 from measuring.server.jobs.scheduler import Limits
 from measuring.server.settings import BY_NAME
+
+
+def finished(job: Job) -> defer.Deferred[dict[str, Any]]:
+    """The job's Response once it is done, or its error as a failure (also the server's stop)."""
+
+    def response(ended: Job) -> dict[str, Any] | Failure:
+        if ended.error is not None:
+            return Failure(ended.error)
+        assert ended.response is not None
+        return ended.response
+
+    return job.when_finished().addCallback(response)
 
 
 def limits(**overrides: Any) -> Limits:
@@ -38,7 +51,7 @@ class FakeRunningJob:
     def __init__(self, message: Message, in_worker: bool) -> None:
         self.message = message
         self.in_worker = in_worker
-        self.result: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.result: defer.Deferred[Outcome] = defer.Deferred()
         self.on_progress: Progress | None = None
         self.killed_with: MeasuringError | None = None
         self.printed = ""
@@ -76,11 +89,10 @@ class FakeRunningJob:
             self.on_progress(done, total)
 
     def succeed(self, results: dict[str, Any] | None = None) -> None:
-        self.result.callback({"Results": results or {}, "Log": self.printed})
+        self.result.callback(Outcome(results or {}, None, self.printed))
 
     def fail(self, reason: MeasuringError) -> None:
-        reason.extra.setdefault("Log", self.printed)
-        self.result.errback(reason)
+        self.result.callback(Outcome(None, reason, self.printed))
 
 
 class FakePool:

@@ -5,6 +5,8 @@ the protocol, an import that stays light, and a server that cannot be reached.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -12,14 +14,18 @@ import sys
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.client import (
+    Bar,
+    Cancelled,
     Client,
     ClientError,
     JobError,
     JobFailed,
+    _follow,
     error_from,
     parse_address,
 )
 from measuring.test.support import PATIENCE, closed_port, environment
+from measuring.wire import CODES
 
 
 class AddressTests(SynchronousTestCase):
@@ -65,21 +71,8 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(str(error), "JobFailed: formula 'ratio' raised ZeroDivisionError")
 
     def test_everyCode(self) -> None:
-        """Every Code of docs/protocol.md has its own class; an unknown one is a plain JobError."""
-        codes = [
-            "BadRequest",
-            "TooLarge",
-            "Unauthorized",
-            "Forbidden",
-            "NotFound",
-            "Busy",
-            "Timeout",
-            "Cancelled",
-            "MemoryLimit",
-            "JobFailed",
-            "Internal",
-        ]
-        for code in codes:
+        """Every Code of the protocol has its own class; an unknown one is a plain JobError."""
+        for code in CODES:
             error = error_from({"Error": {"Code": code, "Message": "m"}})
             self.assertEqual((type(error).__name__, error.code), (code, code))
         self.assertIs(type(error_from({"Error": {"Code": "Novel", "Message": "m"}})), JobError)
@@ -118,3 +111,40 @@ class UnreachableTests(SynchronousTestCase):
         with Client("127.0.0.1", port, timeout=5.0) as client:
             error = self.assertRaises(ClientError, client.status)
         self.assertIn(f"cannot reach the server at 127.0.0.1:{port}", str(error))
+
+
+class ProgressTests(SynchronousTestCase):
+    """A job's progress is reported as it was: full only when the job is done."""
+
+    def follow(self, *lines: dict[str, object]) -> tuple[list[tuple[int, int]], object]:
+        """The reports ``_follow`` makes of ``lines``, and what it returns or raises."""
+        calls: list[tuple[int, int]] = []
+        try:
+            outcome: object = _follow(iter(lines), lambda done, total: calls.append((done, total)))
+        except JobError as e:
+            outcome = e
+        return calls, outcome
+
+    def test_stopsWhereTheJobStopped(self) -> None:
+        """A cancelled job's last report is its last Progress line, not done == total."""
+        calls, outcome = self.follow(
+            {"Header": "Progress", "Done": 3, "Total": 42},
+            {"Header": "Dask", "Status": "Error", "Error": {"Code": "Cancelled", "Message": "m"}},
+        )
+        self.assertEqual(calls, [(3, 42)])
+        self.assertIsInstance(outcome, Cancelled)
+
+    def test_fullWhenDone(self) -> None:
+        """A done job ends at done == total, however far its last Progress line got."""
+        calls, outcome = self.follow(
+            {"Header": "Progress", "Done": 40, "Total": 42},
+            {"Header": "Dask", "Status": "OK", "Response": {"Results": {}}},
+        )
+        self.assertEqual((calls, outcome), ([(40, 42), (42, 42)], {"Results": {}}))
+
+    def test_barDrawsNothingBeforeProgress(self) -> None:
+        """A bar that never got a report draws nothing, even when closed."""
+        drawn = io.StringIO()
+        with contextlib.redirect_stderr(drawn):
+            Bar("work.py").close()
+        self.assertEqual(drawn.getvalue(), "")

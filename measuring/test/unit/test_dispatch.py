@@ -22,7 +22,7 @@ from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.stats import Stats
 from measuring.server.threads import Synchronous
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.support.fakes import FakeInfo, FakePool, limits
 from measuring.wire import INFO_REQUESTS as REQUESTS
 
@@ -179,10 +179,10 @@ class DaskTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
         self.site = os.path.join(self.root, "site")
-        os.makedirs(os.path.join(self.site, "data.parquet"))
+        write_parts(self.site)
         write_formulas(self.site)
         self.other_root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.other_root, "data.parquet"))
+        write_parts(self.other_root)
         write_formulas(self.other_root)
         self.outside = os.path.realpath(self.mktemp())
         os.makedirs(self.outside)
@@ -210,7 +210,7 @@ class DaskTests(SynchronousTestCase):
 
     def test_jobStarted(self) -> None:
         """A valid request starts a job on the real, checked paths with the requested options."""
-        self.answer(Functions=["peak", "count"], Output="csv", Engine="fastparquet")
+        self.answer(Functions=["peak", "count"], Output="csv", Engine="fastparquet", Index="time")
         [job] = self.harness.pool.runs
         self.assertEqual(
             job.message,
@@ -223,6 +223,7 @@ class DaskTests(SynchronousTestCase):
                 "Functions": ["peak", "count"],
                 "Output": "csv",
                 "Engine": "fastparquet",
+                "Index": "time",
             },
         )
 
@@ -300,6 +301,9 @@ class DaskTests(SynchronousTestCase):
             ({"Output": "xlsx"}, ['"Output" must be one of "parquet", "csv", "json"', "'xlsx'"]),
             ({"Output": 1}, ['"Output" must be one of']),
             ({"Engine": "polars"}, ['"Engine" must be one of "pyarrow", "fastparquet"']),
+            ({"Index": 3}, ['"Index" must be the name of a column', "not a number"]),
+            ({"Index": ""}, ['"Index" must be the name of a column', "not an empty string"]),
+            ({"Index": ["time"]}, ['"Index" must be the name of a column', "not an array"]),
             ({"Timeout": 0}, ['"Timeout" must be a number of at least 0.001', "not 0"]),
             ({"Timeout": -5}, ['"Timeout" must be a number', "not -5"]),
             ({"Timeout": "10"}, ['"Timeout" must be a number', "not '10'"]),

@@ -46,7 +46,7 @@ class ContractTests(SynchronousTestCase):
         self.assertTrue(methods or attributes, protocol)
         for name, signature in methods.items():
             own = getattr(implementation, name, None)
-            self.assertTrue(callable(own), f"{implementation.__name__} has no {name}()")
+            assert callable(own), f"{implementation.__name__} has no {name}()"
             self.assertEqual(
                 _parameters(inspect.signature(own)),
                 _parameters(signature),
@@ -61,7 +61,7 @@ class ContractTests(SynchronousTestCase):
         self.assertProvides(
             fakes.FakeRunningJob, scheduler.RunningJob, fakes.FakeRunningJob(JOB, True)
         )
-        self.assertProvides(RunningJob, scheduler.RunningJob, RunningJob(None, JOB))  # type: ignore[arg-type]
+        self.assertProvides(RunningJob, scheduler.RunningJob, RunningJob(JOB))
 
     def test_pool(self) -> None:
         """FakePool and WorkerPool give the scheduler the same run()."""

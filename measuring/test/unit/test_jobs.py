@@ -27,7 +27,7 @@ from measuring.errors import (
     MemoryLimit,
 )
 from measuring.server.jobs.queries import JobQueries
-from measuring.server.jobs.records import Job, JobSpec, new_job_id
+from measuring.server.jobs.records import Job, JobSpec, Outcome, new_job_id
 from measuring.server.jobs.retention import Retention
 from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
@@ -37,6 +37,7 @@ from measuring.test.support.fakes import (
     FakePool,
     HeldRunner,
     RecordingRunner,
+    finished,
     limits,
 )
 
@@ -102,7 +103,7 @@ class JobsTestCase(SynchronousTestCase):
             seen.append(self.on_disk(job.id))
             return outcome
 
-        return job.when_finished().addBoth(told), seen
+        return finished(job).addBoth(told), seen
 
     def on_disk(self, job: str) -> dict[str, Any]:
         """The job's record as the database holds it."""
@@ -230,12 +231,12 @@ class OutcomeTests(JobsTestCase):
         submitted = manager.submit(self.spec)
         runner.release()
         job = self.successResultOf(submitted)
-        finished = job.when_finished()
+        ending = finished(job)
         self.pool.runs[0].succeed()
-        self.assertNoResult(finished)
+        self.assertNoResult(ending)
         self.assertEqual(self.on_disk(job.id)["state"], "running")
         runner.release()
-        self.successResultOf(finished)
+        self.successResultOf(ending)
         self.assertEqual(self.on_disk(job.id)["state"], "done")
 
     def test_endStatesOnDisk(self) -> None:
@@ -251,7 +252,8 @@ class OutcomeTests(JobsTestCase):
             self.pool.runs[-1].print("Traceback ...\n")
             self.pool.runs[-1].fail(error)
             told = self.failureResultOf(finished, type(error)).value
-            self.assertEqual(told.extra, {"Job": job.id, "Log": "Traceback ...\n"})
+            self.assertIs(told, error)
+            self.assertEqual(job.log, "Traceback ...\n")
             [record] = seen
             self.assertEqual(
                 (record["state"], record["error"], record["log"], record["response"]),
@@ -262,8 +264,7 @@ class OutcomeTests(JobsTestCase):
         """A failure that is not a protocol error is logged and becomes Internal, "failed"."""
         job = self.submit(self.manager())
         self.pool.runs[0].result.errback(RuntimeError("a bug in the pool"))
-        error = self.failureResultOf(job.when_finished(), Internal).value
-        self.assertEqual(error.extra["Job"], job.id)
+        error = self.failureResultOf(finished(job), Internal).value
         self.assertNotIn("a bug in the pool", error.message)
         self.assertEqual(self.on_disk(job.id)["error"], error.to_json())
         self.assertEqual(self.on_disk(job.id)["state"], "failed")
@@ -273,10 +274,10 @@ class OutcomeTests(JobsTestCase):
         """A fault ending a job (Results not a dict) ends it "failed", Internal; the next starts."""
         manager = self.manager()
         job, following = self.submit(manager), self.submit(manager)
-        self.pool.runs[0].result.callback({"Results": [{"Kind": "Scalar"}], "Log": "printed\n"})
-        error = self.failureResultOf(job.when_finished(), Internal).value
+        broken = Outcome([{"Kind": "Scalar"}], None, "printed\n")  # type: ignore[arg-type]
+        self.pool.runs[0].result.callback(broken)
+        error = self.failureResultOf(finished(job), Internal).value
         self.assertEqual(error.message, "the server failed ending this job; see its log")
-        self.assertEqual(error.extra["Job"], job.id)
         record = self.on_disk(job.id)
         self.assertEqual((record["state"], record["error"]), ("failed", error.to_json()))
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
@@ -300,5 +301,5 @@ class OutcomeTests(JobsTestCase):
         self.pool.runs[0].succeed()
         self.clock.advance(3)
         self.pool.runs[1].succeed()
-        self.assertEqual(self.successResultOf(first.when_finished())["Elapsed"], 5.0)
-        self.assertEqual(self.successResultOf(second.when_finished())["Elapsed"], 3.0)
+        self.assertEqual(self.successResultOf(finished(first))["Elapsed"], 5.0)
+        self.assertEqual(self.successResultOf(finished(second))["Elapsed"], 3.0)

@@ -16,7 +16,7 @@ from measuring import files
 from measuring.errors import Cancelled, JobFailed, NotFound
 from measuring.server.jobs import records
 from measuring.server.jobs.records import Job, new_job_id
-from measuring.test.support.fakes import HeldRunner
+from measuring.test.support.fakes import HeldRunner, finished
 from measuring.test.unit.test_jobs import NOW, JobsTestCase
 
 
@@ -28,8 +28,7 @@ class CancelTests(JobsTestCase):
         manager = self.manager()
         first, queued, last = self.submit(manager), self.submit(manager), self.submit(manager)
         self.assertEqual(self.successResultOf(manager.cancel(queued.id)), "cancelled")
-        error = self.failureResultOf(queued.when_finished(), Cancelled).value
-        self.assertEqual(error.extra["Job"], queued.id)
+        self.failureResultOf(finished(queued), Cancelled)
         record = self.on_disk(queued.id)
         self.assertEqual((record["state"], record["started"]), ("cancelled", None))
         self.assertEqual(record["error"], {"Code": "Cancelled", "Message": "the job was cancelled"})
@@ -167,17 +166,19 @@ class StatusTests(JobsTestCase):
         self.assertEqual(seen, [(120, 480), (480, 480)])
 
     def test_progressAtMostEveryPeriod(self) -> None:
-        """Listeners hear at most every PROGRESS_EVERY s, but always the end; Status the latest."""
-        now = [5000.0]
-        self.patch(records.time, "monotonic", lambda: now[0])
+        """
+        Listeners hear at most every PROGRESS_EVERY s of the server's clock, but always the end;
+        Status the latest.
+        """
         manager = self.manager()
+        start = self.clock.seconds()
         job = self.submit(manager)
         seen: list[tuple[int, int]] = []
         job.listen(lambda done, total: seen.append((done, total)))
         # When each report comes, in periods of PROGRESS_EVERY from the first.
         reports = [(0, 1), (0.4, 2), (0.996, 3), (1, 4), (1.2, 5), (1.2, 10), (1.6, 10)]
         for periods, done in reports:
-            now[0] = 5000.0 + periods * records.PROGRESS_EVERY
+            self.clock.advance(start + periods * records.PROGRESS_EVERY - self.clock.seconds())
             self.pool.runs[0].progress(done, 10)
             if done == 3:
                 status = self.successResultOf(self.queries.status(job.id))
@@ -211,21 +212,22 @@ class ListTests(JobsTestCase):
         self.assertEqual(listed("done", 100), [])
 
     def test_summary(self) -> None:
-        """Each listed job has its id, state, submission time, Directory and File."""
+        """Each listed job has its id, state, submission time, Directory, Base, File; an error."""
         manager = self.manager()
         job = self.submit(manager)
-        self.assertEqual(
-            self.successResultOf(self.queries.recent(None, 1)),
-            [
-                {
-                    "Job": job.id,
-                    "State": "running",
-                    "Submitted": "2027-01-15T08:00:00+00:00",
-                    "Directory": self.directory,
-                    "File": os.path.join(self.directory, "work.py"),
-                }
-            ],
-        )
+        summary = {
+            "Job": job.id,
+            "State": "running",
+            "Submitted": "2027-01-15T08:00:00+00:00",
+            "Directory": self.directory,
+            "Base": os.path.join(self.directory, "time_series.parquet"),
+            "File": os.path.join(self.directory, "work.py"),
+        }
+        self.assertEqual(self.successResultOf(self.queries.recent(None, 1)), [summary])
+        self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"))
+        failed = {**summary, "State": "failed"}
+        failed["Error"] = {"Code": "JobFailed", "Message": "formula 'peak' raised KeyError"}
+        self.assertEqual(self.successResultOf(self.queries.recent(None, 1)), [failed])
 
 
 class ResultTests(JobsTestCase):

@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import measuring
 
 PACKAGE = os.path.dirname(measuring.__file__)
-SHARED = ("wire", "errors", "messages", "files", "tables")
+SHARED = ("wire", "errors", "messages", "files", "tables", "formulas")
 
 
 def _modules(folder: str) -> dict[str, str]:
@@ -153,3 +153,16 @@ class VocabularyTests(SynchronousTestCase):
 
         self.assertEqual(list(errors.ERRORS), list(wire.CODES))
         self.assertEqual(sorted(client.ERRORS), sorted(wire.CODES))
+
+    def test_documented(self) -> None:
+        """docs/protocol.md has a row for every Code."""
+        from measuring import wire
+        from measuring.local import PACKAGE_ROOT
+
+        path = os.path.join(PACKAGE_ROOT, "docs", "protocol.md")
+        if not os.path.exists(path):
+            self.skipTest("measuring was not imported from its repository")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for code in wire.CODES:
+            self.assertIn(f"| `{code}` |", text, code)

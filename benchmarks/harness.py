@@ -183,15 +183,21 @@ class PeakSampler:
         self._thread.join()
 
 
-def children_of(pid: int) -> Callable[[], list[psutil.Process]]:
-    """The direct children of ``pid``, asked anew at each sample (workers come and go)."""
-    parent = psutil.Process(pid)
+def job_processes(local: LocalServer) -> Callable[[], list[psutil.Process]]:
+    """
+    The processes running jobs on ``local``, as its Info "Dask process" names them: asked at each
+    sample until a job has started, then the same ones (a job keeps its process). Not the
+    server's other processes: an idle warm worker, or the template the job was forked from.
+    """
+    found: list[psutil.Process] = []
 
     def roots() -> list[psutil.Process]:
-        try:
-            return parent.children()
-        except psutil.Error:
-            return []
+        if not found:
+            answer = local.ask({"Header": "Info", "Request": "Dask process"})
+            for entry in answer.get("Response", {}).get("Processes", []):
+                with suppress(psutil.Error):
+                    found.append(psutil.Process(entry["Pid"]))
+        return found
 
     return roots
 

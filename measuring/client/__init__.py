@@ -21,20 +21,39 @@ import json
 import os
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from measuring.client.progress import Bar, Progress, bar, close, reporter
+from measuring.client.result import PAGE, Result
 from measuring.wire import DEFAULT_HOST, DEFAULT_PORT, WAITING
 
-PAGE = 10_000
-#: Bytes read at a time from an Arrow stream; transfers from LARGE bytes (or rows, as JSON pages)
-#: get a progress bar by themselves in a terminal or a notebook.
+__all__ = [
+    "PAGE",
+    "BadRequest",
+    "Bar",
+    "Busy",
+    "Cancelled",
+    "Client",
+    "ClientError",
+    "Internal",
+    "Job",
+    "JobError",
+    "JobFailed",
+    "MemoryLimit",
+    "NotFound",
+    "Result",
+    "Timeout",
+    "TooLarge",
+    "Unauthorized",
+    "bar",
+    "error_from",
+    "parse_address",
+]  # fmt: skip
+
+#: Bytes read at a time from an Arrow stream.
 CHUNK = 1 << 20
-LARGE = 32 << 20
-LARGE_ROWS = 200_000
-Progress = Callable[[int, int], None]
 #: Called with each request and each raw line answering it (for ``--json``).
 Record = Callable[[dict[str, Any], bytes], None]
 
@@ -105,66 +124,6 @@ def parse_address(address: str) -> tuple[str, int]:
         return host or DEFAULT_HOST, int(port) if port else DEFAULT_PORT
     except ValueError:
         raise ValueError(f"{address!r} is not HOST:PORT") from None
-
-
-class Bar:
-    """
-    A progress bar (tqdm's, which draws in terminals and notebooks alike) as a Progress callback.
-    Nothing is drawn until the first report; ``close`` leaves it showing where it stopped.
-    """
-
-    def __init__(self, description: str, unit: str = "task", scale: bool = False) -> None:
-        self._description, self._unit, self._scale = description, unit, scale
-        self._shown: Any = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self._shown is None:
-            from tqdm.auto import tqdm
-
-            self._shown = tqdm(
-                desc=self._description, unit=self._unit, unit_scale=self._scale, leave=True
-            )
-        self._shown.total = total
-        self._shown.n = done
-        self._shown.refresh()
-
-    def close(self) -> None:
-        """End the bar's line (at once if it was never drawn)."""
-        if self._shown is not None:
-            self._shown.close()
-
-
-def bar(description: str) -> Bar:
-    """A progress bar of a job's tasks."""
-    return Bar(description)
-
-
-def _reporter(progress: Progress | bool | None, description: str) -> Progress | None:
-    if progress is True:
-        return bar(description)
-    return progress or None
-
-
-def _close(report: Progress | None) -> None:
-    close = getattr(report, "close", None)
-    if close is not None:
-        close()
-
-
-def _interactive() -> bool:
-    """True in a terminal or a notebook, where a bar is seen."""
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
-
-
-def _transfer(
-    progress: Progress | bool | None, size: int, large: int, what: str
-) -> Progress | None:
-    """The report of a transfer of ``size`` (bytes or rows); a bar by itself when it is large."""
-    if progress is None and size >= large and _interactive():
-        progress = True
-    if progress is True:
-        return Bar(what, unit="B", scale=True) if large == LARGE else Bar(what, unit="row")
-    return progress or None
 
 
 class Client:
@@ -350,7 +309,7 @@ class Client:
         """
         fields = self._dask(directory, base, file, functions=functions, output=output,
                             timeout=timeout, engine=engine, index=index)  # fmt: skip
-        report = _reporter(progress, os.path.basename(file))
+        report = reporter(progress, os.path.basename(file))
         request = {"Header": "Dask", "Request": {**fields, "Async": True, "Progress": True}}
         lines = self._lines(request)
         answer = next(lines)
@@ -369,7 +328,7 @@ class Client:
             raise
         finally:
             if progress is True:
-                _close(report)
+                close(report)
         return job
 
     def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -442,12 +401,12 @@ class Job:
 
         Raises TimeoutError (Python's) when ``timeout`` seconds pass first.
         """
-        report = _reporter(progress, self.id)
+        report = reporter(progress, self.id)
         try:
             return self._wait(timeout, report)
         finally:
             if progress is True:
-                _close(report)
+                close(report)
 
     def _wait(self, timeout: float | None, report: Progress | None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -510,145 +469,3 @@ class Job:
             name: Result(self._client, self.id, name, entry, directory)
             for name, entry in status["Results"].items()
         }
-
-
-class Result:
-    """One formula's result: ``kind``, ``file``, ``rows``, ``value``, ``to_pandas()``."""
-
-    def __init__(
-        self, client: Client, job: str, name: str, entry: dict[str, Any], directory: str | None
-    ) -> None:
-        self._client = client
-        self.job, self.name, self.entry = job, name, entry
-        self.kind: str = entry["Kind"]
-        self.file: str | None = entry.get("File")
-        self.rows: int | None = entry.get("Rows")
-        self.columns: list[str] = entry.get("Columns", [])
-        self.index: list[str] = entry.get("Index", [])
-        self.preview: list[dict[str, Any]] = entry.get("Preview", [])
-        #: How many files the table is in: 1, or the parts of a Parquet folder (``file``).
-        self.parts: int = entry.get("Parts", 1)
-        self.value: Any = entry.get("Value")
-        #: The dtype of each index level and column, by name, as the server computed it.
-        self.types: dict[str, str] = entry.get("Types", {})
-        self.directory = directory
-
-    def __repr__(self) -> str:
-        if self.kind == "Scalar":
-            return f"<Result {self.name} = {self.value!r}>"
-        return f"<Result {self.name}: {self.kind}, {self.rows} rows, {self.file}>"
-
-    @property
-    def path(self) -> str | None:
-        """The result file's path on the server's machine."""
-        if self.file is None or self.directory is None:
-            return None
-        return os.path.join(self.directory, self.file)
-
-    def rows_page(self, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
-        """One page of rows, fetched through the server (``Records``, ``Rows``, ``Columns``)."""
-        return self._client.job(self.job).result_page(self.name, offset, limit)
-
-    def records(self, progress: Progress | bool | None = None) -> Iterator[dict[str, Any]]:
-        """
-        Every row as a JSON record, fetched from the server page by page; ``progress`` as for
-        ``to_pandas``, counting rows.
-        """
-        report = _transfer(progress, self.rows or 0, LARGE_ROWS, self.name)
-        offset = 0
-        try:
-            while True:
-                page = self.rows_page(offset, PAGE)
-                yield from page["Records"]
-                offset += len(page["Records"])
-                if report is not None:
-                    report(offset, page["Rows"])
-                if not page["Records"] or offset >= page["Rows"]:
-                    return
-        finally:
-            _close(report)
-
-    def to_arrow(self, progress: Progress | bool | None = None) -> Any:
-        """
-        The result as a pyarrow Table, fetched through the server as one Arrow stream (needs
-        pyarrow). ``progress``: a callable ``(bytes, of bytes)``, True for a bar, False for none;
-        None (the default) draws a bar for a large transfer in a terminal or a notebook.
-        """
-        import pyarrow as pa
-
-        request = {"Header": "Job", "Request": "Result", "Job": self.job, "Name": self.name,
-                   "Format": "arrow"}  # fmt: skip
-        response = self._client.request(request)["Response"]
-        report = _transfer(progress, int(response["Bytes"]), LARGE, self.name)
-        try:
-            data = self._client._body(int(response["Bytes"]), report)
-        finally:
-            _close(report)
-        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-    def to_pandas(self, source: str = "auto", progress: Progress | bool | None = None) -> Any:
-        """
-        The result as a pandas DataFrame (a Series for a Series result, the value for a scalar).
-
-        ``source``: ``"file"`` reads the file (it must be reachable from here); ``"server"``
-        fetches it through the server, as an Arrow stream when pyarrow is installed, else as JSON
-        pages (``"arrow"`` and ``"json"`` choose one); ``"auto"`` reads the file when it can, else
-        fetches it. ``progress`` (for a fetch): a callable ``(done, total)``, True for a bar,
-        False for none; None draws one for a large transfer in a terminal or a notebook.
-        """
-        import pandas as pd
-
-        if self.kind == "Scalar":
-            return self.value
-        path = self.path
-        if source == "file" or (source == "auto" and path is not None and os.path.exists(path)):
-            if path is None:
-                raise ClientError(f"result {self.name} has no file")
-            frame = _read(path)
-        elif source == "arrow" or (source in ("auto", "server") and _has_pyarrow()):
-            frame = self.to_arrow(progress).to_pandas()
-        else:
-            records = list(self.records(progress))
-            frame = pd.DataFrame.from_records(records, columns=[*self.index, *self.columns])
-        frame = _typed(frame, self.types)
-        if self.index and set(self.index) <= set(frame.columns):
-            frame = frame.set_index(self.index)
-        if self.kind == "Series" and len(frame.columns) == 1:
-            return frame[frame.columns[0]]
-        return frame
-
-
-def _has_pyarrow() -> bool:
-    """True when pyarrow can be imported (importing it, which pandas does anyway)."""
-    try:
-        import pyarrow.ipc  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _typed(frame: Any, types: dict[str, str]) -> Any:
-    """Times and durations, which JSON and CSV carry as text, back as times and durations."""
-    import pandas as pd
-
-    for column, dtype in types.items():
-        if column not in frame.columns or frame[column].dtype.kind in "mM":
-            continue
-        if dtype.startswith("datetime64"):
-            times = pd.to_datetime(frame[column], format="ISO8601", utc=", " in dtype)
-            if ", " in dtype:
-                times = times.dt.tz_convert(dtype.split(", ", 1)[1].rstrip("]"))
-            frame[column] = times
-        elif dtype.startswith("timedelta64"):
-            frame[column] = pd.to_timedelta(frame[column])
-    return frame
-
-
-def _read(path: str) -> Any:
-    import pandas as pd
-
-    if path.endswith(".parquet") or os.path.isdir(path):  # a file, or a folder of parts
-        return pd.read_parquet(path)
-    if path.endswith(".csv"):
-        return pd.read_csv(path)
-    return pd.read_json(path, orient="records")

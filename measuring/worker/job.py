@@ -291,30 +291,33 @@ def _lower(limit: int, value: int) -> None:
 def warm_up() -> None:
     """
     Import and exercise what a job uses, so that no job pays for it, without starting a thread:
-    the template forks job processes, and a fork copies no thread. Dask computes a small frame
-    with its single-threaded scheduler; fastparquet reads a file; pyarrow reads from memory,
-    since opening a file as a pyarrow dataset (as ``dataset.read_dataset`` does) starts Arrow's
-    I/O threads. Pools of threads start in the job process.
+    the template forks job processes, and a fork copies no thread. fastparquet reads the whole
+    way with Dask's single-threaded scheduler; pyarrow builds its Dask graph, and reads from
+    memory, since reading a file starts Arrow's I/O threads. Pools of threads start in the job.
     """
     import io
 
     import dask
-    import dask.dataframe as dd
+    import dask.dataframe  # the collections a formula gets
     import fastparquet
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.dataset  # what the dataset is read through
+    import pyarrow.dataset  # what Dask reads Parquet through
     import pyarrow.parquet as pq
 
-    frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
-    lazy = dd.from_pandas(frame, npartitions=2).groupby("sensor").value.mean()
-    dask.compute(lazy, scheduler="sync")
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
         path = os.path.join(folder, "warm.parquet")
+        frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
         frame.to_parquet(path, engine="pyarrow")
+        # Opening a file through pyarrow starts Arrow's I/O threads: the readers' own code is
+        # imported here, and first runs in the job.
+        import measuring.worker.dataset
+        import measuring.worker.output  # noqa: F401
+
+        dataset = dask.dataframe.from_pandas(frame, npartitions=1)
+        dask.compute(dataset.groupby("sensor").value.mean(), scheduler="sync")
         fastparquet.ParquetFile(path).to_pandas()
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, engine="pyarrow")
-    table = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).read(use_threads=False)
-    table.to_pandas(use_threads=False)
-    table.schema.empty_table().to_pandas(use_threads=False)
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, engine="pyarrow")
+        table = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).read(use_threads=False)
+        table.to_pandas(use_threads=False)

@@ -328,9 +328,9 @@ def _lower(limit: int, value: int) -> None:
 def warm_up() -> None:
     """
     Import and exercise what a job uses, so that no job pays for it, without starting a thread:
-    the template forks job processes, and a fork copies no thread. fastparquet reads the whole
-    way with Dask's single-threaded scheduler; pyarrow builds its Dask graph, and reads from
-    memory, since reading a file starts Arrow's I/O threads. Pools of threads start in the job.
+    the template forks job processes, and a fork copies no thread. Dask computes a small frame
+    with its single-threaded scheduler, fastparquet reads a file, pyarrow reads from memory (it
+    starts I/O threads to open a file). Pools of threads start in the job process.
     """
     import io
 

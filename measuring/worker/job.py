@@ -22,6 +22,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import psutil
 from dask.callbacks import Callback
 
 from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
@@ -208,7 +209,11 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     path = message["File"]
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
-    threads = limits.get("Threads") or DEFAULT_THREADS
+    share = datasets.budget(
+        limits.get("Memory"),
+        limits.get("Threads") or DEFAULT_THREADS,
+        psutil.Process().memory_info().rss,
+    )
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
         # A temporary folder of the job's own, which the server removes when the job has ended.
@@ -217,14 +222,14 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
         os.chdir(message["Directory"])
         module = import_formulas(path)
         formulas = find_formulas(module, path, message.get("Functions"))
-        dataset = _dataset(message, limits.get("Memory"), threads)
+        dataset = _dataset(message, share)
         writer = ResultWriter(
             message.get("Outbox") or message["Directory"],
             message["Job"],
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
         )
-        values = compute(formulas, dataset, path, progress, writer, threads)
+        values = compute(formulas, dataset, path, progress, writer, share.threads)
         described = summarize(values, writer)
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}
@@ -237,18 +242,15 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     return {"Type": "Done", "Results": described}
 
 
-def _dataset(message: Message, memory: int | None, threads: int) -> Any:
+def _dataset(message: Message, share: datasets.Budget) -> Any:
     """The job's dataset, in partitions sized for its memory and threads; JobFailed if unread."""
-    import psutil
-
     try:
-        baseline = psutil.Process().memory_info().rss
         return datasets.read_dataset(
             message["Base"],
             message.get("Engine", "pyarrow"),
             message.get("Index"),
-            datasets.partition_bytes(memory, threads, baseline),
-            threads,
+            share.partition,
+            share.threads,
         )
     except MeasuringError:
         raise

@@ -6,8 +6,8 @@ The dataset's row groups (from the files' footers, nothing else is read) are gro
 partitions of the size ``budget`` gives the job's memory and threads: small files are combined,
 and every partition is a run of whole row groups. Partitions are read by ``dd.from_map``, which
 takes a column projection into the read and never fuses partitions back together. An index
-column gets divisions from the row groups' statistics when they show it sorted. Never imports twisted or
-``measuring.server``; dask, pandas and pyarrow are imported inside the functions.
+column gets divisions from the row groups' statistics when they show it sorted. Never imports
+twisted or ``measuring.server``; dask, pandas and pyarrow are imported inside the functions.
 """
 
 from __future__ import annotations

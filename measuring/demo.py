@@ -4,12 +4,14 @@
 Writes a week of per-second readings from five sensors (about three million rows) as Parquet and a
 formula file into a new temporary folder, starts the real server on a free loopback port, runs the
 formulas through the client with a progress bar, prints the result tables and stops the server.
-The folder is kept, to look at.
+The folder is kept, to look at. With ``--json`` the run's answer lines go to stdout, the rest to
+stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -82,51 +84,65 @@ def write_sample(folder: str, days: int = 7) -> int:
     return len(data)
 
 
+def _answer_line(request: dict[str, Any], line: bytes) -> None:
+    sys.stdout.buffer.write(line)
+    sys.stdout.buffer.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m measuring.demo", description=__doc__)
     parser.add_argument("--folder", help="folder for the sample (default: a new temporary one)")
     parser.add_argument("--days", type=int, default=7, help="days of readings (default: 7)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="the server's answer lines on stdout, the rest on stderr",
+    )
     args = parser.parse_args(argv)
+    say = functools.partial(print, file=sys.stderr if args.json else sys.stdout)
     folder = os.path.realpath(args.folder or tempfile.mkdtemp(prefix="measuring-demo-"))
     os.makedirs(folder, exist_ok=True)
 
-    print(
-        f"Writing {args.days} days of per-second readings from {len(SENSORS)} sensors", flush=True
-    )
+    say(f"Writing {args.days} days of per-second readings from {len(SENSORS)} sensors", flush=True)
     rows = write_sample(folder, args.days)
-    print(f"  {rows:,} rows in {folder}/time_series.parquet, formulas in work.py")
-    print("Starting the server: twistd -n measuring --port tcp:0 ...", flush=True)
+    say(f"  {rows:,} rows in {folder}/time_series.parquet, formulas in work.py")
+    say("Starting the server: twistd -n measuring --port tcp:0 ...", flush=True)
     server = LocalServer(folder, "--data-root", folder)
     try:
-        print(f"Listening on 127.0.0.1:{server.port}\n")
+        say(f"Listening on {server.address}\n")
         request = {"Directory": folder, "Base": "time_series.parquet", "File": "work.py"}
-        print("Running:", json.dumps({"Header": "Dask", "Request": request}), flush=True)
-        with Client("127.0.0.1", server.port) as client:
+        say("Running:", json.dumps({"Header": "Dask", "Request": request}), flush=True)
+        with Client.from_address(server.address) as client:
+            if args.json:
+                client.record = _answer_line
+            bar = sys.stderr.isatty() and not args.json
             try:
-                job = client.run(folder, "time_series.parquet", "work.py",
-                                 progress=sys.stdout.isatty() or None)  # fmt: skip
+                job = client.run(folder, "time_series.parquet", "work.py", progress=bar or None)
             except JobError as e:
                 print(f"The job failed: {e}", file=sys.stderr)
                 return 1
-            _print_results(job.id, job.status(), job.results)
+            client.record = None  # with --json, the run's lines only
+            _print_results(job.id, job.status(), job.results, say)
     finally:
         code = server.stop()
-    print("\nServer stopped." if code in (0, -15) else f"\nServer stopped with exit code {code}.")
-    print(f"The data, the formulas and the results are in {folder}")
+    say("\nServer stopped." if code in (0, -15) else f"\nServer stopped with exit code {code}.")
+    say(f"The data, the formulas and the results are in {folder}")
     return 0
 
 
-def _print_results(job: str, status: dict[str, Any], results: dict[str, Any]) -> None:
+def _print_results(
+    job: str, status: dict[str, Any], results: dict[str, Any], say: Any = print
+) -> None:
     import pandas as pd
 
-    print(f"\nJob {job}: {status['State']} in {status['Elapsed']} s")
+    say(f"\nJob {job}: {status['State']} in {status['Elapsed']} s")
     with pd.option_context("display.width", 100, "display.max_columns", 10):
         for name, result in results.items():
             if result.kind == "Scalar":
-                print(f"\n{name}: {result.value}")
+                say(f"\n{name}: {result.value}")
                 continue
-            print(f"\n{name} ({result.kind}, {result.rows:,} rows) in {result.file}:")
-            print(textwrap.indent(result.to_pandas().head(8).to_string(), "  "))
+            say(f"\n{name} ({result.kind}, {result.rows:,} rows) in {result.file}:")
+            say(textwrap.indent(result.to_pandas().head(8).to_string(), "  "))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """
-Where a job's files lie, and how its results folder is published complete or not at all.
+Where a job's files lie, how its results folder is published complete or not at all, and which
+files of a dataset folder hold its data.
 
 Shared by the worker (which writes results) and the server (which places a sandboxed worker's
-results and removes what an unfinished job left). Standard library only.
+results, removes what an unfinished job left, and checks and reads datasets). Standard library
+only.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 from measuring.errors import Forbidden
@@ -17,6 +20,23 @@ from measuring.wire import OUTPUTS, RESULTS
 def inside(path: str, folder: str) -> bool:
     """True when the real path ``path`` is ``folder`` or lies below it (both real and absolute)."""
     return os.path.commonpath([path, folder]) == folder
+
+
+def natural_key(path: str) -> list[str | int]:
+    """Sort key putting ``part.2`` before ``part.10``, as Dask's readers order a folder's files."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def data_files(folder: str) -> list[str]:
+    """
+    The data files of a dataset folder (a folder of Parquet parts), below it at any depth, in the
+    order readers take them; names starting with ``_`` or ``.`` are skipped, as pyarrow does.
+    """
+    found = []
+    for where, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(("_", "."))]
+        found += [os.path.join(where, name) for name in names if not name.startswith(("_", "."))]
+    return sorted(found, key=natural_key)
 
 
 def partial_dir(directory: str, job: str) -> str:

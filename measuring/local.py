@@ -20,7 +20,7 @@ from typing import Any
 import measuring
 
 PACKAGE_ROOT = measuring.PACKAGE_ROOT
-LISTENING = "measuring listening on 127.0.0.1:"
+LISTENING = "measuring listening on "
 
 
 def environment() -> dict[str, str]:
@@ -58,19 +58,21 @@ class LocalServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.port = self._wait_for_port()
+        #: Where the server says it listens, ``host:port``; and the port.
+        self.address = self._wait_for_address()
+        self.port = int(self.address.rsplit(":", 1)[1])
 
     def log(self) -> str:
         """Everything the server has logged so far."""
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def _wait_for_port(self) -> int:
+    def _wait_for_address(self) -> str:
         deadline = time.monotonic() + self.patience
         while time.monotonic() < deadline:
             for line in self.log().splitlines():
                 if LISTENING in line:
-                    return int(line.split(LISTENING)[1].split()[0])
+                    return line.split(LISTENING)[1].split()[0]
             if self.process.poll() is not None:
                 self._log.close()
                 raise RuntimeError(f"the server exited at start:\n{self.log()}")
@@ -87,14 +89,14 @@ class LocalServer:
             return connection.ask(request)
 
     def wait_until_ready(self) -> None:
-        """Ask for Status until every worker process has warmed up."""
+        """Ask for Status until the template process has loaded and warmed up."""
         deadline = time.monotonic() + self.patience
         while time.monotonic() < deadline:
             workers = self.ask({"Header": "Info", "Request": "Status"})["Response"]["Workers"]
-            if workers["Ready"] == workers["Size"]:
+            if workers["Template"] == "ready":
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"the workers were not ready within {self.patience} s")
+        raise RuntimeError(f"the template process was not ready within {self.patience} s")
 
     def stop(self) -> int:
         """Stop the server as systemd does (SIGTERM, then SIGKILL) and return its exit code."""

@@ -1,15 +1,30 @@
 """
-The messages between the server's pool (``pool``) and a worker process (``worker``).
+The messages between the server's pool (``measuring.server.pool``), the template process and the
+job processes it forks (``measuring.worker``). Each message is a JSON object on one line.
 
-Each message is a JSON object on one line. The worker reads its job on file descriptor
-``JOB_FD`` and writes its messages on ``REPLY_FD``, so that whatever the formulas print on
-stdout and stderr stays apart and becomes the job's log:
+The template reads the server's requests on its control socket, file descriptor ``CONTROL_FD``
+(a Unix socket, so that file descriptors travel with the requests):
 
-- worker -> server ``{"Type": "Ready"}``: imports done and warmed up, waiting for a job.
-- server -> worker ``{"Type": "Job", "Job": id, "Directory", "Base", "File", "Functions",
-  "Output", "Engine"}``: paths are real and already checked against the data roots.
-- worker -> server ``{"Type": "Done", "Results": {...}}`` or
-  ``{"Type": "Error", "Error": {"Code", "Message"}}``; then the worker exits.
+- template -> server ``{"Type": "Ready", "Pid": pid, "Threads": n}``: loaded and warmed up.
+- server -> template ``{"Type": "Fork", "Id": n, "Fds": 4, "Environment": {...},
+  "Sandbox": [bwrap command line] or null}`` with four descriptors: the job process's stdout,
+  stderr, job pipe and reply pipe. The template answers ``{"Type": "Forked", "Id": n, "Pid":
+  pid}`` and, when that process has ended, ``{"Type": "Exited", "Pid": pid, "Status": wait
+  status, "Cpu": seconds}``.
+
+A job process reads its job on file descriptor ``JOB_FD`` and writes its messages on
+``REPLY_FD``, so that whatever the formulas print on stdout and stderr stays apart and becomes
+the job's log:
+
+- job process -> server ``{"Type": "Ready", "Pid": pid}``: settled in (its host pid, also from
+  inside a sandbox), waiting for its job.
+- server -> job process ``{"Type": "Job", "Job": id, "Directory", "Base", "File", "Functions",
+  "Output", "Engine", "Limits", "Outbox"}``: paths are real and already checked against the data
+  roots. Formulas sent with the request come as ``"Code"`` and ``"Name"`` with ``"File": null``;
+  with a cluster, ``"Cluster"`` says where it is (``measuring.cluster.ClusterSettings``).
+- job process -> server ``{"Type": "Progress", "Done": n, "Total": n}``, then
+  ``{"Type": "Done", "Results": {...}}`` or ``{"Type": "Error", "Error": {"Code", "Message"}}``;
+  then it exits.
 
 Plain Python: both sides import it.
 """
@@ -20,14 +35,18 @@ import json
 import os
 from typing import Any
 
+CONTROL_FD = 3
 JOB_FD = 3
 REPLY_FD = 4
-#: Environment variables marking a worker's processes: the server (its state directory), the
-#: worker process (a random token, in its environment from its start, so every process below it
-#: inherits it, forked or not), and the job (set when the job starts, for the formulas to read).
+#: Environment variables marking a job's processes: the server (its state directory, in the
+#: template's environment from its start), the job process (a random token, set when it is
+#: forked, so every process it starts inherits it), and the job (set when the job starts, for the
+#: formulas to read).
 SERVER_MARK = "MEASURING_SERVER"
 WORKER_MARK = "MEASURING_WORKER"
 JOB_MARK = "MEASURING_JOB"
+#: In a worker's environment when its jobs compute on a cluster: it imports distributed warming up.
+CLUSTER_MARK = "MEASURING_CLUSTER"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 Message = dict[str, Any]

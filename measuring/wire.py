@@ -28,6 +28,7 @@ CODES = (
     "Cancelled",
     "MemoryLimit",
     "JobFailed",
+    "Unavailable",
     "Internal",
 )
 
@@ -40,6 +41,10 @@ STATES = (*WAITING, *FINISHED)
 KINDS = ("DataFrame", "Series", "Scalar")
 OUTPUTS = {"parquet": ".parquet", "csv": ".csv", "json": ".json"}
 ENGINES = ("pyarrow", "fastparquet")
+
+# How a Job Result request gets a table: JSON records, or an Arrow IPC stream of this media type.
+RESULT_FORMATS = ("json", "arrow")
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 # Results go to <Directory>/RESULTS/<job>/.
 RESULTS = "results"

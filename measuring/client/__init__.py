@@ -8,8 +8,10 @@ A light client for measuring servers: plain sockets and JSON, for scripts and no
         job.results["mean_by_sensor"].to_pandas()
 
 Importing this module imports neither Dask nor Twisted nor pyarrow; pandas is imported only by
-``Result.to_pandas``, tqdm only for ``progress=True``. Every server error is raised as a
-``JobError`` subclass named after its Code, carrying ``code``, ``message`` and ``job``.
+``Result.to_pandas``, pyarrow only by it (when installed: it then fetches the result as an Arrow
+stream, else as JSON pages), tqdm only for progress bars. Every server error is raised as a
+``JobError`` subclass named after its Code, carrying ``code``, ``message``, ``job``, ``log`` and
+the answer line itself.
 """
 
 from __future__ import annotations
@@ -23,10 +25,37 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from measuring.client.progress import Bar, Progress, bar, close, reporter
+from measuring.client.result import PAGE, Result
 from measuring.wire import DEFAULT_HOST, DEFAULT_PORT, WAITING
 
-PAGE = 10_000
-Progress = Callable[[int, int], None]
+__all__ = [
+    "PAGE",
+    "BadRequest",
+    "Bar",
+    "Busy",
+    "Cancelled",
+    "Client",
+    "ClientError",
+    "Internal",
+    "Job",
+    "JobError",
+    "JobFailed",
+    "MemoryLimit",
+    "NotFound",
+    "Result",
+    "Timeout",
+    "TooLarge",
+    "Unauthorized",
+    "bar",
+    "error_from",
+    "parse_address",
+]  # fmt: skip
+
+#: Bytes read at a time from an Arrow stream.
+CHUNK = 1 << 20
+#: Called with each request and each raw line answering it (for ``--json``).
+Record = Callable[[dict[str, Any], bytes], None]
 
 
 class ClientError(Exception):
@@ -38,11 +67,19 @@ class JobError(Exception):
 
     code = "Error"
 
-    def __init__(self, message: str, job: str | None = None, log: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        job: str | None = None,
+        log: str | None = None,
+        answer: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.job = job
         self.log = log
+        #: The answer this error came in (an error answer, or the Status of a job that failed).
+        self.answer = answer
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -62,6 +99,7 @@ Timeout = _error_class("Timeout")
 Cancelled = _error_class("Cancelled")
 MemoryLimit = _error_class("MemoryLimit")
 JobFailed = _error_class("JobFailed")
+Unavailable = _error_class("Unavailable")
 Internal = _error_class("Internal")
 ERRORS = {cls.code: cls for cls in JobError.__subclasses__()}
 
@@ -70,7 +108,7 @@ def error_from(answer: dict[str, Any]) -> JobError:
     """The JobError an error answer stands for."""
     error = answer.get("Error") or {}
     cls = ERRORS.get(str(error.get("Code")), JobError)
-    return cls(str(error.get("Message", "")), answer.get("Job"), answer.get("Log"))
+    return cls(str(error.get("Message", "")), answer.get("Job"), answer.get("Log"), answer)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -87,31 +125,6 @@ def parse_address(address: str) -> tuple[str, int]:
         return host or DEFAULT_HOST, int(port) if port else DEFAULT_PORT
     except ValueError:
         raise ValueError(f"{address!r} is not HOST:PORT") from None
-
-
-def bar(description: str) -> Progress:
-    """
-    A progress bar (tqdm's, which draws in terminals and notebooks alike) as a callback; it
-    closes when done reaches total (a job that ends without tasks reports ``(0, 0)``).
-    """
-    from tqdm.auto import tqdm
-
-    shown = tqdm(desc=description, unit="task", leave=True)
-
-    def update(done: int, total: int) -> None:
-        shown.total = total
-        shown.n = done
-        shown.refresh()
-        if done >= total:
-            shown.close()
-
-    return update
-
-
-def _reporter(progress: Progress | bool | None, description: str) -> Progress | None:
-    if progress is True:
-        return bar(description)
-    return progress or None
 
 
 class Client:
@@ -134,6 +147,8 @@ class Client:
         self._socket: socket.socket | None = None
         self._file: Any = None
         self._ids = itertools.count(1)
+        #: Called with each request and each raw line answering it, when set.
+        self.record: Record | None = None
 
     @classmethod
     def from_address(cls, address: str, **options: Any) -> Client:
@@ -183,14 +198,43 @@ class Client:
                 if not line:
                     raise ClientError("the server closed the connection")
                 answer = json.loads(line)
-                if answer.get("Id") == request_id:
-                    yield answer
+                if answer.get("Id") != request_id:
+                    self._skip_body(answer)  # a stream answering a request given up on
+                    continue
+                if self.record is not None:
+                    self.record(request, line)
+                yield answer
         except (OSError, ValueError) as e:
             self.close()
             raise ClientError(f"lost the server at {self.host}:{self.port}: {e}") from None
         except ClientError:
             self.close()
             raise
+
+    def _skip_body(self, answer: dict[str, Any]) -> None:
+        response = answer.get("Response")
+        if isinstance(response, dict) and response.get("Format") == "arrow":
+            self._body(int(response["Bytes"]), None)
+
+    def _body(self, size: int, report: Progress | None) -> bytearray:
+        """The ``size`` raw bytes that follow an answer line (an Arrow stream)."""
+        data = bytearray(size)
+        view, got = memoryview(data), 0
+        try:
+            while got < size:
+                read = self._file.readinto(view[got : got + CHUNK])
+                if not read:
+                    raise ClientError("the server closed the connection in the middle of a result")
+                got += read
+                if report is not None:
+                    report(got, size)
+        except OSError as e:
+            self.close()
+            raise ClientError(f"lost the server at {self.host}:{self.port}: {e}") from None
+        except BaseException:
+            self.close()  # the rest of the stream is still coming: this connection is done
+            raise
+        return data
 
     def request(self, request: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
         """Send one request; its final answer (Progress lines go to ``progress``)."""
@@ -215,8 +259,10 @@ class Client:
         response: dict[str, Any] = self.request({"Header": "Info", "Request": name})["Response"]
         return response
 
-    def _dask(self, directory: str, base: str, file: str, **options: Any) -> dict[str, Any]:
-        fields: dict[str, Any] = {"Directory": directory, "Base": base, "File": file}
+    def _dask(
+        self, directory: str, base: str, file: str | None, code: str | None, **options: Any
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {"Directory": directory, "Base": base, **formulas(file, code)}
         names = {"functions": "Functions", "output": "Output", "engine": "Engine",
                  "timeout": "Timeout", "index": "Index"}  # fmt: skip
         for name, value in options.items():
@@ -228,18 +274,21 @@ class Client:
         self,
         directory: str,
         base: str,
-        file: str,
+        file: str | None = None,
         functions: list[str] | None = None,
         output: str | None = None,
         timeout: float | None = None,
         engine: str | None = None,
         index: str | None = None,
+        code: str | None = None,
     ) -> Job:
         """
-        Queue a job and return at once (the job runs in the background). ``index`` names the
-        column to index the dataset by (``"time"``), for resample and rolling windows.
+        Queue a job and return at once (the job runs in the background). The formulas are
+        ``file`` in ``directory`` on the server, or ``code``: a local file's path, or Python
+        source, sent with the job. ``index`` names the column to index the dataset by
+        (``"time"``), for resample and rolling windows.
         """
-        fields = self._dask(directory, base, file, functions=functions, output=output,
+        fields = self._dask(directory, base, file, code, functions=functions, output=output,
                             timeout=timeout, engine=engine, index=index)  # fmt: skip
         answer = self.request({"Header": "Dask", "Request": {**fields, "Async": True}})
         return Job(self, answer["Job"])
@@ -248,7 +297,7 @@ class Client:
         self,
         directory: str,
         base: str,
-        file: str,
+        file: str | None = None,
         functions: list[str] | None = None,
         output: str | None = None,
         timeout: float | None = None,
@@ -256,17 +305,20 @@ class Client:
         progress: Progress | bool | None = None,
         accepted: Callable[[Job], None] | None = None,
         index: str | None = None,
+        code: str | None = None,
     ) -> Job:
         """
         Run a job and return it once it has ended, done; raise its error otherwise.
 
-        ``progress`` is a callable ``(done, total)``, or True for a progress bar; ``accepted`` is
-        called with the Job as soon as the server has recorded it; ``index`` names the column to
-        index the dataset by (``"time"``), for resample and rolling windows.
+        The formulas are ``file`` in ``directory`` on the server, or ``code``: a local file's
+        path, or Python source, sent with the job. ``progress`` is a callable ``(done, total)``,
+        or True for a progress bar; ``accepted`` is called with the Job as soon as the server has
+        recorded it; ``index`` names the column to index the dataset by (``"time"``), for
+        resample and rolling windows.
         """
-        fields = self._dask(directory, base, file, functions=functions, output=output,
+        fields = self._dask(directory, base, file, code, functions=functions, output=output,
                             timeout=timeout, engine=engine, index=index)  # fmt: skip
-        report = _reporter(progress, os.path.basename(file))
+        report = reporter(progress, fields.get("Name") or os.path.basename(fields["File"]))
         request = {"Header": "Dask", "Request": {**fields, "Async": True, "Progress": True}}
         lines = self._lines(request)
         answer = next(lines)
@@ -279,6 +331,13 @@ class Client:
             job._done(_follow(lines, report))
         except ClientError:
             return job.wait(progress=report)  # the connection broke; the job runs on
+        except JobError as e:
+            if e.log is None:  # a job stopped by the server: its answer has no log
+                e.log = job._quiet_log()
+            raise
+        finally:
+            if progress is True:
+                close(report)
         return job
 
     def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -299,30 +358,40 @@ class Client:
         return response
 
 
+def formulas(file: str | None, code: str | None) -> dict[str, str]:
+    """
+    The fields naming a job's formulas: ``File`` (on the server), or ``Code`` and ``Name`` when
+    ``code`` is the path of a local file (named after it) or Python source (``formulas.py``).
+    """
+    if (file is None) == (code is None):
+        raise ValueError("give the formulas either as file (on the server) or as code, not both")
+    if code is None:
+        return {"File": str(file)}
+    if "\n" not in code and os.path.isfile(code):
+        with open(code, encoding="utf-8") as f:
+            return {"Code": f.read(), "Name": os.path.basename(code)}
+    return {"Code": code, "Name": "formulas.py"}
+
+
 def _follow(lines: Iterator[dict[str, Any]], report: Progress | None) -> dict[str, Any]:
     """
     Read a job's Progress lines and then its answer; the Response, or its error raised. The
-    progress ends at done == total however the job ends (not when the connection breaks).
+    progress ends at done == total when the job is done; otherwise it stays where the job stopped.
     """
-    total, ended = 0, True
-    try:
-        for answer in lines:
-            if answer.get("Header") == "Progress":
-                total = answer["Total"]
-                if report is not None:
-                    report(answer["Done"], total)
-            elif answer.get("Status") == "Error":
-                raise error_from(answer)
-            else:
-                response: dict[str, Any] = answer["Response"]
-                return response
-        raise ClientError("the server sent no answer")
-    except ClientError:
-        ended = False
-        raise
-    finally:
-        if ended and report is not None:
-            report(total, total)
+    total = 0
+    for answer in lines:
+        if answer.get("Header") == "Progress":
+            total = answer["Total"]
+            if report is not None:
+                report(answer["Done"], total)
+        elif answer.get("Status") == "Error":
+            raise error_from(answer)
+        else:
+            if report is not None:
+                report(total, total)
+            response: dict[str, Any] = answer["Response"]
+            return response
+    raise ClientError("the server sent no answer")
 
 
 class Job:
@@ -356,7 +425,14 @@ class Job:
 
         Raises TimeoutError (Python's) when ``timeout`` seconds pass first.
         """
-        report = _reporter(progress, self.id)
+        report = reporter(progress, self.id)
+        try:
+            return self._wait(timeout, report)
+        finally:
+            if progress is True:
+                close(report)
+
+    def _wait(self, timeout: float | None, report: Progress | None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause, total = 0.1, 0
         while True:
@@ -369,17 +445,37 @@ class Job:
                     report(total, total)
                 return self
             if status["State"] not in WAITING:
-                error = status.get("Error") or {"Code": "JobFailed", "Message": status["State"]}
-                raise error_from({"Error": error, "Job": self.id, "Log": self.log()})
+                raise self.error(status)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.id} is still {status['State']} after {timeout} s")
             time.sleep(pause)
             pause = min(pause * 1.5, 2.0)
 
+    def error(self, status: dict[str, Any]) -> JobError:
+        """The error a job that ended without results (its ``status``) stands for, with its log."""
+        error = status.get("Error") or {"Code": "JobFailed", "Message": status["State"]}
+        found = error_from({"Error": error, "Job": self.id, "Log": self._quiet_log()})
+        found.answer = {"Header": "Job", "Request": "Status", "Job": self.id, "Response": status}
+        return found
+
     def cancel(self) -> str:
         """Cancel the job; returns the state it ends in."""
         state: str = self._client._job_request("Cancel", self.id)["State"]
         return state
+
+    def result_page(self, name: str, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """One page of the result ``name`` as JSON records (for a single value, its Value)."""
+        return self._client._job_request("Result", self.id, Name=name, Offset=offset, Limit=limit)
+
+    def _quiet_log(self) -> str | None:
+        """The log, asked without recording the answer; None when it cannot be had."""
+        record, self._client.record = self._client.record, None
+        try:
+            return self.log()
+        except (JobError, ClientError):
+            return None
+        finally:
+            self._client.record = record
 
     def log(self) -> str:
         """What the job's formulas printed (so far)."""
@@ -397,106 +493,3 @@ class Job:
             name: Result(self._client, self.id, name, entry, directory)
             for name, entry in status["Results"].items()
         }
-
-
-class Result:
-    """One formula's result: ``kind``, ``file``, ``rows``, ``value``, ``to_pandas()``."""
-
-    def __init__(
-        self, client: Client, job: str, name: str, entry: dict[str, Any], directory: str | None
-    ) -> None:
-        self._client = client
-        self.job, self.name, self.entry = job, name, entry
-        self.kind: str = entry["Kind"]
-        self.file: str | None = entry.get("File")
-        self.rows: int | None = entry.get("Rows")
-        self.columns: list[str] = entry.get("Columns", [])
-        self.index: list[str] = entry.get("Index", [])
-        self.preview: list[dict[str, Any]] = entry.get("Preview", [])
-        #: How many files the table is in: 1, or the parts of a Parquet folder (``file``).
-        self.parts: int = entry.get("Parts", 1)
-        self.value: Any = entry.get("Value")
-        #: The dtype of each index level and column, by name, as the server computed it.
-        self.types: dict[str, str] = entry.get("Types", {})
-        self.directory = directory
-
-    def __repr__(self) -> str:
-        if self.kind == "Scalar":
-            return f"<Result {self.name} = {self.value!r}>"
-        return f"<Result {self.name}: {self.kind}, {self.rows} rows, {self.file}>"
-
-    @property
-    def path(self) -> str | None:
-        """The result file's path on the server's machine."""
-        if self.file is None or self.directory is None:
-            return None
-        return os.path.join(self.directory, self.file)
-
-    def rows_page(self, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
-        """One page of rows, fetched through the server (``Records``, ``Rows``, ``Columns``)."""
-        return self._client._job_request(
-            "Result", self.job, Name=self.name, Offset=offset, Limit=limit
-        )
-
-    def records(self) -> Iterator[dict[str, Any]]:
-        """Every row as a JSON record, fetched from the server page by page."""
-        offset = 0
-        while True:
-            page = self.rows_page(offset, PAGE)
-            yield from page["Records"]
-            offset += len(page["Records"])
-            if not page["Records"] or offset >= page["Rows"]:
-                return
-
-    def to_pandas(self, source: str = "auto") -> Any:
-        """
-        The result as a pandas DataFrame (a Series for a Series result, the value for a scalar).
-
-        ``source``: ``"file"`` reads the file (it must be reachable from here), ``"server"``
-        fetches the rows through the protocol, ``"auto"`` reads the file when it can.
-        """
-        import pandas as pd
-
-        if self.kind == "Scalar":
-            return self.value
-        path = self.path
-        if source == "file" or (source == "auto" and path is not None and os.path.exists(path)):
-            if path is None:
-                raise ClientError(f"result {self.name} has no file")
-            frame = _read(path)
-        else:
-            records = list(self.records())
-            frame = pd.DataFrame.from_records(records, columns=[*self.index, *self.columns])
-        frame = _typed(frame, self.types)
-        if self.index and set(self.index) <= set(frame.columns):
-            frame = frame.set_index(self.index)
-        if self.kind == "Series" and len(frame.columns) == 1:
-            return frame[frame.columns[0]]
-        return frame
-
-
-def _typed(frame: Any, types: dict[str, str]) -> Any:
-    """Times and durations, which JSON and CSV carry as text, back as times and durations."""
-    import pandas as pd
-
-    for column, dtype in types.items():
-        if column not in frame.columns or frame[column].dtype.kind in "mM":
-            continue
-        if dtype.startswith("datetime64"):
-            times = pd.to_datetime(frame[column], format="ISO8601", utc=", " in dtype)
-            if ", " in dtype:
-                times = times.dt.tz_convert(dtype.split(", ", 1)[1].rstrip("]"))
-            frame[column] = times
-        elif dtype.startswith("timedelta64"):
-            frame[column] = pd.to_timedelta(frame[column])
-    return frame
-
-
-def _read(path: str) -> Any:
-    import pandas as pd
-
-    if path.endswith(".parquet"):
-        return pd.read_parquet(path)
-    if path.endswith(".csv"):
-        return pd.read_csv(path)
-    return pd.read_json(path, orient="records")

@@ -3,9 +3,11 @@
 
 Exit codes: 0 done; 1 the job failed, timed out, was cancelled or refused (Busy); 2 the command or
 what it names is wrong (usage, BadRequest, Forbidden, NotFound); 3 the server cannot be reached or
-talked to. An error from the server is one line on stderr (with ``--debug``, the traceback too); a
-usage error is click's usual short usage and error line. ``--json`` prints
-the server's answers as they are, for scripts. Built on click, with tqdm's bars on a terminal.
+talked to. ``run``, ``job wait`` and ``job status`` exit with the code of the job's end state.
+Every error found while running is one line on stderr, ``error: ...`` (with ``--debug``, the
+traceback too); only a wrong command line gets click's usage help. ``--json`` prints the server's
+answer lines on stdout exactly as it sent them, errors included. Built on click, with tqdm's bars
+on a terminal (``show`` prints everything else for people).
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import click
 
-from measuring.client import Client, ClientError, JobError, Result, bar
-from measuring.wire import ENGINES, INFO_REQUESTS, OUTPUTS, STATES, token_lines
+from measuring.client import Client, ClientError, JobError, NotFound, show
+from measuring.wire import ENGINES, FINISHED, INFO_REQUESTS, OUTPUTS, STATES, token_lines
 
 EXIT_JOB, EXIT_USAGE, EXIT_SERVER = 1, 2, 3
 _EXITS = {
@@ -31,11 +34,28 @@ _EXITS = {
     "Cancelled": EXIT_JOB,
     "MemoryLimit": EXIT_JOB,
     "Busy": EXIT_JOB,
+    "Unavailable": EXIT_JOB,
     "BadRequest": EXIT_USAGE,
     "Forbidden": EXIT_USAGE,
     "NotFound": EXIT_USAGE,
 }
-PREVIEW_ROWS = 5
+#: Errors after which the job's log is worth a look (when it holds something).
+_LOGGED = ("JobFailed", "Timeout", "MemoryLimit")
+INTERRUPTED = 130
+
+
+def exit_code(code: str) -> int:
+    """The exit code for an error Code of the protocol."""
+    return _EXITS.get(code, EXIT_SERVER)
+
+
+class Refused(click.ClickException):
+    """An error the client finds itself while running a command: one line, exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
 
 
 @dataclass
@@ -47,22 +67,39 @@ class Settings:
     json: bool
     debug: bool
 
-    def client(self) -> Client:
-        token = None
-        if self.token_file:
-            try:
-                with open(self.token_file, encoding="utf-8") as f:
-                    token = next(iter(token_lines(f.read().splitlines())), None)
-            except OSError as e:
-                raise click.UsageError(
-                    f"cannot read --token-file {self.token_file}: {e.strerror}"
-                ) from None
+    def token(self) -> str | None:
+        """The token of --token-file, if one is given."""
+        if not self.token_file:
+            return None
         try:
-            return Client.from_address(
-                self.server, token=token, tls=self.tls, cafile=self.cafile, timeout=60.0
+            with open(self.token_file, encoding="utf-8") as f:
+                return next(iter(token_lines(f.read().splitlines())), None)
+        except OSError as e:
+            raise Refused(f"cannot read --token-file {self.token_file}: {e.strerror}") from None
+
+    def client(self) -> Client:
+        """A client for ``--server``; with ``--json`` it prints every answer line it gets."""
+        try:
+            client = Client.from_address(
+                self.server, token=self.token(), tls=self.tls, cafile=self.cafile, timeout=60.0
             )
         except ValueError as e:
             raise click.UsageError(str(e)) from None
+        if self.json:
+            client.record = print_line
+        return client
+
+    @property
+    def bars(self) -> bool:
+        """Progress bars: on a terminal, not with --json."""
+        return sys.stderr.isatty() and not self.json
+
+
+def print_line(request: dict[str, Any], line: bytes) -> None:
+    """An answer line on stdout, byte for byte as the server sent it."""
+    out = sys.stdout.buffer
+    out.write(line if line.endswith(b"\n") else line + b"\n")
+    out.flush()
 
 
 class Commands(click.Group):
@@ -75,46 +112,23 @@ class Commands(click.Group):
             settings = ctx.find_object(Settings)
             if settings is not None and settings.debug:
                 traceback.print_exc()
-            if isinstance(e, JobError):
-                click.echo(f"error: {e.code}: {e.message}", err=True)
-                if e.job and e.code in ("JobFailed", "Timeout", "MemoryLimit"):
-                    click.echo(f"what it printed: measuring-client job log {e.job}", err=True)
-                ctx.exit(_EXITS.get(e.code, EXIT_SERVER))
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(EXIT_SERVER)
+            if not isinstance(e, JobError):
+                click.echo(f"error: {e}", err=True)
+                ctx.exit(EXIT_SERVER)
+            click.echo(f"error: {e.code}: {e.message}", err=True)
+            if e.job and e.code in _LOGGED and (e.log or "").strip():
+                click.echo(f"what it printed: measuring-client job log {e.job}", err=True)
+            ctx.exit(exit_code(e.code))
 
 
 def _settings() -> Settings:
     return click.get_current_context().ensure_object(Settings)
 
 
-def _show(value: Any, human: Callable[[], None]) -> None:
-    """``value`` as JSON with --json; otherwise what ``human`` prints."""
-    if _settings().json:
-        click.echo(json.dumps(value, ensure_ascii=False))
-    else:
-        human()
-
-
-def table(rows: Iterable[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """Rows as a plain text table, columns aligned."""
-    rows = list(rows)
-    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [
-        max([len(column), *(len(line[i]) for line in cells)]) for i, column in enumerate(columns)
-    ]
-    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+def _human(show_it: Callable[[], None]) -> None:
+    """Print for people; with --json the answer lines are printed already."""
+    if not _settings().json:
+        show_it()
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,7 +147,9 @@ def _cell(value: Any) -> str:
 )
 @click.option("--tls", is_flag=True, help="Talk TLS to the server.")
 @click.option("--cafile", help="Certificates to trust for --tls (e.g. a self-signed cert.pem).")
-@click.option("--json", "as_json", is_flag=True, help="Print the server's answers as JSON.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the server's answer lines as it sent them."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(
@@ -159,12 +175,51 @@ def status() -> None:
         jobs, workers = answer["Jobs"], answer["Workers"]
         click.echo(
             f"measuring {answer['Version']} at {_settings().server}: {answer['State']}, "
-            f"up {_duration(answer['Uptime'])}\n"
+            f"up {show.duration(answer['Uptime'])}\n"
             f"jobs: {jobs['Running']} running, {jobs['Queued']} queued\n"
-            f"workers: {workers['Size']} ({workers['Ready']} warm)"
+            f"workers: {workers['Busy']} of {workers['Size']} busy, template {workers['Template']}"
         )
 
-    _show(answer, human)
+    _human(human)
+
+
+@main.command()
+@click.option("--open", "open_browser", is_flag=True, help="Open it in the web browser too.")
+def dashboard(open_browser: bool) -> None:
+    """
+    The address of the server's dashboard (--http), with your token: opening it logs the
+    browser in.
+    """
+    settings = _settings()
+    with settings.client() as client:
+        where = client.status().get("Dashboard")
+        host = client.host
+    if not where:
+        click.echo(
+            f"error: the server at {settings.server} serves no dashboard: start it with "
+            f"--http ENDPOINT (e.g. --http tcp:8766:interface=127.0.0.1)",
+            err=True,
+        )
+        click.get_current_context().exit(EXIT_USAGE)
+    url = dashboard_url(str(where), host, settings.token())
+    click.echo(url)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+
+
+def dashboard_url(where: str, host: str, token: str | None) -> str:
+    """
+    The dashboard's address as this client reaches it: the server's own address, with the
+    client's host when the server listens on every interface, and ``?token=`` when there is one.
+    """
+    parts = urllib.parse.urlsplit(where)
+    if parts.hostname in ("0.0.0.0", "::"):
+        name = f"[{host}]" if ":" in host else host
+        parts = parts._replace(netloc=f"{name}:{parts.port}")
+    query = urllib.parse.urlencode({"token": token}) if token else ""
+    return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
 def _duration(seconds: float) -> str:
@@ -187,13 +242,18 @@ def info(name: str) -> None:
         )
     with _settings().client() as client:
         answer = client.info(known)
-    _show(answer, lambda: click.echo(json.dumps(answer, indent=2, ensure_ascii=False)))
+    _human(lambda: click.echo(json.dumps(answer, indent=2, ensure_ascii=False)))
 
 
 _JOB_OPTIONS = [
     click.argument("directory"),
     click.argument("base"),
-    click.argument("file"),
+    click.argument("file", required=False),
+    click.option(
+        "--code",
+        type=click.Path(exists=True, dir_okay=False),
+        help="A local formula file, sent with the job (instead of FILE on the server).",
+    ),
     click.option(
         "-f", "--function", "functions", multiple=True, help="Run only this formula (repeatable)."
     ),
@@ -215,35 +275,50 @@ def _job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _interrupted(job: str | None) -> None:
+    """Ctrl-C while waiting for a job: it runs on; say how to stop it."""
+    if job is not None:
+        click.echo(
+            f"interrupted: job {job} goes on (measuring-client job cancel {job} stops it)",
+            err=True,
+        )
+    sys.exit(INTERRUPTED)
+
+
 @main.command()
 @_job_options
-def run(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-        engine: str | None, index: str | None, timeout: float | None) -> None:  # fmt: skip
-    """Run the formulas of FILE over BASE in DIRECTORY, wait, and show the results."""
+def run(directory: str, base: str, file: str | None, code: str | None,
+        functions: tuple[str, ...], output: str | None, engine: str | None, index: str | None,
+        timeout: float | None) -> None:  # fmt: skip
+    """Run the formulas of FILE (or --code) over BASE in DIRECTORY, wait, show the results."""
     settings = _settings()
-    progress = bar(os.path.basename(file)) if sys.stdout.isatty() and not settings.json else None
+    _formulas(file, code)
     started: list[str] = []
 
     def accepted(job: Any) -> None:
         started.append(job.id)
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and not settings.json:
             click.echo(f"job {job.id}", err=True)
 
     with settings.client() as client:
         try:
             job = client.run(_local(directory), base, file, list(functions) or None, output,
-                             timeout, engine, progress=progress, accepted=accepted,
-                             index=index)  # fmt: skip
+                             timeout, engine, progress=settings.bars or None,
+                             accepted=accepted, index=index, code=code)  # fmt: skip
         except KeyboardInterrupt:
-            if started:
-                click.echo(
-                    f"\ninterrupted: job {started[0]} goes on "
-                    f"(measuring-client job cancel {started[0]} stops it)",
-                    err=True,
-                )
-            sys.exit(130)
-        status = job.status()
-    _show(status, lambda: _print_results(job.id, status))
+            _interrupted(started[0] if started else None)
+        if not settings.json:
+            status = job.status()
+            show.results(job.id, status)
+
+
+def _formulas(file: str | None, code: str | None) -> None:
+    """A job names its formulas by FILE on the server or a local --code file, not both."""
+    if (file is None) == (code is None):
+        raise click.UsageError(
+            "give FILE (a formula file in DIRECTORY on the server) or --code PATH (a local "
+            "formula file, sent with the job), not both"
+        )
 
 
 def _local(directory: str) -> str:
@@ -251,32 +326,26 @@ def _local(directory: str) -> str:
     return os.path.abspath(directory) if os.path.isdir(directory) else directory
 
 
-def _print_results(job: str, status: dict[str, Any], heading: bool = True) -> None:
-    if heading:
-        click.echo(f"job {job}: {status['State']} in {status.get('Elapsed')} s")
-    results = status.get("Results", {})
-    summary = [
-        {"result": name, "kind": r["Kind"], "rows": r.get("Rows"), "file or value":
-         r.get("File") if r["Kind"] != "Scalar" else r.get("Value")}
-        for name, r in results.items()
-    ]  # fmt: skip
-    click.echo(table(summary))
-    for name, entry in results.items():
-        if entry["Kind"] != "Scalar" and entry.get("Preview"):
-            click.echo(f"\n{name} (first rows of {entry['Rows']}):")
-            click.echo(table(entry["Preview"][:PREVIEW_ROWS]))
-
-
 @main.command()
 @_job_options
-def submit(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-           engine: str | None, index: str | None, timeout: float | None) -> None:  # fmt: skip
+def submit(directory: str, base: str, file: str | None, code: str | None,
+           functions: tuple[str, ...], output: str | None, engine: str | None,
+           index: str | None, timeout: float | None) -> None:  # fmt: skip
     """Queue a job and print its id."""
+    _formulas(file, code)
     with _settings().client() as client:
         job = client.submit(
-            _local(directory), base, file, list(functions) or None, output, timeout, engine, index
+            _local(directory),
+            base,
+            file,
+            list(functions) or None,
+            output,
+            timeout,
+            engine,
+            index,
+            code,
         )
-    _show({"Job": job.id}, lambda: click.echo(job.id))
+    _human(lambda: click.echo(job.id))
 
 
 @main.group(cls=Commands)
@@ -284,27 +353,21 @@ def job() -> None:
     """Follow one job: status, wait, cancel, log."""
 
 
+def _exit_for(status: dict[str, Any]) -> None:
+    """Exit as a job that ended this way: 0 done (or not ended yet), else its error's code."""
+    if status["State"] in FINISHED and status["State"] != "done":
+        code = (status.get("Error") or {}).get("Code", "JobFailed")
+        sys.exit(exit_code(code))
+
+
 @job.command(name="status")
 @click.argument("job_id", metavar="ID")
 def job_status(job_id: str) -> None:
-    """A job's state, times, and results or error."""
+    """A job's state, times, and results or error; exits as ``job wait`` would once it ended."""
     with _settings().client() as client:
         answer = client.job(job_id).status()
-
-    def human() -> None:
-        click.echo(f"job {job_id}: {answer['State']} (attempts {answer['Attempts']})")
-        for key in ("Submitted", "Started", "Finished", "Directory", "File"):
-            if answer.get(key):
-                click.echo(f"  {key.lower():<10} {answer[key]}")
-        if answer.get("Progress"):
-            click.echo(f"  progress   {answer['Progress']['Done']}/{answer['Progress']['Total']}")
-        if answer.get("Error"):
-            click.echo(f"  error      {answer['Error']['Code']}: {answer['Error']['Message']}")
-        if answer.get("Results"):
-            click.echo(f"  elapsed    {answer.get('Elapsed')} s")
-            _print_results(job_id, answer, heading=False)
-
-    _show(answer, human)
+    _human(lambda: show.job_status(job_id, answer))
+    _exit_for(answer)
 
 
 @job.command()
@@ -313,16 +376,28 @@ def job_status(job_id: str) -> None:
 def wait(job_id: str, timeout: float | None) -> None:
     """Wait for a job to end (with a progress bar on a terminal), then show its results."""
     settings = _settings()
-    progress = bar(job_id) if sys.stdout.isatty() and not settings.json else None
     with settings.client() as client:
         found = client.job(job_id)
+        record, client.record = client.record, None  # with --json, only the last Status
+        failure: JobError | None = None
+        waited = True
         try:
-            found.wait(timeout, progress=progress)
+            found.wait(timeout, progress=settings.bars or None)
+        except JobError as e:
+            failure = e
         except TimeoutError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_JOB)
+            waited = False
+        except KeyboardInterrupt:
+            _interrupted(job_id)
+        finally:
+            client.record = record
         status = found.status()
-    _show(status, lambda: _print_results(job_id, status))
+    if failure is not None:
+        raise failure
+    if not waited:
+        sys.exit(EXIT_JOB)
+    _human(lambda: show.results(job_id, status))
 
 
 @job.command()
@@ -331,7 +406,7 @@ def cancel(job_id: str) -> None:
     """Cancel a job; prints the state it ends in."""
     with _settings().client() as client:
         state = client.job(job_id).cancel()
-    _show({"Job": job_id, "State": state}, lambda: click.echo(state))
+    _human(lambda: click.echo(state))
 
 
 @job.command()
@@ -340,26 +415,17 @@ def log(job_id: str) -> None:
     """What a job's formulas printed."""
     with _settings().client() as client:
         text = client.job(job_id).log()
-    _show({"Job": job_id, "Log": text}, lambda: click.echo(text, nl=not text.endswith("\n")))
+    _human(lambda: click.echo(text, nl=not text.endswith("\n")))
 
 
 @main.command()
 @click.option("--state", type=click.Choice(STATES))
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 def jobs(state: str | None, limit: int) -> None:
-    """The newest jobs."""
+    """The newest jobs: where, what, and why those that failed did."""
     with _settings().client() as client:
         found = client.jobs(state, limit)
-    _show(found, lambda: click.echo(table(found, ["Job", "State", "Submitted", "File"])))
-
-
-def _result(client: Client, job_id: str, name: str) -> Result:
-    results = client.job(job_id).results
-    if name not in results:
-        raise click.UsageError(
-            f"job {job_id} has no result {name!r} (it has: {', '.join(results)})"
-        )
-    return results[name]
+    _human(lambda: click.echo(show.jobs(found)))
 
 
 @main.command()
@@ -370,22 +436,24 @@ def _result(client: Client, job_id: str, name: str) -> Result:
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
 def result(job_id: str, name: str, limit: int, offset: int, as_csv: bool) -> None:
     """Rows of one result of a job, fetched through the server."""
+    if as_csv and _settings().json:
+        raise click.UsageError("--csv and --json do not go together")
     with _settings().client() as client:
-        found = _result(client, job_id, name)
-        if found.kind == "Scalar":
-            _show({"Name": name, "Value": found.value}, lambda: click.echo(found.value))
-            return
-        page = found.rows_page(offset, limit)
-    if as_csv:
+        page = client.job(job_id).result_page(name, offset, limit)
+    if _settings().json:
+        return
+    if page["Kind"] == "Scalar":
+        click.echo(page["Value"])
+    elif as_csv:
         records = page["Records"]
         writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]) if records else [])
         writer.writeheader()
         writer.writerows(records)
-        return
-    _show(page, lambda: click.echo(
-        f"{table(page['Records'])}\n({len(page['Records'])} of {page['Rows']} rows from "
-        f"{offset})"
-    ))  # fmt: skip
+    else:
+        click.echo(
+            f"{show.table(page['Records'])}\n({len(page['Records'])} of {page['Rows']} rows "
+            f"from {offset})"
+        )
 
 
 @main.command()
@@ -393,28 +461,27 @@ def result(job_id: str, name: str, limit: int, offset: int, as_csv: bool) -> Non
 @click.argument("name")
 @click.option("-o", "--output", "out", help="Image file to write [default: JOB-NAME.png].")
 def plot(job_id: str, name: str, out: str | None) -> None:
-    """A chart of a result: a line over time, or bars for a grouped result."""
+    """A chart of a result: lines over time, or bars for a grouped result; a panel per column."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise click.UsageError("plot needs matplotlib: pip install 'measuring[plot]'") from None
+        raise Refused("plot needs matplotlib: pip install 'measuring[plot]'") from None
     with _settings().client() as client:
-        found = _result(client, job_id, name)
+        results = client.job(job_id).results
+        if name not in results:
+            raise NotFound(
+                f"job {job_id} has no result {name!r} (its results: {', '.join(results)})", job_id
+            )
+        found = results[name]
         if found.kind == "Scalar":
-            raise click.UsageError(f"{name} is a single value ({found.value}); nothing to plot")
-        data = found.to_pandas()
-    figure, axes = plt.subplots(figsize=(9, 4.5))
-    import pandas as pd
-
-    kind = "line" if isinstance(data.index, pd.DatetimeIndex) else "bar"
-    data.plot(kind=kind, ax=axes, title=f"{name} (job {job_id})", legend=data.ndim > 1)
-    figure.tight_layout()
+            raise Refused(f"{name} is a single value ({found.value}); there is nothing to plot")
+        data = found.to_pandas(progress=None if _settings().bars else False)
     out = out or f"{job_id}-{name}.png"
-    figure.savefig(out)
-    _show({"Plot": out}, lambda: click.echo(f"wrote {out}"))
+    try:
+        show.plot(data, f"{name} (job {job_id})", out)
+    except ValueError as e:
+        raise Refused(f"cannot plot {name}: {e}") from None
+    _human(lambda: click.echo(f"wrote {out}"))
 
 
 @main.command()
@@ -426,7 +493,7 @@ def demo(folder: str | None, days: int) -> None:
     from measuring import demo as the_demo
 
     arguments = ["--days", str(days)] + (["--folder", folder] if folder else [])
-    sys.exit(the_demo.main(arguments))
+    sys.exit(the_demo.main(arguments + ["--json"] * _settings().json))
 
 
 if __name__ == "__main__":

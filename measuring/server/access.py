@@ -96,7 +96,8 @@ def secret_files(description: str) -> list[str]:
     return [keywords[name] for name in SECRET_ARGUMENTS if keywords.get(name)]
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
+    """True when ``host`` (a name, or an address, IPv6 in brackets or not) is loopback."""
     if host.lower() in ("localhost", "localhost.localdomain"):
         return True
     try:
@@ -115,9 +116,9 @@ def beyond_loopback(description: str, fileno: int | None = None) -> bool:
     if kind in ("unix",):
         return False
     if kind in ("tcp", "ssl"):
-        return not _loopback(keywords.get("interface", "0.0.0.0"))
+        return not loopback(keywords.get("interface", "0.0.0.0"))
     if kind == "tcp6":
-        return not _loopback(keywords.get("interface", "::"))
+        return not loopback(keywords.get("interface", "::"))
     if kind == "systemd":
         if fileno is None and "index" not in keywords and "name" in keywords:
             return True
@@ -139,7 +140,7 @@ def _passed_socket_beyond_loopback(fd: int) -> bool:
         with socket.socket(fileno=os.dup(fd)) as passed:
             if passed.family == socket.AF_UNIX:
                 return False
-            return not _loopback(passed.getsockname()[0])
+            return not loopback(passed.getsockname()[0])
     except OSError:
         return True
 

@@ -9,13 +9,16 @@ start in, and the reverse of the order they stop in (``services.InOrder``).
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
-from measuring.server.access import Tokens, keep_private
+from measuring.cluster import ClusterSettings, probe
+from measuring.server import cluster
+from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
 from measuring.server.info import InfoService
@@ -24,7 +27,7 @@ from measuring.server.jobs.records import Limits
 from measuring.server.jobs.retention import Retention
 from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
-from measuring.server.listening import ClosingService, ListeningService, describe
+from measuring.server.listening import ClosingService, ListeningService, describe, url
 from measuring.server.pool.pool import WorkerPool, worker_environment
 from measuring.server.pool.processes import adopt_orphans
 from measuring.server.pool.sandbox import Bubblewrap, server_secrets
@@ -48,20 +51,28 @@ def limits(settings: Config) -> Limits:
 
 
 def _pool(
-    settings: Config, reactor: Any, watching: ThreadRunner, config_file: str | None
+    settings: Config,
+    reactor: Any,
+    watching: ThreadRunner,
+    config_file: str | None,
+    found: ClusterSettings | None,
 ) -> WorkerPool:
     sandbox = None
     if settings.sandbox == "bwrap":
-        secrets = server_secrets(
-            settings.state_dir, settings.token_file, config_file, settings.ports
-        )
+        listening = (*settings.ports, *([settings.http] if settings.http else []))
+        secrets = server_secrets(settings.state_dir, settings.token_file, config_file, listening)
         sandbox = Bubblewrap(settings.data_roots, secrets)
     return WorkerPool(
         reactor,
         reactor,
         settings.workers,
         settings.state_dir,
-        worker_environment(os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir),
+        {
+            **worker_environment(
+                os.environ, os.path.join(settings.state_dir, "tmp"), settings.state_dir
+            ),
+            **cluster.worker_environment(found),
+        },
         watching,
         settings.job_memory,
         sandbox=sandbox,
@@ -73,6 +84,56 @@ def _pool(
         },
         reap_orphans=True,
     )
+
+
+def cluster_settings(settings: Config) -> ClusterSettings | None:
+    """Where the cluster computing the jobs is, or None when they compute here."""
+    if settings.scheduler is None:
+        return None
+    return ClusterSettings(
+        address=settings.scheduler,
+        ca=settings.scheduler_ca,
+        cert=settings.scheduler_cert,
+        key=settings.scheduler_key,
+        timeout=settings.scheduler_timeout,
+    )
+
+
+def _cluster(
+    found: ClusterSettings | None, reactor: Any
+) -> tuple[list[Service], cluster.ClusterView | None]:
+    """The services that look at the cluster for Info (its thread first), or none."""
+    if found is None:
+        return [], None
+    looking = ThreadRunner(reactor, "measuring-cluster")
+    view = cluster.ClusterView(reactor, looking, found.address, partial(probe, found))
+    return [looking, view], view
+
+
+def _http(
+    settings: Config,
+    reactor: Any,
+    dispatcher: Dispatcher,
+    stats: Stats,
+    jobs: Scheduler,
+    pool: WorkerPool,
+    factory: RequestFactory,
+) -> ListeningService:
+    """The HTTP side (``--http``): the dashboard, the JSON API and /metrics."""
+    from measuring.server.web.metrics import MetricsPage, ServerCollector, registry
+    from measuring.server.web.site import site
+
+    assert settings.http is not None
+    collector = ServerCollector(stats, jobs, pool, lambda: len(factory.connections))
+    web = site(
+        dispatcher,
+        MetricsPage(registry(collector)),
+        settings.tokens,
+        loopback_only=not beyond_loopback(settings.http),
+        reactor=reactor,
+    )
+    endpoint = endpoints.serverFromString(reactor, settings.http)
+    return ListeningService([(settings.http, endpoint)], web, "measuring HTTP listening on")
 
 
 def build(settings: Config, reactor: Any, config_file: str | None = None) -> IService:
@@ -92,14 +153,24 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     store = JobStore(
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
-    pool = _pool(settings, reactor, watching, config_file)
+    found = cluster_settings(settings)
+    pool = _pool(settings, reactor, watching, config_file, found)
     held = limits(settings)
-    jobs = Scheduler(pool, store, reactor, held, blocking)
+    runs = cluster.ClusterPool(pool, found) if found is not None else pool
+    jobs = Scheduler(runs, store, reactor, held, blocking, stats)
     queries = JobQueries(jobs, store, reactor, blocking, held)
-    info = InfoService(reactor, pool, queries, stats, settings.data_roots, blocking)
+    http: ListeningService | None = None
+
+    def dashboard() -> str | None:
+        return url(http.ports[0], settings.http) if http and http.ports and settings.http else None
+
+    looking, view = _cluster(found, reactor)
+    info = InfoService(
+        reactor, pool, queries, stats, settings.data_roots, blocking, dashboard, view
+    )
     dispatcher = Dispatcher(
         info, jobs, queries, stats, settings.data_roots, (settings.state_dir,),
-        Tokens(settings.tokens),
+        Tokens(settings.tokens), blocking,
     )  # fmt: skip
     factory = RequestFactory(
         dispatcher, settings.max_request_bytes, reactor, settings.idle_timeout,
@@ -108,6 +179,8 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     listener = ListeningService(
         [(port, endpoints.serverFromString(reactor, port)) for port in settings.ports], factory
     )
+    if settings.http is not None:
+        http = _http(settings, reactor, dispatcher, stats, jobs, pool, factory)
     # Started in this order; stopped in reverse, each in turn: tell systemd, stop listening, let
     # running jobs end (or stop them), send the last answers and close connections, end the
     # workers, close the job database, and only then stop the threads it runs in.
@@ -122,8 +195,10 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         ClosingService(factory, reactor),
         jobs,
         Retention(store, reactor, held, blocking),
+        *looking,
         info,
         listener,
+        *([http] if http is not None else []),
         NotifyService(reactor, lambda: [describe(port) for port in listener.ports]),
     ):
         service.setServiceParent(top)

@@ -20,6 +20,7 @@ from typing import Any
 from twisted.python.usage import UsageError
 
 from measuring.server.access import beyond_loopback, load_tokens
+from measuring.server.cluster import checked
 from measuring.server.settings import SETTINGS
 
 
@@ -47,6 +48,13 @@ class Config:
     max_result_bytes: int = 10 * 2**30
     max_job_processes: int | None = None
     sandbox: str = "none"
+    http: str | None = None
+    log_format: str = "text"
+    scheduler: str | None = None
+    scheduler_ca: str | None = None
+    scheduler_cert: str | None = None
+    scheduler_key: str | None = None
+    scheduler_timeout: float = 10.0
 
 
 _PARSERS: dict[str, Callable[[object], Any]] = {s.name: s.parse for s in SETTINGS}
@@ -136,12 +144,15 @@ def load(
     _parsed(flags, lambda name: f"--{name}", settings, sources)
 
     filenos: dict[str, int | None] = {}
-    for description in settings["port"]:
+    listening = [("port", description) for description in settings["port"]]
+    if settings["http"] is not None:
+        listening.append(("http", settings["http"]))
+    for name, description in listening:
         try:
             endpoint = check_endpoint(description)
         except Exception as e:
             raise UsageError(
-                f"{sources['port']} {description!r} is not a usable endpoint: {e}"
+                f"{sources[name]} {description!r} is not a usable endpoint: {e}"
             ) from None
         # An adopted socket (systemd:) knows its descriptor: the one to check for exposure.
         filenos[description] = getattr(endpoint, "fileno", None)
@@ -153,6 +164,7 @@ def load(
             f"(apt install bubblewrap)"
         )
 
+    cluster = checked(settings, sources, lambda path: _real(path, cwd))
     roots = [_data_root(path, cwd, sources["data-root"]) for path in settings["data-root"]]
     return Config(
         ports=tuple(settings["port"]),
@@ -175,6 +187,10 @@ def load(
         max_result_bytes=settings["max-result-bytes"],
         max_job_processes=settings["max-job-processes"],
         sandbox=settings["sandbox"],
+        http=settings["http"],
+        log_format=settings["log-format"],
+        scheduler_timeout=settings["scheduler-timeout"],
+        **cluster,
     )
 
 
@@ -189,12 +205,22 @@ def _tokens(
             tokens = load_tokens(path)
         except ValueError as e:
             raise UsageError(f"{sources['token-file']} {settings['token-file']!r}: {e}") from None
+    if tokens or settings["insecure-no-token"]:
+        return tokens
     exposed = [port for port in settings["port"] if beyond_loopback(port, filenos.get(port))]
-    if exposed and not tokens and not settings["insecure-no-token"]:
+    if exposed:
         raise UsageError(
             f"{sources['port']} {exposed[0]!r} can be reached from other machines, and no "
             f"--token-file is set: anyone reaching it could run code here. Set --token-file, "
             f"listen on 127.0.0.1, or give --insecure-no-token if you really mean it"
+        )
+    http = settings["http"]
+    if http is not None and beyond_loopback(http, filenos.get(http)):
+        raise UsageError(
+            f"{sources['http']} {http!r} can be reached from other machines, and no "
+            f"--token-file is set: anyone reaching it could see every job and cancel it. Set "
+            f"--token-file, listen on 127.0.0.1, or give --insecure-no-token if you really "
+            f"mean it"
         )
     return tokens
 

@@ -3,13 +3,15 @@ Requests to answers: validate each request, route it by ``Header``, turn every e
 ``{"Code", "Message"}``.
 
 ``Dispatcher`` knows nothing about connections: it takes a request object and returns a Deferred
-answer. ``_error_answer`` is the one place where an error becomes an answer.
+answer. ``_error_answer`` is the one place where an error becomes an answer. What a request names
+on disk is checked (``submission``) through the blocking-call runner, never on the reactor.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -17,26 +19,32 @@ from twisted.python.failure import Failure
 
 from measuring import wire
 from measuring.errors import BadRequest, Internal, MeasuringError, Unauthorized
-from measuring.server import paths as data_paths
+from measuring.server import submission
 from measuring.server.access import Tokens
 from measuring.server.framing import json_type
 from measuring.server.jobs.records import Job, JobSpec
-from measuring.server.protocol import Answer, Notify
+from measuring.server.paths import JobPaths
+from measuring.server.protocol import Answer, Notify, Streamed
 from measuring.server.stats import Stats
+from measuring.server.threads import Runner, Synchronous
 from measuring.wire import INFO_REQUESTS, JOB_REQUESTS, STATES
 
 KEYS = {
     "Info": ("Header", "Request", "Id", "Token"),
     "Dask": ("Header", "Request", "Id", "Token"),
-    "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset"),
-}
+    "Job": ("Header", "Request", "Id", "Token", "Job", "State", "Limit", "Name", "Offset",
+            "Format"),
+}  # fmt: skip
 DASK_FIELDS = (
-    "Directory", "Base", "File", "Functions", "Output", "Engine", "Index", "Async", "Timeout",
-    "Progress",
+    "Directory", "Base", "File", "Code", "Name", "Functions", "Output", "Engine", "Index",
+    "Async", "Timeout", "Progress",
 )  # fmt: skip
 DEFAULT_LIST, MAX_LIST = 100, 1000
 DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
-PATH_FIELDS = ("Directory", "Base", "File")
+PATH_FIELDS = ("Directory", "Base")
+#: The Name of formulas sent as Code: a file name, as a formula file would have.
+CODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.py")
+DEFAULT_CODE_NAME = "formulas.py"
 
 
 def _one_of(values: tuple[str, ...] | list[str]) -> str:
@@ -80,6 +88,14 @@ def _index(value: object) -> str | None:
     return value
 
 
+Check = Callable[
+    [tuple[str, ...], str, str, str, tuple[str, ...] | None, tuple[str, ...]], JobPaths
+]
+
+
+Counted = TypeVar("Counted", dict[str, Any], Streamed)
+
+
 class Info(Protocol):
     """What answers Info requests (``measuring.server.info.InfoService``)."""
 
@@ -103,7 +119,40 @@ class Queries(Protocol):
 
     def recent(self, state: str | None, limit: int) -> defer.Deferred[list[dict[str, Any]]]: ...
 
-    def result(self, job: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]: ...
+    def result(
+        self, job: str, name: str, offset: int, limit: int | None, form: str = ...
+    ) -> defer.Deferred[Any]: ...
+
+
+def _formulas(fields: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """
+    Where a Dask request's formulas are: ``(File, None, None)``, or ``(None, Code, Name)`` for
+    formulas sent with the request (their size is bounded by ``--max-request-bytes``).
+    """
+    has_file, has_code = "File" in fields, "Code" in fields
+    if not has_file and not has_code:
+        raise BadRequest(
+            'the Dask Request has no "File" (a formula file in Directory), nor "Code" (the '
+            "formulas' Python source)"
+        )
+    if has_file and has_code:
+        raise BadRequest('the Dask Request has both "File" and "Code": send one of them')
+    if has_file:
+        if "Name" in fields:
+            raise BadRequest('"Name" names formulas sent as "Code"; a "File" has its own name')
+        if not isinstance(fields["File"], str):
+            raise BadRequest(f'"File" must be a string, not {json_type(fields["File"])}')
+        return fields["File"], None, None
+    code, name = fields["Code"], fields.get("Name", DEFAULT_CODE_NAME)
+    if not isinstance(code, str):
+        raise BadRequest(f'"Code" must be a string of Python source, not {json_type(code)}')
+    if "\0" in code:
+        raise BadRequest('"Code" must not contain a NUL character')
+    if not isinstance(name, str) or not CODE_NAME.fullmatch(name):
+        raise BadRequest(
+            f'"Name" must be a file name ending in .py (letters, digits, _ . -), not {name!r}'
+        )
+    return None, code, name
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:
@@ -154,7 +203,13 @@ class Dispatcher:
         data_roots: tuple[str, ...],
         private: tuple[str, ...] = (),
         tokens: Tokens | None = None,
+        blocking: Runner | None = None,
+        check: Check = submission.check_job,
     ) -> None:
+        """
+        ``blocking`` runs the checks of a Dask request's files (``check``, which may block on a
+        slow disk) off the reactor; synchronously when not given, for tests.
+        """
         self._info = info
         self._jobs = jobs
         self._queries = queries
@@ -162,7 +217,9 @@ class Dispatcher:
         self._data_roots = data_roots
         self._private = private
         self._tokens = tokens or Tokens()
-        self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Answer]]] = {
+        self._blocking = blocking or Synchronous()
+        self._check = check
+        self._routes: dict[str, Callable[[dict[str, Any], Notify], defer.Deferred[Any]]] = {
             "Info": self._info_request,
             "Dask": self._dask_request,
             "Job": self._job_request,
@@ -176,16 +233,23 @@ class Dispatcher:
         if not self._tokens.valid(request.get("Token")):
             self._log.warn("refused a request without a valid token from {client}", client=client)
             return defer.succeed(
-                self._error_answer(
-                    Unauthorized('this server needs a valid "Token" in every request'), header
+                self._counted(
+                    self._error_answer(
+                        Unauthorized('this server needs a valid "Token" in every request'), header
+                    )
                 )
             )
         answer = defer.maybeDeferred(self._route, header, request, notify)
-        return answer.addErrback(self._failed, header)
+        return answer.addErrback(self._failed, header).addCallback(self._counted)
 
     def refuse(self, error: MeasuringError) -> Answer:
         """The answer to something that could not be read as a request."""
-        return self._error_answer(error, None)
+        return self._counted(self._error_answer(error, None))
+
+    def _counted(self, answer: Counted) -> Counted:
+        """Count ``answer`` (a line, or the line of a streamed one) and pass it on."""
+        self._stats.answered(answer.answer if isinstance(answer, Streamed) else answer)
+        return answer
 
     def _route(
         self, header: object, request: dict[str, Any], notify: Notify
@@ -240,7 +304,7 @@ class Dispatcher:
 
     def _dask_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
         fields = request.get("Request")
-        spec = self.dask_spec(fields)  # checks Async and Progress too
+        checked = self.dask_spec(fields)  # checks Async and Progress too
         assert isinstance(fields, dict)
         background, progress = fields.get("Async", False), fields.get("Progress", False)
 
@@ -264,7 +328,7 @@ class Dispatcher:
             final.addErrback(lambda _: None)
             return accepted
 
-        return self._jobs.submit(spec).addCallback(submitted)
+        return checked.addCallback(self._jobs.submit).addCallback(submitted)
 
     def _ended_answer(self, job: Job) -> Answer:
         """The answer to a Dask request whose job has ended: its Response, or its error."""
@@ -273,8 +337,12 @@ class Dispatcher:
             return self._error_answer(error, "Dask", Job=job.id, Log=job.log)
         return {"Header": "Dask", "Status": "OK", "Job": job.id, "Response": job.response}
 
-    def dask_spec(self, fields: object) -> JobSpec:
-        """Check the ``Request`` object of a Dask request and resolve its paths."""
+    def dask_spec(self, fields: object) -> defer.Deferred[JobSpec]:
+        """
+        Check the ``Request`` object of a Dask request; then, in the blocking-call runner, resolve
+        its paths and check its files. Raises at once for a bad field; the Deferred fails with
+        the error a file check found.
+        """
         if not isinstance(fields, dict):
             raise BadRequest(
                 'a Dask request needs "Request": {"Directory": ..., "Base": ..., "File": ...}, '
@@ -286,6 +354,7 @@ class Dispatcher:
                 raise BadRequest(f'the Dask Request has no "{name}"')
             if not isinstance(fields[name], str):
                 raise BadRequest(f'"{name}" must be a string, not {json_type(fields[name])}')
+        file, code, code_name = _formulas(fields)
         functions = _functions(fields.get("Functions"))
         output = _choice(fields, "Output", tuple(wire.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", wire.ENGINES, "pyarrow")
@@ -293,27 +362,50 @@ class Dispatcher:
         index = _index(fields.get("Index"))
         _flag(fields, "Async")
         _flag(fields, "Progress")
-        paths = data_paths.resolve_job(
-            self._data_roots, fields["Directory"], fields["Base"], fields["File"], self._private
+        checked = self._blocking.run(
+            self._check,
+            self._data_roots,
+            fields["Directory"],
+            fields["Base"],
+            file,
+            functions,
+            self._private,
         )
-        return JobSpec(
-            paths=paths,
-            functions=functions,
-            output=output,
-            engine=engine,
-            timeout=timeout,
-            index=index,
-        )
+        if code is not None and code_name is not None:
+            checked.addCallback(self._check_code, code, code_name, functions)
+        return checked.addCallback(
+            lambda paths: JobSpec(
+                paths=paths,
+                functions=functions,
+                output=output,
+                engine=engine,
+                timeout=timeout,
+                index=index,
+                code=code,
+                name=code_name,
+            )
+        )  # fmt: skip
 
-    def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Answer]:
+    def _check_code(
+        self, paths: JobPaths, code: str, name: str, functions: tuple[str, ...] | None
+    ) -> defer.Deferred[JobPaths]:
+        """Check formulas sent as Code as a formula file is checked (in the blocking runner)."""
+        checked = self._blocking.run(submission.check_code, code, name, functions)
+        return checked.addCallback(lambda _: paths)
+
+    def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Any]:
         name = request.get("Request")
         if not isinstance(name, str) or name not in JOB_REQUESTS:
             raise BadRequest(
                 f'a Job "Request" must be one of {_one_of(JOB_REQUESTS)}, not {name!r}'
             )
 
-        def answer(response: dict[str, Any], **extra: Any) -> Answer:
-            return {"Header": "Job", "Request": name, "Status": "OK", **extra, "Response": response}
+        def answer(response: Any, **extra: Any) -> Answer | Streamed:
+            body = None
+            if isinstance(response, tuple):  # an Arrow stream: the fields, and the bytes after
+                response, body = response
+            line = {"Header": "Job", "Request": name, "Status": "OK", **extra, "Response": response}
+            return line if body is None else Streamed(line, body, response["Bytes"])
 
         if name == "List":
             state = request.get("State")
@@ -332,9 +424,13 @@ class Dispatcher:
             found = self._queries.log(job).addCallback(lambda log: {"Log": log})
         else:
             result = _text(request, "Name", "a Job Result request")
+            form = _choice(request, "Format", wire.RESULT_FORMATS, "json")
             offset = _number(request, "Offset", 0, None, 0)
-            limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
-            found = self._queries.result(job, result, offset, limit)
+            if form == "arrow":  # the whole result, or as many rows as asked for
+                limit = _number(request, "Limit", 1, None, None)
+            else:
+                limit = _number(request, "Limit", 1, MAX_ROWS, DEFAULT_ROWS)
+            found = self._queries.result(job, result, offset, limit, form)
 
         return found.addCallbacks(
             lambda response: answer(response, Job=job), self._job_failed, errbackArgs=("Job", job)

@@ -38,7 +38,18 @@ class PoolView(Protocol):
     def processes(self) -> list[WorkerInfo]: ...
 
     @property
-    def ready_count(self) -> int: ...
+    def template_state(self) -> str: ...
+
+    @property
+    def busy(self) -> int: ...
+
+
+class ClusterInfo(Protocol):
+    """What Info reads of the cluster (``measuring.server.cluster.ClusterView``)."""
+
+    def brief(self) -> defer.Deferred[dict[str, Any]]: ...
+
+    def current(self) -> defer.Deferred[dict[str, Any]]: ...
 
 
 class JobsView(Protocol):
@@ -135,8 +146,12 @@ class InfoService(Service):
         stats: Stats,
         data_roots: tuple[str, ...],
         blocking: Runner,
+        dashboard: Callable[[], str | None] = lambda: None,
+        cluster: ClusterInfo | None = None,
     ) -> None:
         self._clock = clock
+        self._dashboard = dashboard
+        self._cluster = cluster
         self._pool = pool
         self._jobs = jobs
         self._stats = stats
@@ -171,7 +186,13 @@ class InfoService(Service):
 
     def answer(self, request: str) -> defer.Deferred[dict[str, Any]]:
         """The Response of one Info request (one of ``wire.INFO_REQUESTS``)."""
-        return self._answers[request]()
+        answer = self._answers[request]()
+        if self._cluster is not None and request in ("Status", "All statistic"):
+            look = self._cluster.brief() if request == "Status" else self._cluster.current()
+            answer.addCallback(lambda response: look.addCallback(
+                lambda cluster: {**response, "Cluster": cluster}
+            ))  # fmt: skip
+        return answer
 
     def _uptime(self) -> float:
         return round(self._clock.seconds() - self._started, 3)
@@ -184,7 +205,11 @@ class InfoService(Service):
             "Started": iso(self._started),
             "Pid": os.getpid(),
             "Jobs": self._jobs.counts(),
-            "Workers": {"Size": self._pool.size, "Ready": self._pool.ready_count},
+            "Workers": {
+                "Size": self._pool.size,
+                "Busy": self._pool.busy,
+                "Template": self._pool.template_state,
+            },
             "Limits": {
                 "JobTimeout": self._jobs.limits.job_timeout,
                 "JobMemory": self._pool.memory_limit,
@@ -192,6 +217,7 @@ class InfoService(Service):
             },
             "DataRoots": list(self._data_roots),
             "Versions": self._versions,
+            "Dashboard": self._dashboard(),
         }
 
     def dask_processes(self) -> defer.Deferred[dict[str, Any]]:
@@ -219,7 +245,7 @@ class InfoService(Service):
 
     def all_processes(self) -> defer.Deferred[dict[str, Any]]:
         roles = {
-            worker.pid: ("job" if worker.job else "worker", worker.job)
+            worker.pid: ("job" if worker.job else "template", worker.job)
             for worker in self._pool.processes()
         }
 

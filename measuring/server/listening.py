@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,6 +42,17 @@ def describe(port: IListeningPort) -> str:
     return str(getattr(host, "name", host))
 
 
+def url(port: IListeningPort, description: str) -> str | None:
+    """The address of an HTTP port, ``http://127.0.0.1:8766/`` (https for ssl:); None on unix:."""
+    host = port.getHost()
+    if not hasattr(host, "port"):
+        return None
+    name = getattr(host, "host", "")
+    name = f"[{name}]" if ":" in name else name
+    scheme = "https" if description.split(":", 1)[0].lower() == "ssl" else "http"
+    return f"{scheme}://{name}:{host.port}/"
+
+
 class ListeningService(Service):
     """
     Listens on every endpoint when the server starts and logs each real address.
@@ -49,10 +64,14 @@ class ListeningService(Service):
     _log = Logger()
 
     def __init__(
-        self, endpoints: list[tuple[str, IStreamServerEndpoint]], factory: Factory
+        self,
+        endpoints: list[tuple[str, IStreamServerEndpoint]],
+        factory: IProtocolFactory,
+        what: str = "measuring listening on",
     ) -> None:
         self._endpoints = endpoints
         self._factory = factory
+        self._what = what
         self.ports: list[IListeningPort] = []
         self._listening = False
 
@@ -73,7 +92,8 @@ class ListeningService(Service):
                 )
             self.ports.append(outcome[0])
             self._log.info(
-                "measuring listening on {address} ({description})",
+                "{what} {address} ({description})",
+                what=self._what,
                 address=describe(outcome[0]),
                 description=description,
             )

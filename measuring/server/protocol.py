@@ -3,15 +3,19 @@ One client connection: bytes in, request objects to the dispatcher, one JSON lin
 
 ``framing`` cuts the lines into requests; nothing here knows what a request means: objects go to
 the dispatcher, which returns a Deferred answer, and whatever cannot be read goes to it as an
-error to answer. The connection is paced (no reading while answers pile up), closed when idle,
-and the factory refuses connections beyond a limit. ``listening`` holds the services around it.
+error to answer. An answer may be ``Streamed``: its line is followed by raw bytes (an Arrow
+stream), sent as the client reads them; lines of other answers wait until they are all sent.
+The connection is paced (no reading while answers pile up), closed when idle, and the factory
+refuses connections beyond a limit. ``listening`` holds the services around it.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from dataclasses import dataclass
+from typing import IO, Any, Protocol, cast
 
 from twisted.internet import defer
 from twisted.internet import protocol as twisted_protocol
@@ -35,8 +39,20 @@ MAX_UNAUTHORIZED = 3
 #: Error Codes of requests that do not count as activity for the idle timeout.
 UNREAD = ("BadRequest", "TooLarge", "Unauthorized")
 
+#: Raw bytes written to the transport at a time, while the client reads them.
+CHUNK = 256 * 1024
+
 Answer = dict[str, Any]
 Notify = Callable[[Answer], None]
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """An answer whose line is followed by ``size`` raw bytes read from ``body`` (then closed)."""
+
+    answer: Answer
+    body: IO[bytes]
+    size: int
 
 
 class Dispatcher(Protocol):
@@ -44,9 +60,29 @@ class Dispatcher(Protocol):
 
     def handle(
         self, request: dict[str, Any], notify: Notify, client: str = ...
-    ) -> defer.Deferred[Answer]: ...
+    ) -> defer.Deferred[Any]:
+        """Fires with the answer: an ``Answer``, or a ``Streamed`` one."""
 
     def refuse(self, error: MeasuringError) -> Answer: ...
+
+
+_log = Logger()
+
+
+def encode(answer: Answer, dispatcher: Dispatcher) -> bytes:
+    """
+    An answer as UTF-8 JSON (no newline); one that cannot be (NaN, a lone surrogate) becomes
+    the dispatcher's Internal error answer, keeping its Header, Id and Job.
+    """
+    try:
+        data = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return data.encode("utf-8")
+    except ValueError:
+        _log.failure("answer could not be encoded: {answer!r}", answer=answer)
+        refusal = dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
+        kept = {key: answer[key] for key in ("Header", "Id", "Job") if key in answer}
+        # ensure_ascii escapes whatever UTF-8 could not hold
+        return json.dumps({**refusal, **kept}, allow_nan=False, separators=(",", ":")).encode()
 
 
 class RequestProtocol(LineReceiver):
@@ -76,6 +112,11 @@ class RequestProtocol(LineReceiver):
         self._idle_timeout = idle_timeout
         self._idle: IDelayedCall | None = None
         self._client = "a client"
+        # What waits to be written behind a Streamed answer's bytes: lines, and further bodies.
+        self._outgoing: deque[bytes | Streamed] = deque()
+        self._streaming: Streamed | None = None
+        self._left = 0
+        self._pumping = False
         self.closed: defer.Deferred[None] = defer.Deferred()
         # LineReceiver's limit is on a line without its "\n"; ours counts the "\n" too.
         self.MAX_LENGTH = max_request_bytes - 1
@@ -97,14 +138,18 @@ class RequestProtocol(LineReceiver):
 
     def resumeProducing(self) -> None:
         self._unsent = False
-        self._pace()
+        self._pump()
 
     def stopProducing(self) -> None:
         pass
 
     def _pace(self) -> None:
-        """Read from the client only while its answers are sent and not too many are awaited."""
-        reading = not self._unsent and self._pending < MAX_PENDING
+        """
+        Read from the client only while its answers are sent (raw bytes included) and not too
+        many are awaited.
+        """
+        sending = self._streaming is not None or bool(self._outgoing)
+        reading = not self._unsent and not sending and self._pending < MAX_PENDING
         if reading == self._reading:
             return
         self._reading = reading
@@ -123,6 +168,7 @@ class RequestProtocol(LineReceiver):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         super().connectionLost(reason)
+        self._drop_bodies()
         self._connections.discard(self)
         self.closed.callback(None)
 
@@ -135,7 +181,7 @@ class RequestProtocol(LineReceiver):
         self._idle = self._clock.callLater(self._idle_timeout, self._idle_expired)
 
     def _idle_expired(self) -> None:
-        if self._pending:
+        if self._pending or self._streaming is not None:
             # A job this connection asked for still runs for it: keep waiting.
             self._rearm()
             return
@@ -181,7 +227,11 @@ class RequestProtocol(LineReceiver):
                 return  # the client is not reading: no point queuing more progress for it
             self._send({**answer, **marked})
 
-        def sent(answer: Answer) -> str | None:
+        def sent(answer: Answer | Streamed) -> str | None:
+            if isinstance(answer, Streamed):
+                send(answer.answer)
+                self._stream(answer)
+                return None
             send(answer)
             code: str | None = (answer.get("Error") or {}).get("Code")
             return code
@@ -211,17 +261,63 @@ class RequestProtocol(LineReceiver):
             self._rearm()
 
     def _send(self, answer: Answer) -> None:
+        self._write(encode(answer, self._dispatcher) + self.delimiter)
+
+    def _write(self, data: bytes) -> None:
+        """Write ``data`` now, or behind the raw bytes being sent."""
+        if not (self.transport is not None and self.connected):
+            return
+        if self._streaming is not None or self._outgoing:
+            self._outgoing.append(data)
+        else:
+            self.transport.write(data)
+
+    def _stream(self, streamed: Streamed) -> None:
+        """Send ``streamed``'s raw bytes after its line, as fast as the client reads them."""
+        if not (self.transport is not None and self.connected):
+            streamed.body.close()
+            return
+        self._outgoing.append(streamed)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Write what waits, in order, until the transport asks us to pause."""
+        if self._pumping:
+            return
+        self._pumping = True
         try:
-            data = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-            line = data.encode("utf-8")
-        except ValueError:  # NaN, or a lone surrogate that UTF-8 cannot hold
-            self._log.failure("answer could not be encoded: {answer!r}", answer=answer)
-            refusal = self._dispatcher.refuse(Internal("the answer could not be encoded as JSON"))
-            kept = {key: answer[key] for key in ("Header", "Id", "Job") if key in answer}
-            # ensure_ascii escapes whatever UTF-8 could not hold
-            line = json.dumps({**refusal, **kept}, allow_nan=False, separators=(",", ":")).encode()
-        if self.transport is not None and self.connected:
-            self.sendLine(line)
+            self._write_waiting()
+        finally:
+            self._pumping = False
+        self._pace()
+
+    def _write_waiting(self) -> None:
+        while not self._unsent and self.connected and self.transport is not None:
+            if self._streaming is None:
+                if not self._outgoing:
+                    return
+                item = self._outgoing.popleft()
+                if isinstance(item, bytes):
+                    self.transport.write(item)
+                    continue
+                self._streaming, self._left = item, item.size
+            chunk = self._streaming.body.read(min(CHUNK, self._left))
+            self._left -= len(chunk)
+            if chunk:
+                self.transport.write(chunk)
+            if not chunk or not self._left:
+                if self._left:  # the file is shorter than said: the stream cannot go on
+                    self._log.error("a result stream ended {left} bytes early", left=self._left)
+                    self.transport.loseConnection()
+                self._streaming.body.close()
+                self._streaming = None
+
+    def _drop_bodies(self) -> None:
+        for item in [self._streaming, *self._outgoing]:
+            if isinstance(item, Streamed):
+                item.body.close()
+        self._streaming = None
+        self._outgoing.clear()
 
 
 class _Refusal(twisted_protocol.Protocol):

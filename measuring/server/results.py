@@ -1,6 +1,7 @@
 """
 Runs in the server's threads: a sandboxed worker's results placed into the job's Directory, and
-result files read back a page at a time (Job Result).
+result files read back for Job Result: a page at a time as JSON records, or whole (or a slice) as
+an Arrow IPC stream spooled to a temporary file, which the connection then sends as raw bytes.
 
 Nothing here imports the reactor; pandas and pyarrow are imported inside the functions.
 """
@@ -13,16 +14,22 @@ import json
 import os
 import shutil
 import stat
-from typing import TYPE_CHECKING, Any
+import tempfile
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 from measuring import files
-from measuring.errors import Forbidden
+from measuring.errors import Forbidden, NotFound
 from measuring.server.paths import resolve_inside
 from measuring.tables import records
-from measuring.wire import OUTPUTS, RESULTS
+from measuring.wire import ARROW_STREAM, OUTPUTS, RESULTS
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
+
+#: Rows per record batch of an Arrow stream.
+BATCH_ROWS = 64 * 1024
 
 
 def place_results(outbox: str, directory: str, job: str) -> None:
@@ -156,3 +163,87 @@ def _parquet_rows(path: str, offset: int, limit: int) -> tuple[int, pd.DataFrame
         return start, empty.to_pandas()
     table = pa.concat_tables(tables, promote_options="permissive")
     return start, table.slice(offset - (first or 0), limit).to_pandas()
+
+
+def arrow_stream(
+    directory: str, file: str, offset: int, limit: int | None
+) -> tuple[dict[str, Any], IO[bytes]]:
+    """
+    Rows ``offset`` to ``offset + limit`` (to the end for None) of a result as an Arrow IPC
+    stream, in an unnamed temporary file (gone once closed), read from its start; and what the
+    answer line says of it: ``Rows`` (in all), ``Offset``, ``Count``, ``Columns``, ``Bytes``.
+
+    A Parquet result may be one file or a folder of parts (read in order, batch by batch, so a
+    large result never sits in memory whole); CSV and JSON results are read whole.
+    """
+    path = resolve_inside(directory, "File", file, lambda p: os.path.isfile(p) or os.path.isdir(p))
+    schema, total, batches = _batches(path)
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 (the caller closes it once sent)
+    count = 0
+    try:
+        import pyarrow as pa
+
+        with pa.ipc.new_stream(spool, schema) as writer:
+            for batch in _slice(batches, offset, limit):
+                writer.write_batch(batch)
+                count += batch.num_rows
+        size = spool.tell()
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    meta = {
+        "File": file,
+        "Rows": total,
+        "Offset": offset,
+        "Count": count,
+        "Columns": [str(name) for name in schema.names],
+        "Format": "arrow",
+        "MediaType": ARROW_STREAM,
+        "Bytes": size,
+    }
+    return meta, spool
+
+
+def _batches(path: str) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
+    """A result's schema, its rows in all, and its record batches in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.endswith(".csv") or path.endswith(".json"):
+        import pandas as pd
+
+        frame = pd.read_csv(path) if path.endswith(".csv") else pd.read_json(path, orient="records")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        return table.schema, table.num_rows, iter(table.to_batches(BATCH_ROWS))
+    parts = [
+        pq.ParquetFile(part) for part in (files.data_files(path) if os.path.isdir(path) else [path])
+    ]
+    if not parts:
+        raise NotFound(f"the result folder {os.path.basename(path)} holds no Parquet files")
+    schema = parts[0].schema_arrow
+    total = sum(part.metadata.num_rows for part in parts)
+
+    def read() -> Iterator[pa.RecordBatch]:
+        for part in parts:
+            with part:
+                for batch in part.iter_batches(BATCH_ROWS):
+                    yield batch if batch.schema.equals(schema) else batch.cast(schema)
+
+    return schema, total, read()
+
+
+def _slice(
+    batches: Iterator[pa.RecordBatch], offset: int, limit: int | None
+) -> Iterator[pa.RecordBatch]:
+    """The rows ``offset`` to ``offset + limit`` of a sequence of batches."""
+    start = 0
+    for batch in batches:
+        end = start + batch.num_rows
+        low = max(offset - start, 0)
+        high = batch.num_rows if limit is None else min(offset + limit - start, batch.num_rows)
+        if high > low:
+            yield batch.slice(low, high - low)
+        start = end
+        if limit is not None and start >= offset + limit:
+            return

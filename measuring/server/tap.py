@@ -13,7 +13,7 @@ from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from measuring.server import config
+from measuring.server import config, logs
 from measuring.server.settings import SETTINGS, Setting
 
 
@@ -77,6 +77,10 @@ class Options(usage.Options):
             self["config"],
             check_endpoint=lambda description: endpoints.serverFromString(reactor, description),
         )
+        if self.parent is not None:  # twistd's own options: where and how it logs
+            observer = logs.choose(self.config.log_format, self.parent)
+            if observer is not None:
+                self.parent["logger"] = observer
 
 
 for _setting in SETTINGS:

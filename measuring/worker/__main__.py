@@ -1,7 +1,7 @@
-"""``python -m measuring.worker PARENT_PID``: one worker process (``measuring.worker.main``)."""
+"""``python -m measuring.worker SERVER_PID``: the template process (``worker.template``)."""
 
 import sys
 
-from measuring.worker.main import main
+from measuring.worker.template import main
 
 main(sys.argv)

@@ -1,11 +1,8 @@
 """
-Runs inside a worker process: one job, then exit.
-
-``python -m measuring.worker PARENT_PID`` imports Dask, pandas and pyarrow, warms them up with a
-tiny computation, says Ready and waits for one job (see ``messages``). It then imports the
-formula file, calls every formula on the dataset, computes them all in one ``dask.compute`` call,
-writes the results (``loader``) and reports back. Everything the formulas print goes to stdout and
-stderr, which the server keeps as the job's log. This module never imports the reactor.
+One job, run in a job process (``main``): import the formula file, call every formula on the
+dataset, compute them all in one ``dask.compute`` call, write the results (``output``) and answer
+with a Done or an Error message. ``warm_up`` is what the template runs once, single-threaded,
+before it forks job processes. Never imports twisted or ``measuring.server``.
 """
 
 from __future__ import annotations
@@ -22,13 +19,14 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-import psutil
 from dask.callbacks import Callback
 
-from measuring.errors import Internal, JobFailed, MeasuringError, NotFound
-from measuring.messages import JOB_MARK, Message, job_tmp
-from measuring.wire import ENGINES
+from measuring import formulas as words
+from measuring import procfs
+from measuring.errors import Internal, JobFailed, MeasuringError
+from measuring.messages import CLUSTER_MARK, JOB_MARK, Message, job_tmp
 from measuring.worker import dataset as datasets
+from measuring.worker.cluster import Remote, in_file_remotely
 from measuring.worker.output import ResultWriter, WriteFailed, is_table, summarize
 
 #: Threads a job computes with when the server does not say (``--job-threads``).
@@ -41,7 +39,7 @@ def _where(error: BaseException, path: str) -> str:
     """`` (work.py line 12)`` for the deepest frame of ``error`` in the formula file, or ``""``."""
     line = None
     for frame in traceback.extract_tb(error.__traceback__):
-        if frame.filename == path:
+        if frame.filename == path or in_file_remotely(frame, path):
             line = frame.lineno
     return f" ({os.path.basename(path)} line {line})" if line is not None else ""
 
@@ -59,9 +57,13 @@ def _print_traceback(error: BaseException) -> None:
     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
 
 
-def import_formulas(path: str) -> ModuleType:
+def module_name(job: str) -> str:
+    """The formula module's name in ``job``: one of its own, so that no two jobs share one."""
+    return "measuring_formulas_" + "".join(c if c.isalnum() else "_" for c in job)
+
+
+def import_formulas(path: str, name: str = "measuring_formulas") -> ModuleType:
     """Import the formula file as a module; JobFailed says what went wrong and on which line."""
-    name = "measuring_formulas"
     filename = os.path.basename(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -75,7 +77,7 @@ def import_formulas(path: str) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         _print_traceback(e)
-        raise JobFailed(f"{filename} line {e.lineno}: {type(e).__name__}: {e.msg}") from None
+        raise JobFailed(words.syntax_error(path, e)) from None
     except BaseException as e:
         _print_traceback(e)
         raise JobFailed(f"importing {filename} raised {describe(e, path)}") from None
@@ -89,30 +91,23 @@ def find_formulas(module: ModuleType, path: str, wanted: list[str] | None) -> di
     A formula is a public top-level function defined in the file itself, narrowed by ``__all__``
     and then by ``wanted``.
     """
-    filename = os.path.basename(path)
     public: dict[str, Formula] = {
         name: value
         for name, value in vars(module).items()
         if inspect.isfunction(value)
         and value.__module__ == module.__name__
-        and not name.startswith("_")
+        and words.is_public(name)
     }
     exported = getattr(module, "__all__", None)
     if exported is not None:
         public = {name: value for name, value in public.items() if name in exported}
     if wanted is None:
         if not public:
-            raise JobFailed(
-                f"{filename} defines no formulas: a formula is a public top-level function "
-                f"that takes the dataset"
-            )
+            raise JobFailed(words.none_defined(path))
         return public
     missing = [name for name in wanted if name not in public]
     if missing:
-        raise NotFound(
-            f"{filename} has no formula named {missing[0]!r} "
-            f"(its formulas: {', '.join(public) or 'none'})"
-        )
+        raise words.missing(path, missing[0], public)
     return {name: public[name] for name in wanted}
 
 
@@ -148,13 +143,16 @@ def compute(
     progress: Progress | None = None,
     writer: ResultWriter | None = None,
     threads: int | None = None,
+    remote: Remote | None = None,
 ) -> dict[str, Any]:
     """
     Call every formula on the dataset, then compute all their results in one Dask call with
-    ``threads`` threads, reporting its tasks to ``progress(done, total)`` as they complete.
+    ``threads`` threads (or on the cluster, with ``remote``), reporting its tasks to
+    ``progress(done, total)`` as they complete.
 
     With a ``writer``, table results are written partition by partition as they are computed
-    (their values are then what the writer streamed, not the tables).
+    (their values are then what the writer streamed, not the tables). On a cluster they are
+    computed whole and written after: the tasks run in other processes than the writer's.
     """
     import dask
 
@@ -166,13 +164,16 @@ def compute(
             _print_traceback(e)
             raise JobFailed(f"formula {name!r} raised {_explained(e, path, dataset)}") from None
     try:
-        if writer is not None:
+        if writer is not None and remote is None:
             lazy = {
                 name: writer.stream(name, value) if is_table(value) else value
                 for name, value in lazy.items()
             }
-        with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
-            values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
+        if remote is not None:
+            values = remote.compute(list(lazy.values()), progress)
+        else:
+            with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
+                values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
     except BaseException as e:
         if writer is not None:
             writer.abandon()
@@ -206,13 +207,11 @@ def _explained(error: BaseException, path: str, dataset: Any) -> str:
 
 def run_job(message: Message, progress: Progress | None = None) -> Message:
     """Run one job message; the answer is a Done or an Error message, never an exception."""
-    path = message["File"]
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
+    remote = None
     share = datasets.budget(
-        limits.get("Memory"),
-        limits.get("Threads") or DEFAULT_THREADS,
-        psutil.Process().memory_info().rss,
+        limits.get("Memory"), limits.get("Threads") or DEFAULT_THREADS, _held_memory()
     )
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
@@ -220,7 +219,11 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
         tempfile.tempdir = os.environ["TMPDIR"] = job_tmp(tempfile.gettempdir(), message["Job"])
         os.makedirs(tempfile.tempdir, exist_ok=True)
         os.chdir(message["Directory"])
-        module = import_formulas(path)
+        path = message.get("File") or write_code(message["Code"], message["Name"])
+        remote = Remote.connect(message.get("Cluster"), message["Job"])
+        module = import_formulas(path, module_name(message["Job"]))
+        if remote is not None:
+            remote.adopt(module)
         formulas = find_formulas(module, path, message.get("Functions"))
         dataset = _dataset(message, share)
         writer = ResultWriter(
@@ -229,7 +232,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
         )
-        values = compute(formulas, dataset, path, progress, writer, share.threads)
+        values = compute(formulas, dataset, path, progress, writer, share.threads, remote)
         described = summarize(values, writer)
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}
@@ -239,7 +242,26 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             "Type": "Error",
             "Error": Internal(f"the worker failed: {type(e).__name__}: {e}").to_json(),
         }
+    finally:
+        if remote is not None:
+            remote.close()
     return {"Type": "Done", "Results": described}
+
+
+def _held_memory() -> int:
+    """What this job process holds already, as the server's memory watch counts it."""
+    return procfs.private_memory(os.getpid())
+
+
+def write_code(code: str, name: str) -> str:
+    """
+    Formulas sent with the request, as the file ``name`` in the job's temporary folder: imported,
+    checked and described like a formula file (messages name ``name``).
+    """
+    path = os.path.join(tempfile.gettempdir(), name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(code)
+    return path
 
 
 def _dataset(message: Message, share: datasets.Budget) -> Any:
@@ -273,15 +295,23 @@ def limit_job(limits: dict[str, int], sandboxed: bool) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         _lower(resource.RLIMIT_FSIZE, limits["ResultBytes"])
     if limits.get("Processes") and not sandboxed:
-        import psutil
+        _lower(resource.RLIMIT_NPROC, tasks_of(os.getuid()) + limits["Processes"])
 
-        uid = os.getuid()
-        running = sum(
-            process.info["num_threads"] or 1
-            for process in psutil.process_iter(["uids", "num_threads"])
-            if process.info["uids"] and process.info["uids"].real == uid
-        )
-        _lower(resource.RLIMIT_NPROC, running + limits["Processes"])
+
+def tasks_of(uid: int) -> int:
+    """How many threads (the kernel counts them as processes) the user ``uid`` runs now."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/stat") as f:
+                count += int(f.read().rsplit(")", 1)[1].split()[17])
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
 
 
 def _lower(limit: int, value: int) -> None:
@@ -293,25 +323,37 @@ def _lower(limit: int, value: int) -> None:
 
 
 def warm_up() -> None:
-    """Import and exercise what a job uses, so that the first job does not pay for it."""
-    import pandas as pd
+    """
+    Import and exercise what a job uses, so that no job pays for it, without starting a thread:
+    the template forks job processes, and a fork copies no thread. fastparquet reads the whole
+    way with Dask's single-threaded scheduler; pyarrow builds its Dask graph, and reads from
+    memory, since reading a file starts Arrow's I/O threads. Pools of threads start in the job.
+    """
+    import io
 
+    import dask
+    import dask.dataframe  # the collections a formula gets
+    import fastparquet
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset  # what Dask reads Parquet through
+    import pyarrow.parquet as pq
+
+    if os.environ.get(CLUSTER_MARK):
+        import distributed  # noqa: F401 (jobs will compute on the cluster)
     with tempfile.TemporaryDirectory(prefix="measuring-warm-") as folder:
         path = os.path.join(folder, "warm.parquet")
-        frame = pd.DataFrame(
-            {
-                "time": pd.date_range("2026-01-01", periods=3, freq="h"),
-                "sensor": ["a", "b", "a"],
-                "value": [1.0, 2.0, 3.0],
-            }
-        )
-        frame.to_parquet(path)
-        formulas: dict[str, Formula] = {
-            "mean": lambda data: data.groupby("sensor").value.mean(),
-            "kept": lambda data: data[data.value > 1],
-            "hourly": lambda data: data.value.resample("1h").mean(),
-        }
-        for engine in ENGINES:
-            dataset = datasets.read_dataset(path, engine, index="time")
-            writer = ResultWriter(folder, "warm", "parquet")
-            summarize(compute(formulas, dataset, path, writer=writer), writer)
+        frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})
+        frame.to_parquet(path, engine="pyarrow")
+        # Opening a file through pyarrow starts Arrow's I/O threads: the readers' own code is
+        # imported here, and first runs in the job.
+        import measuring.worker.dataset
+        import measuring.worker.output  # noqa: F401
+
+        dataset = dask.dataframe.from_pandas(frame, npartitions=1)
+        dask.compute(dataset.groupby("sensor").value.mean(), scheduler="sync")
+        fastparquet.ParquetFile(path).to_pandas()
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, engine="pyarrow")
+        table = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).read(use_threads=False)
+        table.to_pandas(use_threads=False)

@@ -94,8 +94,14 @@ class JobQueries:
 
         return self._store.recent(state, limit).addCallback(summaries)
 
-    def result(self, job_id: str, name: str, offset: int, limit: int) -> defer.Deferred[Any]:
-        """Rows ``offset`` to ``offset + limit`` of one result of a finished job."""
+    def result(
+        self, job_id: str, name: str, offset: int, limit: int | None, form: str = "json"
+    ) -> defer.Deferred[Any]:
+        """
+        Rows ``offset`` to ``offset + limit`` of one result of a finished job: a page of JSON
+        records, or with ``form`` "arrow" the page's fields and an open file of the Arrow stream
+        (to the end for a ``limit`` of None). A single value is its fields alone, in any form.
+        """
 
         def read(job: Job) -> Any:
             if job.response is None:
@@ -108,9 +114,15 @@ class JobQueries:
             entry = found[name]
             if entry["Kind"] == "Scalar":
                 return {"Name": name, **entry}
+            described = {"Name": name, "Kind": entry["Kind"]}
             directory = job.spec.paths.directory
+            if form == "arrow":
+                stream = self._blocking.run(
+                    results.arrow_stream, directory, entry["File"], offset, limit
+                )
+                return stream.addCallback(lambda made: ({**described, **made[0]}, made[1]))
             rows = self._blocking.run(results.read_rows, directory, entry["File"], offset, limit)
-            return rows.addCallback(lambda page: {"Name": name, "Kind": entry["Kind"], **page})
+            return rows.addCallback(lambda page: {**described, **page})
 
         return self._job(job_id).addCallback(read)
 

@@ -57,10 +57,14 @@ class JobSpec:
     timeout: float | None = None
     #: The column the dataset is indexed by, if the request names one.
     index: str | None = None
+    #: Formulas sent with the request, and the file name they go by (``paths.file`` is None).
+    code: str | None = None
+    name: str | None = None
 
     def message(self, job: str) -> Message:
         """The Job message a worker process runs."""
         return {
+            **({"Code": self.code, "Name": self.name} if self.code is not None else {}),
             "Type": "Job",
             "Job": job,
             "Directory": self.paths.directory,
@@ -85,6 +89,8 @@ class JobSpec:
             engine=data.get("engine", "pyarrow"),
             timeout=data.get("timeout"),
             index=data.get("index"),
+            code=data.get("code"),
+            name=data.get("name"),
         )
 
 
@@ -193,20 +199,24 @@ class Job:
         )
 
     def summary(self) -> dict[str, Any]:
-        """The job as a line of a List answer."""
-        return {
+        """The job as a line of a List answer (with its Error when it ended without results)."""
+        summary: dict[str, Any] = {
             "Job": self.id,
             "State": self.state,
             "Submitted": iso(self.submitted),
             "Directory": self.spec.paths.directory,
+            "Base": self.spec.paths.base,
             "File": self.spec.paths.file,
+            **({"Name": self.spec.name} if self.spec.code is not None else {}),
         }
+        if self.error is not None:
+            summary["Error"] = self.error.to_json()
+        return summary
 
     def status(self) -> dict[str, Any]:
         """The Response of a Job Status request."""
         status: dict[str, Any] = {
             **self.summary(),
-            "Base": self.spec.paths.base,
             "Functions": list(self.spec.functions) if self.spec.functions else None,
             "Started": iso(self.started),
             "Finished": iso(self.finished),
@@ -218,8 +228,6 @@ class Job:
         if self.response is not None:
             status["Results"] = self.response["Results"]
             status["Elapsed"] = self.response.get("Elapsed")
-        if self.error is not None:
-            status["Error"] = self.error.to_json()
         return status
 
 

@@ -38,6 +38,7 @@ from measuring.server.jobs.records import (
     new_job_id,
     stored_response,
 )
+from measuring.server.stats import Stats
 from measuring.server.threads import Runner
 
 MOST_INTERRUPTIONS = 3
@@ -70,9 +71,21 @@ class Store(Protocol):
 
     def update(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
 
+    def note(self, job: str, **fields: Any) -> defer.Deferred[None]: ...
+
     def get(self, job: str) -> defer.Deferred[dict[str, Any] | None]: ...
 
     def recover(self, most: int, now: float) -> defer.Deferred[list[dict[str, Any]]]: ...
+
+
+class JobEvents(Protocol):
+    """Who counts what happens to jobs (``measuring.server.stats.Stats``): cheap, in memory."""
+
+    def job_queued(self) -> None: ...
+
+    def job_started(self, waited: float) -> None: ...
+
+    def job_ended(self, state: str, ran: float | None) -> None: ...
 
 
 def _waits_for_next_start(job: Job) -> Busy:
@@ -89,13 +102,20 @@ class Scheduler(Service):
     _log = Logger()
 
     def __init__(
-        self, pool: Pool, store: Store, clock: IReactorTime, limits: Limits, blocking: Runner
+        self,
+        pool: Pool,
+        store: Store,
+        clock: IReactorTime,
+        limits: Limits,
+        blocking: Runner,
+        events: JobEvents | None = None,
     ) -> None:
         self._pool = pool
         self._store = store
         self._clock = clock
         self.limits = limits
         self._blocking = blocking
+        self._events: JobEvents = events if events is not None else Stats()
         self._live: dict[str, Job] = {}
         self._queue: deque[Job] = deque()
         self._running: dict[str, RunningJob] = {}
@@ -125,6 +145,8 @@ class Scheduler(Service):
         return done.addCallback(lambda _: self._queued_again(jobs))
 
     def _queued_again(self, jobs: list[Job]) -> None:
+        for _ in jobs:
+            self._events.job_queued()
         self._queue = deque([*jobs, *self._queue])
         self._recovered = True
         waiting, self._after_recovery = self._after_recovery, []
@@ -202,9 +224,11 @@ class Scheduler(Service):
             self._recording -= 1
             self._live[job.id] = job
             self._queue.append(job)
+            self._events.job_queued()
             if self._stopping:
                 job.interrupt(_waits_for_next_start(job))
-            self._log.info("job {job} queued: {file}", job=job.id, file=spec.paths.file)
+            what = spec.paths.file or f"{spec.name} (sent with the request)"
+            self._log.info("job {job} queued: {file}", job=job.id, file=what)
             self._start_next()
             return job
 
@@ -221,16 +245,14 @@ class Scheduler(Service):
             if len(self._running) >= limits.workers:
                 return
             job = self._queue.popleft()
-            job.state, job.started, job.attempts = (
-                "running",
-                self._clock.seconds(),
-                job.attempts + 1,
+            started = self._clock.seconds()
+            job.state, job.started, job.attempts = "running", started, job.attempts + 1
+            self._events.job_started(started - job.submitted)
+            # Not synced: a job interrupted while running is queued again at the next start.
+            noted = self._store.note(
+                job.id, state="running", started=job.started, attempts=job.attempts
             )
-            self._track(
-                self._store.update(
-                    job.id, state="running", started=job.started, attempts=job.attempts
-                )
-            )
+            self._track(noted)
             running = self._pool.run(job.spec.message(job.id))
             running.on_progress = lambda done, total, job=job: job.progress(
                 done, total, self._clock.seconds()
@@ -264,7 +286,7 @@ class Scheduler(Service):
             self._again.discard(job.id)
             job.state, job.started = "queued", None
             self._remove_partial(job)
-            self._track(self._store.update(job.id, state="queued", started=None))
+            self._track(self._store.note(job.id, state="queued", started=None))
             job.interrupt(_waits_for_next_start(job))
             return
         if isinstance(outcome, Failure):
@@ -300,6 +322,8 @@ class Scheduler(Service):
     ) -> defer.Deferred[Any]:
         """Write how a job ended, then tell those waiting for it."""
         job.finished = self._clock.seconds()
+        ran = job.finished - job.started if job.state == "running" and job.started else None
+        self._events.job_ended(state, ran)
         job.log = log
         written = self._store.update(
             job.id,

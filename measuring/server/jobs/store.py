@@ -1,10 +1,13 @@
 """
-Job records on disk: an SQLite database in the state directory, in WAL mode, synced on commit.
+Job records on disk: an SQLite database in the state directory, in WAL mode.
 
 ``JobDatabase`` is the database itself; its methods block and run in the one thread of
-``JobStore``, which hands out Deferreds to the reactor thread. A record is committed (and synced)
-before the server answers for it, so an accepted job survives a crash or a power loss. The store
-also holds the state directory's lock, so two servers never share one.
+``JobStore``, which hands out Deferreds to the reactor thread. A record the server answers for
+(a job accepted, a job ended) is committed and synced first, so it survives a crash or a power
+loss. What no promise rests on is committed without waiting for the disk (``note``): a job's
+start (an interrupted job is queued again at the next start whatever its record says), the
+retention sweeps (done again at the next one); the next synced commit takes it to disk too. The
+store also holds the state directory's lock, so two servers never share one.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def _row(row: sqlite3.Row | None) -> Record | None:
     return record
 
 
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
 def _encoded(fields: Record) -> Record:
     """Fields as the table keeps them: the JSON ones as text."""
     return {
@@ -72,6 +79,7 @@ class JobDatabase:
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+        self._synced: bool | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -87,8 +95,15 @@ class JobDatabase:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._synced = None
+        self._sync(True)
         self._db.executescript(_SCHEMA)
+
+    def _sync(self, synced: bool) -> None:
+        """Let the next commits wait for the disk (FULL), or not (NORMAL: synced at checkpoints)."""
+        if synced != self._synced:
+            self.db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
+            self._synced = synced
 
     def close(self) -> None:
         if self._db is not None:
@@ -100,13 +115,15 @@ class JobDatabase:
         values = _encoded(record)
         names = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
+        self._sync(True)
         with self.db:
             self.db.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", values)
 
-    def update(self, job: str, **fields: Any) -> None:
-        """Change some fields of a job record."""
+    def update(self, job: str, synced: bool = True, **fields: Any) -> None:
+        """Change some fields of a job record; committed to disk unless not ``synced``."""
         values = _encoded(fields)
         assignments = ", ".join(f"{name} = :{name}" for name in values)
+        self._sync(synced)
         with self.db:
             self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**values, "id": job})
 
@@ -114,15 +131,18 @@ class JobDatabase:
         return _row(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job,)).fetchone())
 
     def recent(self, state: str | None, limit: int) -> list[Record]:
-        """Jobs, newest first, without their logs and answers."""
-        query = "SELECT id, state, spec, submitted, started, finished, attempts FROM jobs"
+        """Jobs, newest first, without their logs and answers (with their errors)."""
+        query = "SELECT id, state, spec, submitted, started, finished, attempts, error FROM jobs"
         rows = self.db.execute(
             query
             + (" WHERE state = ?" if state else "")
             + " ORDER BY submitted DESC, id DESC LIMIT ?",
             (state, limit) if state else (limit,),
         ).fetchall()
-        return [{**dict(row), "spec": json.loads(row["spec"])} for row in rows]
+        return [
+            {**dict(row), "spec": json.loads(row["spec"]), "error": _json(row["error"])}
+            for row in rows
+        ]
 
     def recover(self, most_interruptions: int, now: float) -> list[Record]:
         """
@@ -165,6 +185,7 @@ class JobDatabase:
 
     def mark_cleaned(self, jobs: list[str]) -> None:
         """Note that these jobs' results were removed."""
+        self._sync(False)
         with self.db:
             self.db.executemany(
                 "UPDATE jobs SET cleaned = 1 WHERE id = ?", [(job,) for job in jobs]
@@ -176,6 +197,7 @@ class JobDatabase:
         where = f"state IN ({marks}) AND finished < ?" + (
             " AND cleaned = 1" if cleaned_only else ""
         )
+        self._sync(False)
         with self.db:
             return self.db.execute(f"DELETE FROM jobs WHERE {where}", (*FINISHED, before)).rowcount
 
@@ -263,7 +285,12 @@ class JobStore(Service):
         return self._call(self._database.add, record)
 
     def update(self, job: str, **fields: Any) -> defer.Deferred[None]:
+        """Change some fields of a job record, committed to disk before the Deferred fires."""
         return self._call(lambda: self._database.update(job, **fields))
+
+    def note(self, job: str, **fields: Any) -> defer.Deferred[None]:
+        """Change some fields of a job record without waiting for the disk (a crash may lose it)."""
+        return self._call(lambda: self._database.update(job, synced=False, **fields))
 
     def get(self, job: str) -> defer.Deferred[Record | None]:
         return self._call(self._database.get, job)

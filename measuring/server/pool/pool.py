@@ -1,54 +1,65 @@
 """
-Warm worker processes, parent side: start them, hand each one job, watch their memory.
+The pool, parent side: one template process, and a fresh job process forked from it per job.
 
-The pool keeps ``size`` worker processes (``python -m measuring.worker``) started and warmed up in
-advance. Each runs one job and exits; a new one starts warming up as soon as one takes a job.
-Each worker leads its own process group, so stopping a job kills everything it started. The pool
-never waits on a process: everything arrives through the reactor. ``child`` is one worker process
-seen from here; ``messages`` is what crosses the pipes.
+The pool starts the template (``template``: ``python -m measuring.worker``, which loads Dask,
+pandas and pyarrow once) and restarts it with back-off when it ends; jobs wait meanwhile. Each
+job runs in a job process the template forks for it (``process``), at most ``size`` at once;
+its end is settled once ``cleanup`` has put its results in place. Around them: the memory watch
+(``memory``) and the reaping of what dead job processes left (``orphans``). With a sandbox, each
+job process enters a bubblewrap sandbox of its own. The pool never waits on a process:
+everything arrives through the reactor.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 import measuring
-from measuring.errors import Cancelled, Internal, MemoryLimit
-from measuring.messages import JOB_FD, REPLY_FD, Message, job_tmp
-from measuring.server import results
-from measuring.server.pool.process import RunningJob, WorkerProcess, describe_exit
-from measuring.server.pool.processes import (
-    SERVER_MARK,
-    WORKER_MARK,
-    end_orphans,
-    kill_marked,
-    kill_tree,
-    tree_rss,
+from measuring.errors import Cancelled, Internal
+from measuring.messages import SERVER_MARK, Message
+from measuring.server.pool.cleanup import finish_job
+from measuring.server.pool.memory import MemoryWatch
+from measuring.server.pool.orphans import OrphanReaper
+from measuring.server.pool.process import (
+    Ending,
+    JobProcess,
+    RunningJob,
+    describe_exit,
+    settle,
 )
+from measuring.server.pool.processes import kill_marked
 from measuring.server.pool.sandbox import Bubblewrap
+from measuring.server.pool.template import TemplateProcess
 from measuring.server.threads import Runner
 
-MEMORY_CHECK = 0.5
-REAP_EVERY = 2.0
 WORKER_MODULE = "measuring.worker"
+#: Failed starts of the template in a row after which waiting jobs fail.
+MOST_FAILED_STARTS = 3
+#: How many times a job runs again because the template ended under it (a formula that kills
+#: its template would otherwise run for ever).
+MOST_RERUNS = 2
+#: Seconds before the n-th start again of a template that failed to start: 1, 2, 4, ... 30.
+restart_delay = backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0, jitter=lambda: 0.0)
 
 
 def worker_environment(environ: Mapping[str, str], tmp: str, mark: str) -> dict[str, str]:
     """
-    The whole environment of a worker process: only what Python and the formulas need, and the
-    server's mark (``processes.SERVER_MARK``) by which a restarted server finds what a previous
-    one left running. Nothing of the server's own configuration or secrets is passed on.
+    The whole environment of the template and so of every job process: only what Python and the
+    formulas need, and the server's mark (``processes.SERVER_MARK``) by which a restarted server
+    finds what a previous one left running. Nothing of the server's own configuration or
+    secrets is passed on.
     """
     env = {
         "PATH": environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
@@ -66,7 +77,7 @@ def worker_environment(environ: Mapping[str, str], tmp: str, mark: str) -> dict[
 
 
 class WorkerInfo(NamedTuple):
-    """What the pool says about one of its processes."""
+    """What the pool says about one of its processes (``state``: ``template`` or ``busy``)."""
 
     pid: int
     state: str
@@ -74,18 +85,14 @@ class WorkerInfo(NamedTuple):
     started: float | None
 
 
-def _size(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
 class WorkerPool(Service):
     """
-    Keeps ``size`` warm worker processes and runs one job in each.
+    Runs each job in a job process forked from the template, at most ``size`` at once.
 
-    ``environment`` is the workers' whole environment; its ``SERVER_MARK`` tells this server's
+    ``environment`` is the template's whole environment; its ``SERVER_MARK`` tells this server's
     processes apart, so that those a previous server left behind are ended at start. With a
-    ``memory_limit`` (bytes), the memory of every job's process tree is checked twice a second
-    and a job past the limit is stopped. Blocking psutil calls go through ``blocking``.
+    ``memory_limit`` (bytes), every job's process tree is watched and a job past the limit is
+    stopped. Blocking /proc reads and file moves go through ``blocking``.
     """
 
     _log = Logger()
@@ -112,40 +119,44 @@ class WorkerPool(Service):
         self._blocking = blocking
         self.memory_limit = memory_limit
         self._sandbox = sandbox
-        # This process is a subreaper (processes.adopt_orphans): end what dead workers left.
-        self._reap_orphans = reap_orphans
-        #: What a worker enforces on its job: ``ResultBytes``, ``Processes`` (see worker.py).
+        #: What a job process enforces on its job: ``ResultBytes``, ``Processes`` (worker.job).
         self.job_limits = job_limits or {}
         # -P: the worker's folder is not on sys.path, so no file there can shadow a module.
         self._command = list(command or [sys.executable, "-P", "-m", WORKER_MODULE])
-        self._workers: set[WorkerProcess] = set()
-        self._ready: deque[WorkerProcess] = deque()
+        self._template: TemplateProcess | None = None
+        self._template_state = "stopped"
         self._waiting: deque[RunningJob] = deque()
+        self._running: set[RunningJob] = set()
         self._failures = 0
-        self._respawn: IDelayedCall | None = None
-        self._watch = task.LoopingCall(self._check_memory)
-        self._watch.clock = clock
-        self._reaper = task.LoopingCall(self._reap)
-        self._reaper.clock = clock
+        self._restart: IDelayedCall | None = None
+        self._memory = (
+            MemoryWatch(clock, blocking, memory_limit, lambda: list(self._running))
+            if memory_limit is not None
+            else None
+        )
+        # This process is a subreaper (processes.adopt_orphans): end what dead job processes left.
+        self._orphans = OrphanReaper(clock, blocking, self._spared) if reap_orphans else None
+
+    # -- start and stop
 
     def startService(self) -> None:
         super().startService()
+        self._template_state = "starting"
         swept = self._blocking.run(self._sweep_at_start)
         swept.addCallback(self._swept_at_start)
         swept.addErrback(lambda f: self._log.failure("ending what a previous server left", f))
-        swept.addBoth(lambda _: self._fill())
-        if self.memory_limit is not None:
-            self._watch.start(MEMORY_CHECK, now=False)
-        if self._reap_orphans:
-            self._reaper.start(REAP_EVERY, now=False)
+        swept.addBoth(lambda _: self._start_template())
+        for room in (self._memory, self._orphans):
+            if room is not None:
+                room.start()
 
     def _sweep_at_start(self) -> list[int]:
-        """End what a previous server left running, and empty the workers' temporary folder."""
+        """End what a previous server left running; empty the job processes' temporary folder."""
         mark, tmp = self._environment.get(SERVER_MARK), self._environment.get("TMPDIR")
         killed = kill_marked(SERVER_MARK, mark) if mark else []
         if tmp and os.path.isdir(tmp):
             for name in os.listdir(tmp):
-                if name.startswith("job-"):
+                if name.startswith(("job-", "worker-")):
                     shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
         return killed
 
@@ -157,206 +168,203 @@ class WorkerPool(Service):
                 pids=killed,
             )
 
-    def finish(
-        self, worker: WorkerProcess, job: RunningJob, place: bool
-    ) -> defer.Deferred[str | None]:
-        """
-        After ``worker`` ended: end every process still carrying its mark (what its formulas
-        started, also outside its process group); with ``place``, move the results from its
-        outbox into the job's Directory; remove its temporary folders. Fires with what went
-        wrong placing the results, or None.
-        """
-        tmp = worker.outbox or self._environment.get("TMPDIR")
-        directory = str(job.message["Directory"])
-        known = self._known_pids()
-
-        def finish() -> str | None:
-            kill_marked(WORKER_MARK, worker.mark)
-            if self._reap_orphans:
-                end_orphans(known, WORKER_MODULE)
-            problem = None
-            if place and worker.outbox is not None:
-                try:
-                    results.place_results(worker.outbox, directory, job.job)
-                except Exception as e:
-                    problem = f"{type(e).__name__}: {e}"
-            if tmp:
-                shutil.rmtree(job_tmp(tmp, job.job), ignore_errors=True)
-            if worker.outbox is not None:
-                shutil.rmtree(worker.outbox, ignore_errors=True)
-            return problem
-
-        return self._blocking.run(finish)
-
-    def _known_pids(self) -> set[int]:
-        return {worker.pid for worker in self._workers if worker.pid is not None}
-
-    def _reap(self) -> defer.Deferred[list[int]]:
-        """End and reap what dead workers left (sandboxes' inner processes end as zombies)."""
-        reaped = self._blocking.run(end_orphans, self._known_pids(), WORKER_MODULE)
-        reaped.addErrback(lambda f: self._log.failure("ending what dead workers left", f))
-        return reaped
-
-    def end_below(self, worker: WorkerProcess) -> None:
-        """End every process below a worker being stopped (it is their subreaper: all of them)."""
-        if worker.pid is not None:
-            self._blocking.run(kill_tree, worker.pid).addErrback(
-                lambda f: self._log.failure(
-                    "ending the processes of worker {pid}", f, pid=worker.pid
-                )
-            )
-
-    def _check_memory(self) -> defer.Deferred[None] | None:
-        busy = [
-            (worker.job, worker.pid)
-            for worker in self._workers
-            if worker.state == "busy" and worker.job is not None and worker.pid is not None
-        ]
-        if not busy or self.memory_limit is None:
-            return None
-        limit = self.memory_limit
-
-        def judge(sizes: list[int]) -> None:
-            for (job, _), rss in zip(busy, sizes, strict=True):
-                job.peak_rss = max(job.peak_rss, rss)
-                if rss > limit:
-                    job.kill(
-                        MemoryLimit(
-                            f"the job's processes used {_size(rss)} of memory, more than its "
-                            f"limit of {_size(limit)} (--job-memory); it was stopped"
-                        )
-                    )
-
-        sampled = self._blocking.run(lambda: [tree_rss(pid) for _, pid in busy])
-        judged = sampled.addCallback(judge)
-        judged.addErrback(lambda f: self._log.failure("checking the jobs' memory", f))
-        return judged
-
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        for loop in (self._watch, self._reaper):
-            if loop.running:
-                loop.stop()
-        if self._respawn is not None and self._respawn.active():
-            self._respawn.cancel()
+        for room in (self._memory, self._orphans):
+            if room is not None:
+                room.stop()
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
         while self._waiting:
-            self._waiting.popleft().fail(Cancelled("the server is stopping"))
-        workers = list(self._workers)
-        for worker in workers:
-            if worker.job is not None:
-                worker.job.kill(Cancelled("the server is stopping"))
-            else:
-                worker.kill()
-        return defer.gatherResults([worker.ended for worker in workers]).addCallback(lambda _: None)
+            self._waiting.popleft().kill(Cancelled("the server is stopping"))
+        running = list(self._running)
+        for job in running:
+            job.kill(Cancelled("the server is stopping"))
+        ends: list[defer.Deferred[Any]] = [job.settled for job in running]
+        template = self._template
+        if template is not None and template.state != "ended":
+            template.stop()
+            ends.append(template.ended)
+        self._template_state = "stopped"
+        done = defer.gatherResults(ends)
+        if self._orphans is not None:
+            done.addCallback(lambda _: self._orphans and self._orphans.last())
+        return done.addCallback(lambda _: None)
 
-    def _fill(self) -> None:
-        """
-        Start worker processes until ``size`` of them are warm or warming up.
+    # -- the template
 
-        A worker that takes a job is replaced at once, not when the job ends, so that jobs
-        waiting in the queue find warm workers.
-        """
-        self._respawn = None
-        while self.running and sum(w.state != "busy" for w in self._workers) < self.size:
-            worker = WorkerProcess(self, self._clock)
-            self._workers.add(worker)
-            environment = {**self._environment, WORKER_MARK: worker.mark}
-            argv = [*self._command, str(os.getpid())]
-            if self._sandbox is not None:
-                # In its own PID namespace the worker cannot see the server: bwrap watches it.
-                worker.outbox = os.path.join(self._environment["TMPDIR"], f"worker-{worker.mark}")
-                environment.update(TMPDIR=worker.outbox, HOME=worker.outbox)
-                argv = self._sandbox.command([*self._command, "0"], worker.outbox)
-            try:
-                if worker.outbox is not None:
-                    os.makedirs(worker.outbox)
-                self._reactor.spawnProcess(
-                    worker,
-                    argv[0],
-                    argv,
-                    env=environment,
-                    path=worker.outbox or self._workdir,
-                    childFDs={0: "w", 1: "r", 2: "r", JOB_FD: "w", REPLY_FD: "r"},
-                )
-            except Exception:
-                self._log.failure("starting a worker process")
-                self._workers.discard(worker)
-                self._failed_start()
-                return
-
-    def run(self, message: Message) -> RunningJob:
-        """Run one job message in the next ready worker (waiting for one if none is)."""
-        job = RunningJob(self, message)
-        self._waiting.append(job)
-        self._assign()
-        return job
-
-    def forget(self, job: RunningJob) -> None:
-        """Drop a job that is still waiting for a worker."""
-        if job in self._waiting:
-            self._waiting.remove(job)
-
-    def _assign(self) -> None:
-        started = False
-        while self._waiting and self._ready:
-            self._ready.popleft().start(self._waiting.popleft(), self.job_limits)
-            started = True
-        if started and self._respawn is None:
-            self._fill()
-
-    def ready(self, worker: WorkerProcess) -> None:
-        """Called by a worker that has warmed up."""
-        self._failures = 0
-        self._ready.append(worker)
-        self._assign()
-
-    def ended(self, worker: WorkerProcess, was: str, reason: Failure) -> None:
-        """Called by a worker whose process has ended; starts its replacement."""
-        self._workers.discard(worker)
-        if worker in self._ready:
-            self._ready.remove(worker)
-        if not self.running or was == "busy":
+    def _start_template(self) -> None:
+        self._restart = None
+        if not self.running:
             return
-        if was == "ready":
+        template = TemplateProcess(
+            self._reactor, [*self._command, str(os.getpid())], self._environment, self._workdir
+        )
+        self._template = template
+        self._template_state = "starting" if self._failures == 0 else "restarting"
+        template.ready.addCallbacks(lambda _: self._template_ready(template), lambda _: None)
+        template.ended.addCallback(lambda _: self._template_ended(template))
+        try:
+            template.start()
+        except Exception:
+            self._log.failure("starting the template process")
+            self._template = None
+            self._failed_start()
+
+    def _template_ready(self, template: TemplateProcess) -> None:
+        if template is not self._template:
+            return
+        self._failures = 0
+        self._template_state = "ready"
+        self._log.info(
+            "template process {pid} ready ({n} thread)", pid=template.pid, n=template.threads
+        )
+        self._start_waiting()
+
+    def _template_ended(self, template: TemplateProcess) -> None:
+        if template is not self._template:
+            return
+        reason = template.reason
+        assert reason is not None
+        self._template = None
+        if not self.running:
+            return
+        if template.was_ready:
             self._log.warn(
-                "worker process {pid} {how} while it waited for a job",
-                pid=worker.pid,
+                "template process {pid} {how}; starting another",
+                pid=template.pid,
                 how=describe_exit(reason),
             )
-            self._fill()
+            self._start_template()
             return
         self._log.error(
-            "worker process {pid} {how} before it was ready",
-            pid=worker.pid,
+            "template process {pid} {how} before it was ready",
+            pid=template.pid,
             how=describe_exit(reason),
         )
         self._failed_start()
 
     def _failed_start(self) -> None:
-        """Another worker failed to start: try again later, and again later after that."""
+        """The template failed to start again: try again later, and again later after that."""
         self._failures += 1
-        if self._failures >= 3:
+        self._template_state = "restarting"
+        if self._failures >= MOST_FAILED_STARTS:
+            self._template_state = "failing"
             while self._waiting:
-                self._waiting.popleft().fail(
-                    Internal("worker processes fail to start; see the server's log")
-                )
-        delay = min(30.0, 0.5 * 2**self._failures)
-        if self._respawn is None:
-            self._respawn = self._clock.callLater(delay, self._fill)
+                self._waiting.popleft().kill(self._cannot_start())
+        if self._restart is None:
+            delay = restart_delay(self._failures - 1)
+            self._restart = self._clock.callLater(delay, self._start_template)
+
+    def _cannot_start(self) -> Internal:
+        return Internal(
+            f"worker processes fail to start: their template process ended {self._failures} "
+            f"times in a row before it was ready; see the server's log"
+        )
+
+    # -- jobs
+
+    def run(self, message: Message) -> RunningJob:
+        """Run one job message in a job process of its own (waiting for the template if need be)."""
+        job = RunningJob(message)
+        if self._template_state == "failing":
+            job.fail(self._cannot_start())
+            return job
+        self._waiting.append(job)
+        self._start_waiting()
+        return job
+
+    def _start_waiting(self) -> None:
+        template = self._template
+        while (
+            self._waiting
+            and len(self._running) < self.size
+            and template is not None
+            and template.state == "ready"
+        ):
+            job = self._waiting.popleft()
+            if not job.result.called:  # killed while it waited
+                self._launch(template, job)
+
+    def _launch(self, template: TemplateProcess, job: RunningJob) -> None:
+        """Fork ``job``'s process from ``template`` and hand it the job."""
+        process = JobProcess(self._reactor, self._clock, self._blocking, job.log, job.progress)
+        job.process, job.started = process, self._clock.seconds()
+        self._running.add(job)
+        environment, outbox, sandbox = {}, None, None
+        if self._sandbox is not None:
+            outbox = os.path.join(self._environment["TMPDIR"], f"worker-{secrets.token_hex(8)}")
+            os.makedirs(outbox)
+            environment = {"TMPDIR": outbox, "HOME": outbox}
+            sandbox = self._sandbox.command([], outbox)
+        request = {"Environment": environment, "Sandbox": sandbox}
+
+        def forked(pid: int) -> None:
+            process.forked(pid)
+            template.exit_of(pid).addCallback(process.exited)
+
+        template.fork(process.child_fds, request).addCallbacks(
+            forked, lambda _: process.exited(None)
+        )
+        process.start({**job.message, "Limits": self.job_limits, "Outbox": outbox})
+        process.ended.addCallback(self._ended, job, outbox)
+
+    def _ended(self, ending: Ending, job: RunningJob, outbox: str | None) -> None:
+        """``job``'s process ended: clean up after it, then settle the job (or run it again)."""
+        tmp = self._environment.get("TMPDIR")
+        again = (
+            ending.exit is None
+            and ending.answer is None
+            and job.stop_error is None
+            and job.reruns < MOST_RERUNS
+            and bool(self.running)
+        )
+        place = ending.done and outbox is not None
+        finished = self._blocking.run(
+            finish_job, job.job, str(job.message["Directory"]), tmp, outbox, place
+        )
+        finished.addErrback(lambda f: f"{type(f.value).__name__}: {f.value}")
+        finished.addCallback(self._cleaned, job, ending, again)
+
+    def _cleaned(self, problem: str | None, job: RunningJob, ending: Ending, again: bool) -> None:
+        self._running.discard(job)
+        if self._orphans is not None:
+            # What the job process left that has ended (a sandbox's processes) is reaped now.
+            self._orphans.sweep()
+        if again:
+            self._log.warn("job {job} runs again: the template ended while it ran", job=job.job)
+            job.reruns += 1
+            job.process = None
+            self._waiting.appendleft(job)
+        else:
+            settle(job, ending, problem)
+            job.settled.callback(None)
+        self._start_waiting()
+
+    # -- what the pool tells
+
+    def _spared(self) -> set[int]:
+        """The server's children the orphan reaper must not end: the template."""
+        template = self._template
+        return {template.pid} if template is not None and template.pid is not None else set()
 
     def processes(self) -> list[WorkerInfo]:
-        """Every worker process, busy or not."""
-        return [
-            WorkerInfo(
-                worker.pid,
-                worker.state,
-                worker.job.job if worker.job else None,
-                worker.job.started if worker.job else None,
-            )
-            for worker in self._workers
-            if worker.pid is not None
-        ]
+        """The template and every job process, running or ending."""
+        found = []
+        template = self._template
+        if template is not None and template.pid is not None and template.state != "ended":
+            found.append(WorkerInfo(template.pid, "template", None, None))
+        for job in self._running:
+            if job.process is not None and job.process.pid is not None:
+                found.append(WorkerInfo(job.process.pid, "busy", job.job, job.started))
+        return found
 
     @property
-    def ready_count(self) -> int:
-        return len(self._ready)
+    def template_state(self) -> str:
+        """``starting``, ``ready``, ``restarting`` (after it ended), ``failing``, or ``stopped``."""
+        return self._template_state
+
+    @property
+    def busy(self) -> int:
+        """How many job processes run now."""
+        return len(self._running)

@@ -1,38 +1,42 @@
 """
-The parent side of one worker process: the process itself, the job it runs, what it prints.
+One job process seen from the server: its pipes, its messages, its end; and the job it runs.
 
-``WorkerProcess`` is the ProcessProtocol of one ``python -m measuring.worker``: it reads the
-worker's messages, keeps what the job prints, stops the job's whole process group, and tells its
-``WorkerPool`` when the process is ready and when it has ended. ``RunningJob`` is a job handed to
-the pool, from waiting for a worker to its result.
+``JobProcess`` is a job process forked by the template (``pool.template``): the server made its
+pipes (stdout, stderr, the job's pipe and the reply pipe) and reads them through the reactor. It
+reads the process's messages, keeps what the job prints, stops the job's whole process tree, and
+tells how it went through two Deferreds: ``ready`` (settled in, with its pid; never fired if it
+ended first) and ``ended`` (its process has exited and its pipes are closed, with an
+``Ending``). It knows nothing of the pool.
+``RunningJob`` is a job handed to the pool, from waiting for a process to its result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.process import ProcessReader, ProcessWriter
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from measuring import procfs
 from measuring.errors import JobFailed, MeasuringError, from_json
 from measuring.messages import JOB_FD, REPLY_FD, Message, MessageBuffer, encode
 from measuring.server.jobs.records import Outcome
+from measuring.server.threads import Runner
 from measuring.wire import KINDS
-
-if TYPE_CHECKING:
-    from measuring.server.pool.pool import WorkerPool
 
 LOG_BYTES = 64 * 1024
 KILL_GRACE = 1.0
 PIPE_GRACE = 1.0
+Progress = Callable[[int, int], None]
 
 
 class OutputLog:
@@ -75,37 +79,43 @@ def describe_exit(reason: Failure) -> str:
 
 class RunningJob:
     """
-    One job handed to the pool: waits for a ready worker, then runs in it.
+    One job handed to the pool: waits for its process, then runs in it.
 
     ``result`` fires with the job's ``Outcome`` (its results or its error, and its log); it
-    never fails.
+    never fails. Killed while it waits, it ends at once, and the pool passes it by.
     """
 
-    def __init__(self, pool: WorkerPool, message: Message) -> None:
-        self._pool = pool
+    def __init__(self, message: Message) -> None:
         self.message = message
         self.result: defer.Deferred[Outcome] = defer.Deferred()
+        #: Fires once the pool is done with the job's process (after ``result``).
+        self.settled: defer.Deferred[None] = defer.Deferred()
         self.log = OutputLog()
-        self.worker: WorkerProcess | None = None
+        self.process: JobProcess | None = None
         self.started: float | None = None
         self.stop_error: MeasuringError | None = None
-        self.on_progress: Callable[[int, int], None] | None = None
+        self.on_progress: Progress | None = None
         self.peak_rss = 0
+        #: How many times the job ran again because the template ended under it.
+        self.reruns = 0
 
     @property
     def job(self) -> str:
         return str(self.message["Job"])
 
     def kill(self, reason: MeasuringError) -> None:
-        """Stop the job (its whole process group); ``result`` fails with ``reason``."""
+        """Stop the job (its whole process tree); its outcome is the error ``reason``."""
         if self.result.called or self.stop_error is not None:
             return
         self.stop_error = reason
-        if self.worker is None:
-            self._pool.forget(self)
+        if self.process is None:
             self.fail(reason)
         else:
-            self.worker.kill()
+            self.process.kill()
+
+    def progress(self, done: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(done, total)
 
     def log_text(self) -> str:
         """What the job has printed so far."""
@@ -144,151 +154,214 @@ def malformed(message: Message) -> str | None:
     return f"a message of unknown type {str(kind)[:40]!r}"
 
 
-class WorkerProcess(ProcessProtocol):
-    """The parent side of one worker process: starting, then ready, then busy with one job."""
+@dataclass
+class Ending:
+    """How a job process ended."""
+
+    #: Its last Done or Error message, if it sent one.
+    answer: Message | None
+    #: What was wrong with its messages, if anything was (the answer then does not count).
+    garbled: JobFailed | None
+    #: How its process exited; None when the template ended before it could tell.
+    exit: Failure | None
+
+    @property
+    def done(self) -> bool:
+        """True when the process answered Done with messages the server could use."""
+        return self.garbled is None and (self.answer or {}).get("Type") == "Done"
+
+
+def exit_reason(status: int | None) -> Failure | None:
+    """A wait status as Twisted tells a process's end: ProcessDone or ProcessTerminated."""
+    if status is None:
+        return None
+    if os.WIFSIGNALED(status):
+        return Failure(ProcessTerminated(None, os.WTERMSIG(status), status))
+    code = os.waitstatus_to_exitcode(status)
+    return Failure(ProcessDone(status) if code == 0 else ProcessTerminated(code, None, status))
+
+
+class JobProcess:
+    """
+    The server's side of one job process: ``starting`` (forked, settling in), ``running``
+    (Ready: it has its job), ``ended``.
+
+    The pipes are made here; ``child_fds`` are the ends the template passes to the process.
+    ``forked`` tells the pid (from the template), ``exited`` the end (from the template too);
+    ``start`` writes the job. Blocking /proc reads (ending the tree) go through ``blocking``.
+    """
 
     _log = Logger()
 
-    def __init__(self, pool: WorkerPool, clock: IReactorTime) -> None:
-        self._pool = pool
+    def __init__(
+        self,
+        reactor: Any,
+        clock: IReactorTime,
+        blocking: Runner,
+        log: OutputLog,
+        progress: Progress,
+    ) -> None:
         self._clock = clock
+        self._blocking = blocking
+        self._output = log
+        self._progress = progress
         self._messages = MessageBuffer()
         self._answer: Message | None = None
-        self._garbled: MeasuringError | None = None
+        self._garbled: JobFailed | None = None
+        self._exit: Failure | None = None
         self._exited = False
+        self._killing = False
         self._timers: list[IDelayedCall] = []
         self.pid: int | None = None
-        self.mark = secrets.token_hex(16)
-        #: With a sandbox: the one folder the worker may write, where its results are written.
-        self.outbox: str | None = None
         self.state = "starting"
-        self.job: RunningJob | None = None
-        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.ready: defer.Deferred[int] = defer.Deferred()
+        self.ended: defer.Deferred[Ending] = defer.Deferred()
+        pipes = {fd: os.pipe() for fd in (1, 2, JOB_FD, REPLY_FD)}
+        #: The process's ends of its pipes: stdout, stderr, the job's pipe, the reply pipe.
+        self.child_fds = [pipes[1][1], pipes[2][1], pipes[JOB_FD][0], pipes[REPLY_FD][1]]
+        self._pipes: dict[int, ProcessReader | ProcessWriter] = {
+            1: ProcessReader(reactor, self, 1, pipes[1][0]),
+            2: ProcessReader(reactor, self, 2, pipes[2][0]),
+            REPLY_FD: ProcessReader(reactor, self, REPLY_FD, pipes[REPLY_FD][0]),
+            JOB_FD: ProcessWriter(reactor, self, JOB_FD, pipes[JOB_FD][1]),
+        }
 
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
-        self.transport.closeChildFD(0)  # type: ignore[union-attr]
+    def start(self, message: Message) -> None:
+        """Hand the process its job (it reads it once it has settled in)."""
+        writer = self._pipes.get(JOB_FD)
+        if writer is not None:
+            writer.write(encode(message))
+            writer.loseConnection()
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == REPLY_FD and self._garbled is not None:
+    def forked(self, pid: int) -> None:
+        """The template forked the process: ``pid``. A kill asked for meanwhile goes out now."""
+        self.pid = pid
+        if self._killing:
+            self._killing = False
+            self.kill()
+
+    def exited(self, status: int | None) -> None:
+        """
+        The process has exited with wait ``status`` (None: unknown, the template ended and the
+        process with it). What it left in its group is ended; after that its pid may be
+        anyone's, so nothing more is sent to it. Pipes a descendant still holds are closed soon.
+        """
+        if self._exited:
             return
-        if childFD == REPLY_FD:
+        self._signal_group(signal.SIGKILL)
+        self._exited = True
+        self._exit = exit_reason(status)
+        self._timers.append(self._clock.callLater(PIPE_GRACE, self._close_pipes))
+        self._maybe_ended()
+
+    def kill(self) -> None:
+        """End the whole process tree: SIGTERM to its group, SIGKILL to all after a grace."""
+        if self.state == "ended" or self._exited:
+            return
+        if self.pid is None:
+            self._killing = True
+            self._close_pipes()
+            return
+        pid = self.pid
+        # Everything below it first (its subreaper holds all of it, also what left its group),
+        # while it lives: once it has ended, what is below it is no longer found below it.
+        ending = self._blocking.run(procfs.kill_tree, pid)
+        ending.addErrback(
+            lambda f: self._log.failure("ending the processes below job process {pid}", f, pid=pid)
+        )
+        ending.addCallback(lambda _: self._signal_group(signal.SIGTERM))
+        self._timers.append(self._clock.callLater(KILL_GRACE, self._signal_group, signal.SIGKILL))
+
+    def _signal_group(self, number: int) -> None:
+        if self.pid is None or self._exited:
+            return
+        try:
+            os.killpg(self.pid, number)
+        except ProcessLookupError:
+            # Not yet the leader of its own group (still settling in): signal the process.
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, number)
+        except PermissionError:
+            self._log.warn("cannot signal process group {pid}", pid=self.pid)
+
+    # -- the pipes (Twisted's ProcessReader and ProcessWriter call these)
+
+    def childDataReceived(self, name: int, data: bytes) -> None:
+        if name != REPLY_FD:
+            self._output.append(data)
+        elif self._garbled is None:
             try:
                 messages = self._messages.feed(data)
             except ValueError as e:
-                self._log.error("worker {pid} sent a bad message: {e}", pid=self.pid, e=e)
-                self._garbled = JobFailed(
-                    f"the job's process sent what the server cannot read: {e}"
-                )
-                self.kill()
+                self._garble(f"the job's process sent what the server cannot read: {e}", str(e))
                 return
             for message in messages:
                 self._received(message)
-        elif self.job is not None:
-            self.job.log.append(data)
-        else:
-            self._log.warn(
-                "worker {pid}: {output}",
-                pid=self.pid,
-                output=data[:4096].decode("utf-8", "replace").rstrip(),
-            )
+
+    def childConnectionLost(self, name: int, reason: Failure) -> None:
+        pipe = self._pipes.pop(name, None)
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                os.close(pipe.fileno())
+        self._maybe_ended()
+
+    def _close_pipes(self) -> None:
+        # A descendant that left the process group may still hold the pipes open.
+        for pipe in list(self._pipes.values()):
+            pipe.loseConnection()
 
     def _received(self, message: Message) -> None:
         # Formulas run in this process and can write here too: check every message's shape.
         problem = malformed(message)
         if problem is not None:
-            self._log.error("worker {pid} sent a bad message: {problem}", pid=self.pid,
-                            problem=problem)  # fmt: skip
-            self._garbled = JobFailed(
-                f"the job's process sent what the server cannot use: {problem}"
-            )
-            self.kill()
+            self._garble(f"the job's process sent what the server cannot use: {problem}", problem)
         elif message["Type"] == "Ready" and self.state == "starting":
-            self.state = "ready"
-            self._pool.ready(self)
-        elif message["Type"] == "Progress" and self.job is not None:
-            if self.job.on_progress is not None:
-                self.job.on_progress(message["Done"], message["Total"])
-        elif message["Type"] in ("Done", "Error") and self.state == "busy" and not self._answer:
+            self.state = "running"
+            if self.pid is None and isinstance(message.get("Pid"), int):
+                self.pid = message["Pid"]
+            if self.pid is not None:
+                self.ready.callback(self.pid)
+        elif message["Type"] == "Progress" and self.state == "running":
+            self._progress(message["Done"], message["Total"])
+        elif message["Type"] in ("Done", "Error") and self.state == "running" and not self._answer:
             self._answer = message
 
-    def start(self, job: RunningJob, limits: dict[str, int]) -> None:
-        """Hand this ready worker its one job, with the job's ``limits`` and its outbox."""
-        self.state = "busy"
-        self.job = job
-        job.worker = self
-        job.started = self._clock.seconds()
-        message = {**job.message, "Limits": limits, "Outbox": self.outbox}
-        self.transport.writeToChild(JOB_FD, encode(message))  # type: ignore[union-attr]
-        self.transport.closeChildFD(JOB_FD)  # type: ignore[union-attr]
+    def _garble(self, error: str, problem: str) -> None:
+        self._log.error("job process {pid} sent a bad message: {p}", pid=self.pid, p=problem)
+        self._garbled = JobFailed(error)
+        self.kill()
 
-    def _signal_group(self, signal_number: int) -> None:
-        if self.pid is None or self._exited:
+    def _maybe_ended(self) -> None:
+        if self.state == "ended" or not self._exited or self._pipes:
             return
-        try:
-            os.killpg(self.pid, signal_number)
-        except ProcessLookupError:
-            # Not yet the leader of its own group (still starting): signal the process itself.
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal_number)
-        except PermissionError:
-            self._log.warn("cannot signal process group {pid}", pid=self.pid)
-
-    def kill(self) -> None:
-        """Ask the whole process group to end (SIGTERM); force it after a grace (SIGKILL)."""
-        if self.state == "ended":
-            return
-        self._pool.end_below(self)
-        self._signal_group(signal.SIGTERM)
-        self._timers.append(self._clock.callLater(KILL_GRACE, self._signal_group, signal.SIGKILL))
-
-    def processExited(self, reason: Failure) -> None:
-        # Whatever the worker started and left behind in its group ends with it; after that its
-        # pid may be anyone's, so nothing more is sent to it.
-        self._signal_group(signal.SIGKILL)
-        self._exited = True
-        self._timers.append(self._clock.callLater(PIPE_GRACE, self._close_pipes))
-
-    def _close_pipes(self) -> None:
-        # A descendant that left the process group may still hold the pipes open.
-        if self.transport is not None:
-            for fd in (0, 1, 2, JOB_FD, REPLY_FD):
-                self.transport.closeChildFD(fd)
-
-    def processEnded(self, reason: Failure) -> None:
         for timer in self._timers:
             if timer.active():
                 timer.cancel()
-        was = self.state
         self.state = "ended"
-        self._pool.ended(self, was, reason)
-        if self.job is None:
-            self.ended.callback(None)
-            return
-        # A process a formula started outside the group still carries this worker's mark.
-        job = self.job
-        done = self._garbled is None and (self._answer or {}).get("Type") == "Done"
-        finished = self._pool.finish(self, job, place=done and self.outbox is not None)
-        finished.addCallback(lambda problem: self._settle(job, reason, problem))
-        finished.addBoth(lambda _: self.ended.callback(None))
+        self.ended.callback(Ending(self._answer, self._garbled, self._exit))
 
-    def _settle(self, job: RunningJob, reason: Failure, problem: str | None) -> None:
-        answer = self._answer or {}
-        if self._garbled is not None:
-            job.fail(self._garbled)
-        elif answer.get("Type") == "Done" and problem is not None:
-            job.fail(JobFailed(f"the results could not be put in their folder: {problem}"))
-        elif answer.get("Type") == "Done":
-            job.succeed(answer["Results"])
-        elif job.stop_error is not None:
-            job.fail(job.stop_error)
-        elif answer.get("Type") == "Error":
-            job.fail(from_json(answer["Error"]))
-        else:
-            job.fail(
-                JobFailed(
-                    f"the worker process running the formulas {describe_exit(reason)} before it "
-                    f"finished (a crash in native code, os._exit, or the system's out-of-memory "
-                    f"killer can do this)"
-                )
+
+def settle(job: RunningJob, ending: Ending, problem: str | None) -> None:
+    """
+    Give ``job`` its result from how its process ended and from ``problem``, what went wrong
+    putting its results in place (or None).
+    """
+    answer = ending.answer or {}
+    if ending.garbled is not None:
+        job.fail(ending.garbled)
+    elif ending.done and problem is not None:
+        job.fail(JobFailed(f"the results could not be put in their folder: {problem}"))
+    elif ending.done:
+        job.succeed(answer["Results"])
+    elif job.stop_error is not None:
+        job.fail(job.stop_error)
+    elif answer.get("Type") == "Error":
+        job.fail(from_json(answer["Error"]))
+    else:
+        how = describe_exit(ending.exit) if ending.exit is not None else "ended with the template"
+        job.fail(
+            JobFailed(
+                f"the worker process running the formulas {how} before it finished (a crash in "
+                f"native code, os._exit, or the system's out-of-memory killer can do this)"
             )
+        )

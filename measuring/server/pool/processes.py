@@ -1,49 +1,26 @@
 """
-Finding and ending processes with psutil, for the server side.
+Finding and ending processes, for the server side: what a previous server left, this one's
+orphans, and the subreaper that makes them this one's.
 
 Every function here may block (it reads /proc): call it through a thread runner, never on the
-reactor thread. Worker processes carry environment variables that mark what they belong to (see
-``messages``): ``SERVER_MARK``, the server, and ``WORKER_MARK``, the worker process itself; every
-process a formula starts inherits both.
+reactor thread. ``kill_marked`` reads every process on the host, once, when the server starts;
+everything done per job reads only the job's own process tree (``measuring.procfs``). The
+template and every job process carry ``SERVER_MARK`` in their environment (see ``messages``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
+import time
 
 import psutil
 
-from measuring.messages import SERVER_MARK, WORKER_MARK
+from measuring import procfs
+from measuring.messages import SERVER_MARK
 
-__all__ = [
-    "SERVER_MARK",
-    "WORKER_MARK",
-    "adopt_orphans",
-    "end_orphans",
-    "kill_marked",
-    "kill_tree",
-    "marked",
-    "tree_rss",
-]
-
-
-def tree_rss(pid: int) -> int:
-    """Resident memory of ``pid`` and every process below it, in bytes (0 when it is gone)."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total
+__all__ = ["SERVER_MARK", "adopt_orphans", "end_orphans", "kill_marked", "marked", "prctl"]
 
 
 def marked(name: str, value: str) -> list[psutil.Process]:
@@ -72,20 +49,6 @@ def kill_marked(name: str, value: str) -> list[int]:
     return killed
 
 
-def kill_tree(pid: int) -> list[int]:
-    """SIGKILL every process below ``pid`` (not ``pid`` itself); returns their pids."""
-    try:
-        below = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    for process in below:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            continue
-    return [process.pid for process in below]
-
-
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -99,34 +62,54 @@ def prctl(option: int, value: int) -> None:
 
 def adopt_orphans() -> None:
     """
-    Make this process a subreaper: a process left behind when its parent (a worker) dies comes
-    to this one instead of to init, where ``end_orphans`` finds it.
+    Make this process a subreaper: a process left behind when its parent (a job process) dies
+    comes to this one instead of to init, where ``end_orphans`` finds it.
     """
     if os.uname().sysname == "Linux":
         prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def end_orphans(known: set[int], worker_command: str) -> list[int]:
+def end_orphans(known: set[int], suspects: set[int] | None) -> tuple[list[int], set[int]]:
     """
-    End and reap this process's children that are neither ``known`` (its worker processes) nor
-    workers being started (their command line holds ``worker_command``, or is still this
-    process's own, between fork and exec): what dead workers left, adopted by this subreaper.
+    End and reap this process's children that are not ``known`` (the template, and the processes
+    the reactor spawned and reaps itself): what dead job processes left, adopted by this
+    subreaper. One that has ended is reaped at once; one still running is ended if it was a
+    suspect already (found unknown the last time: one seen for the first time may be a process
+    the reactor is spawning and has not yet noted), or with ``suspects`` None. Returns the pids
+    ended and the suspects for next time. Reads this process's own children only, and never
+    waits on one child: the first process of a sandbox's PID namespace ends only once every
+    process in it is reaped, and one of those may be a child of this process too.
     """
-    me = psutil.Process()
-    own = me.cmdline()
-    ended = []
-    for child in me.children():
-        try:
-            if child.pid in known:
-                continue
-            if child.status() != psutil.STATUS_ZOMBIE:
-                command = child.cmdline()
-                if command == own or worker_command in " ".join(command):
-                    continue
-                child.send_signal(signal.SIGKILL)
-        except psutil.Error:
+    ended, unknown, killed = [], set(), set()
+    for child in procfs.children(os.getpid()):
+        if child in known:
             continue
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(child.pid, 0)
-        ended.append(child.pid)
-    return ended
+        if procfs.is_zombie(child):
+            if _reap(child):
+                ended.append(child)
+        elif suspects is None or child in suspects:
+            procfs.kill_tree(child, including=True)
+            killed.add(child)
+        else:
+            unknown.add(child)
+    deadline = time.monotonic() + REAPING
+    while killed and time.monotonic() < deadline:
+        for child in procfs.children(os.getpid()):
+            ours = child not in known and child not in unknown
+            if ours and procfs.is_zombie(child) and _reap(child):
+                killed.discard(child)
+                ended.append(child)
+        time.sleep(0.01)
+    return ended, unknown | killed
+
+
+#: How long ``end_orphans`` reaps what it killed before it leaves the rest for next time.
+REAPING = 2.0
+
+
+def _reap(pid: int) -> bool:
+    """Reap child ``pid`` if it has ended; True when it was reaped."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -111,7 +112,7 @@ class RunTests(CliTestCase):
         self.assertEqual(lines[1], "jobs: 0 running, 0 queued")
         nowhere = f"127.0.0.1:{closed_port()}"
         scripted = cli("--server", address, "--json", "status", MEASURING_SERVER=nowhere)
-        answer = json.loads(self.assertSucceeded(scripted))
+        answer = json.loads(self.assertSucceeded(scripted))["Response"]
         self.assertEqual((answer["State"], answer["Pid"]), ("running", server.process.pid))
         for name in ("All statistic", "all-statistic", "ALL_STATISTIC"):
             statistic = json.loads(
@@ -152,8 +153,11 @@ class RunTests(CliTestCase):
         self.assertRegex(chosen, r"results/\S+/mean_by_sensor\.csv")
 
         scripted_run = cli("--json", *run, "-f", "peak", "-f", "hourly", MEASURING_SERVER=address)
-        scripted = json.loads(self.assertSucceeded(scripted_run))
-        self.assertEqual(scripted["State"], "done")
+        answered = [json.loads(line) for line in self.assertSucceeded(scripted_run).splitlines()]
+        self.assertEqual(answered[0]["Status"], "Accepted")
+        self.assertEqual({line["Header"] for line in answered[1:-1]}, {"Progress"})
+        self.assertEqual((answered[-1]["Header"], answered[-1]["Status"]), ("Dask", "OK"))
+        scripted = answered[-1]["Response"]
         self.assertEqual(list(scripted["Results"]), ["peak", "hourly"])
         self.assertEqual(scripted["Results"]["peak"]["Value"], data.value.max())
         hourly = scripted["Results"]["hourly"]["File"]
@@ -180,18 +184,30 @@ class JobCommandTests(CliTestCase):
         self.assertIn(job, client("jobs", "--state", "running"))
 
         self.assertEqual(client("job", "cancel", job), "cancelled\n")
-        status = client("job", "status", job)
-        self.assertTrue(status.startswith(f"job {job}: cancelled"), status)
-        self.assertIn("  error      Cancelled: the job was cancelled\n", status)
-        answer = json.loads(client("--json", "job", "status", job))
+        # job status exits as job wait would: 1 for a cancelled job.
+        status = cli("job", "status", job, MEASURING_SERVER=address)
+        self.assertEqual((status.returncode, status.stderr), (1, ""))
+        self.assertTrue(status.stdout.startswith(f"job {job}: cancelled"), status.stdout)
+        self.assertIn(f"  base       {server.folder}/{BASE}\n", status.stdout)
+        self.assertIn("  error      Cancelled: the job was cancelled\n", status.stdout)
+        scripted = cli("--json", "job", "status", job, MEASURING_SERVER=address)
+        self.assertEqual(scripted.returncode, 1)
+        answer = json.loads(scripted.stdout)["Response"]
         self.assertEqual((answer["State"], answer["Error"]["Code"]), ("cancelled", "Cancelled"))
-        self.assertEqual(json.loads(client("--json", "job", "cancel", job))["State"], "cancelled")
+        cancelled = json.loads(client("--json", "job", "cancel", job))
+        self.assertEqual(cancelled["Response"]["State"], "cancelled")
 
         listed = client("jobs", "--state", "cancelled").splitlines()
-        self.assertEqual(listed[0].split(), ["Job", "State", "Submitted", "File"])
+        self.assertEqual(
+            listed[0].split(), ["Job", "State", "Submitted", "Directory", "Base", "File", "Error"]
+        )
         self.assertEqual(listed[1].split()[:2], [job, "cancelled"])
+        self.assertEqual(
+            listed[1].split()[4:], [BASE, "bad.py", "Cancelled:", "the", "job", "was", "cancelled"]
+        )
         self.assertEqual(len(listed), 2, listed)
-        self.assertEqual(json.loads(client("--json", "jobs", "--state", "done")), [])
+        done = json.loads(client("--json", "jobs", "--state", "done"))
+        self.assertEqual((done["Request"], done["Response"]), ("List", {"Jobs": []}))
 
     def test_wait(self) -> None:
         """``job wait`` waits for a submitted job to end and prints its results, exiting 0."""
@@ -237,7 +253,7 @@ class JobCommandTests(CliTestCase):
         self.assertEqual(rows, [["sensor", "value"], *expected_rows])
         page = json.loads(
             client("--json", "result", job, "readings", "--limit", "5", "--offset", "10")
-        )
+        )["Response"]
         self.assertEqual((page["Rows"], page["Offset"], len(page["Records"])), (ROWS, 10, 5))
         self.assertEqual(page["Records"][0]["sensor"], data.sensor[10])
         self.assertEqual(client("result", job, "count"), f"{ROWS}\n")
@@ -248,10 +264,13 @@ class JobCommandTests(CliTestCase):
             with open(image, "rb") as f:
                 self.assertEqual(f.read(len(PNG)), PNG)
 
-        missing = cli("result", job, "nothing", MEASURING_SERVER=address)
-        self.assertEqual(missing.returncode, 2, missing.stderr)
-        self.assertIn(f"job {job} has no result 'nothing'", missing.stderr)
-        self.assertNotIn("Traceback", missing.stderr)
+        # Runtime errors have the one format, never click's usage box.
+        for wrong, message in [
+            (("result", job, "nothing"), f"error: NotFound: job {job} has no result 'nothing'"),
+            (("plot", job, "nothing"), f"error: NotFound: job {job} has no result 'nothing'"),
+            (("plot", job, "count"), f"error: count is a single value ({ROWS}); there is"),
+        ]:
+            self.assertFailed(cli(*wrong, MEASURING_SERVER=address), 2, message)
 
 
 class ExitCodeTests(CliTestCase):
@@ -274,11 +293,15 @@ class ExitCodeTests(CliTestCase):
         self.assertEqual(debug.returncode, 1)
         self.assertIn("Traceback", debug.stderr)
         self.assertIn("error: JobFailed: formula 'fail'", debug.stderr)
+        # The hint comes when the log holds something: here, when "spin" started in time.
+        late = cli(*run, "-f", "spin", "--timeout", "1", MEASURING_SERVER=address)
+        [job] = JOB_ID.findall(late.stderr) or [None]
+        with Client("127.0.0.1", server.port) as api:
+            last = api.jobs(limit=1)[0]["Job"]
+            printed_before = bool(api.job(last).log().strip())
+        self.assertEqual(job, last if printed_before else None)
         self.assertFailed(
-            cli(*run, "-f", "spin", "--timeout", "1", MEASURING_SERVER=address),
-            1,
-            "error: Timeout: the job ran longer than its limit of 1 s",
-            hint=True,
+            late, 1, "error: Timeout: the job ran longer than its limit of 1 s", printed_before
         )
 
         waiting = subprocess.Popen(
@@ -344,8 +367,8 @@ class ExitCodeTests(CliTestCase):
         status = client("status", MEASURING_TOKEN_FILE=tokens)
         self.assertIn(": running", self.assertSucceeded(status))
         count = ("--json", "run", server.folder, BASE, "work.py", "-f", "count")
-        ran = json.loads(self.assertSucceeded(client(*count, MEASURING_TOKEN_FILE=tokens)))
-        self.assertEqual(ran["Results"]["count"]["Value"], ROWS)
+        ran = self.assertSucceeded(client(*count, MEASURING_TOKEN_FILE=tokens)).splitlines()
+        self.assertEqual(json.loads(ran[-1])["Response"]["Results"]["count"]["Value"], ROWS)
         for done in (
             client("status"),
             client("status", MEASURING_TOKEN_FILE=wrong),
@@ -382,6 +405,9 @@ class DemoTests(CliTestCase):
         self.assertIn(f"\npeak: {float(data.value.max())!r}\n", done.stdout)
         self.assertIn(f"\nalarm_count: {(data.value > 31.0).sum()}\n", done.stdout)
         self.assertIn("Server stopped.", done.stdout)
+        with open(os.path.join(folder, "server.log")) as f:
+            [address] = re.findall(r"measuring listening on (\S+) ", f.read())
+        self.assertIn(f"\nListening on {address}\n", done.stdout)
         [job] = os.listdir(os.path.join(folder, "results"))
         self.assertIn(f"Job {job}: done in ", done.stdout)
         self.assertEqual(naming(folder), [], "the demo left its server or workers running")

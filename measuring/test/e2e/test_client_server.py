@@ -57,7 +57,7 @@ def mismatches(result: Result, expected: Any, **options: Any) -> list[str]:
     object ``expected`` (rows in index order; ``options`` for pandas' assertion): none if equal.
     """
     found = []
-    for source in ("file", "server"):
+    for source in ("file", "arrow", "json"):
         data = plain_strings(result.to_pandas(source=source)).sort_index()
         if type(data) is not type(expected):
             found.append(f"{result.name} from the {source}: a {type(data).__name__}: {data!r}")
@@ -276,7 +276,7 @@ class JobTests(ClientTestCase):
                 job = client.submit(server.folder, BASE, "work.py", ["mean_by_sensor"], output)
                 result = job.wait(timeout=PATIENCE).results["mean_by_sensor"]
                 self.assertEqual(result.file, f"results/{job.id}/mean_by_sensor.{output}")
-                for source in ("file", "server"):
+                for source in ("file", "arrow", "json"):
                     pd.testing.assert_series_equal(
                         result.to_pandas(source=source).sort_index(),
                         expected,

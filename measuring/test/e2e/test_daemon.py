@@ -79,7 +79,7 @@ class DaemonTests(SynchronousTestCase):
             with open(self.logfile, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     if LISTENING in line:
-                        return int(line.split(LISTENING)[1].split()[0])
+                        return int(line.split(LISTENING)[1].split()[0].rsplit(":", 1)[1])
             return None
 
         _wait(lambda: port() is not None, "the daemon to listen")

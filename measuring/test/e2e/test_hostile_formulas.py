@@ -5,9 +5,9 @@ wrong token; and listening beyond loopback without one.
 
 Each test starts its own server in its own folder (``support.HostileTestCase``). Each case checks
 the answer that docs/protocol.md and README.md's Security section promise and that the server
-still answers Status; at cleanup, that the server's only descendants are its warm workers, that no
-process carries the mark of any of its jobs, and that it stops cleanly taking every process with
-it.
+still answers Status; at cleanup, that the server's only descendant is its template process,
+that no process carries the mark of any of its jobs, and that it stops cleanly taking every
+process with it.
 """
 
 from __future__ import annotations
@@ -218,9 +218,10 @@ class FormulaTests(HostileTestCase):
         """A timed-out job's worker is ended with every process below it, marked or not."""
         write_formulas(self.folder, ORPHANS, name="orphans.py")
         server = self.start()
-        # The job's time counts while it waits for a worker: on a busy machine, wait for one.
+        # The job's time counts while it waits for the template: on a busy machine, wait for it.
         self.wait_for(
-            lambda: self.ask(server, STATUS)["Response"]["Workers"]["Ready"] > 0, "a warm worker"
+            lambda: self.ask(server, STATUS)["Response"]["Workers"]["Template"] == "ready",
+            "a ready template",
         )
         job = self.submit(server, "loop", File="orphans.py", Timeout=2)
         pid = self.sleeper()

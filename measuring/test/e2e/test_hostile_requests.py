@@ -5,7 +5,7 @@ Directory, Base and File that lead out of the data roots.
 
 Each test starts its own server in its own folder (``support.HostileTestCase``) and attacks it
 over sockets. Each case checks the answer that docs/protocol.md promises and that the server still
-answers Status; at cleanup, that the server's only descendants are its warm workers, that no
+answers Status; at cleanup, that the server's only descendant is its template process, that no
 process carries the mark of any of its jobs, and that it stops cleanly taking every process with
 it.
 """

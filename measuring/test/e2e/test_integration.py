@@ -72,7 +72,7 @@ class OriginalRequestsTests(IntegrationTestCase):
         service = answers["All process"]["Response"]["Service"]
         self.assertEqual(service["Pid"], server.process.pid)
         roles = sorted(process["Role"] for process in service["Tree"])
-        self.assertEqual(roles, ["server", "worker", "worker"])
+        self.assertEqual(roles, ["server", "template"])
         statistic = answers["All statistic"]["Response"]
         self.assertEqual(list(statistic["Disk"]), [self.folder])
         self.assertGreater(statistic["Memory"]["Total"], 0)

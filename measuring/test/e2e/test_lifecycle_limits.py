@@ -63,7 +63,7 @@ class LeftoverProcessTests(ServerTestCase):
     """Processes a formula starts end with its job."""
 
     def test_escapedChildrenEnd(self) -> None:
-        """Processes a formula left outside its group end with the job; warm workers remain."""
+        """Processes a formula left outside its group end with the job; the template remains."""
         server = self.start()
         answer = server.ask(self.dask("escape"))
         self.assertEqual(answer["Status"], "OK", answer)
@@ -72,12 +72,12 @@ class LeftoverProcessTests(ServerTestCase):
         self.wait_for(lambda: not alive(children), "the formula's sleep 300 ending")
         self.assertEqual(carrying(answer["Job"]), [])
 
-        def only_workers() -> bool:
+        def only_template() -> bool:
             tree = self.info(server, "All process")["Service"]["Tree"]
-            workers = {process["Pid"] for process in tree if process["Role"] == "worker"}
-            return len(workers) == 2 and set(server.descendants()) == workers
+            templates = {process["Pid"] for process in tree if process["Role"] == "template"}
+            return len(templates) == 1 and set(server.descendants()) == templates
 
-        self.wait_for(only_workers, "the server's processes to be its two warm workers")
+        self.wait_for(only_template, "the server's one process to be its template")
 
 
 class QueueTests(ServerTestCase):

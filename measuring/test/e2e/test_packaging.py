@@ -18,9 +18,21 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from measuring.local import PACKAGE_ROOT
 
 REPOSITORY = PACKAGE_ROOT
-IGNORED = shutil.ignore_patterns(
-    ".git", "_trial_temp*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".venv"
-)
+_PATTERNS = shutil.ignore_patterns(
+    ".git", "_trial_temp*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "venv",
+    ".venv",
+)  # fmt: skip
+
+
+def ignored(folder: str, names: list[str]) -> set[str]:
+    """
+    What the build tree leaves out of ``folder``: version control, build and test leftovers, and
+    virtual environments (``venv/``, ``.venv/``, and any folder holding a ``pyvenv.cfg``).
+    """
+    environments = {
+        name for name in names if os.path.isfile(os.path.join(folder, name, "pyvenv.cfg"))
+    }
+    return set(_PATTERNS(folder, names)) | environments
 
 
 def _repository() -> str:
@@ -60,6 +72,22 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual(len(lines), 2)
 
 
+class BuildTreeTests(SynchronousTestCase):
+    """The copy of the repository a wheel is built from holds no virtual environment."""
+
+    def test_noVirtualEnvironments(self) -> None:
+        """venv/, .venv/ and a folder with pyvenv.cfg are left out; the package is copied."""
+        root = os.path.realpath(self.mktemp())
+        for folder in ("measuring", "venv/lib", ".venv/lib", "env311/lib", "docs"):
+            os.makedirs(os.path.join(root, folder))
+        for path in ("measuring/__init__.py", "venv/pyvenv.cfg", "env311/pyvenv.cfg",
+                     "docs/pyvenv.cfg.md"):  # fmt: skip
+            open(os.path.join(root, path), "w").close()
+        copy = os.path.join(self.mktemp(), "copy")
+        shutil.copytree(root, copy, ignore=ignored)
+        self.assertEqual(sorted(os.listdir(copy)), ["docs", "measuring"])
+
+
 class WheelTests(SynchronousTestCase):
     """``pip install .`` gives a working ``twistd measuring`` in a fresh environment."""
 
@@ -67,7 +95,7 @@ class WheelTests(SynchronousTestCase):
         """A wheel installed in a new venv lists the plugin in `twistd --help` and runs the demo."""
         work = os.path.realpath(self.mktemp())
         source = os.path.join(work, "source")
-        shutil.copytree(_repository(), source, ignore=IGNORED)
+        shutil.copytree(_repository(), source, ignore=ignored)
         wheels = os.path.join(work, "wheels")
         _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, source)
         [wheel] = os.listdir(wheels)
@@ -75,6 +103,11 @@ class WheelTests(SynchronousTestCase):
         self.assertIn("twisted/plugins/measuring_plugin.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
+        # The dashboard's page, script and styles, and the chart library with its licence.
+        for name in ("index.html", "login.html", "static/dashboard.js", "static/charts.js",
+                     "static/dashboard.css", "static/vendor/uPlot.iife.min.js",
+                     "static/vendor/uPlot.min.css", "static/vendor/uPlot.LICENSE"):  # fmt: skip
+            self.assertIn(f"measuring/server/web/{name}", names)
 
         venv = os.path.join(work, "venv")
         _run(sys.executable, "-m", "venv", venv)

@@ -2,7 +2,7 @@
 Tests for what ``measuring.server.pool.pool.WorkerPool`` does with messages a formula forges on its
 worker's reply pipe (file descriptor 4, which formulas can write to as well as the worker): the job
 fails (not stuck running, not "done" with results the server cannot use), and the pool runs the next
-job. Real ``python -m measuring.worker`` processes and the real reactor, as in
+job. Real job processes forked from a real template and the real reactor, as in
 ``test_pool_workers``.
 """
 
@@ -56,8 +56,8 @@ class ForgedMessageTests(TestCase):
         running = pool.run(job_message(self, source))
         await wait_until(lambda: running.result.called, "the end of the forging job")
         error = await job_error(running, JobFailed)
-        assert running.worker is not None and running.worker.pid is not None
-        self.assertTrue(gone(running.worker.pid), "the forging worker still runs")
+        assert running.process is not None and running.process.pid is not None
+        self.assertTrue(gone(running.process.pid), "the forging job process still runs")
         return error
 
     async def test_forgedDoneFailsTheJob(self) -> None:

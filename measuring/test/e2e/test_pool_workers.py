@@ -1,9 +1,9 @@
 """
-Tests for ``measuring.server.pool.pool.WorkerPool``: jobs run in real ``python -m measuring.worker``
-processes by the real reactor (passed in, as the server passes it), one worker at a time, since a
-worker takes a second or two to warm up. Its blocking psutil calls run at once
-(``threads.Synchronous``). Every pool has a mark and every job an id of its own, so that the pool
-ends no process but its own (and a test's).
+Tests for ``measuring.server.pool.pool.WorkerPool``: jobs run in real job processes forked from a
+real template (``python -m measuring.worker``) by the real reactor (passed in, as the server
+passes it), one job at a time. Its blocking /proc reads run at once (``threads.Synchronous``).
+Every pool has a mark and every job an id of its own, so that the pool ends no process but its
+own (and a test's).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def start_pool(
     memory_limit: int | None = None,
     mark: str | None = None,
 ) -> WorkerPool:
-    """A started pool of one worker process, stopped (every process ended) after the test."""
+    """A started pool running one job at a time, stopped (every process ended) after the test."""
     tmp = os.path.abspath(case.mktemp())
     workdir = os.path.abspath(case.mktemp())
     os.makedirs(tmp)
@@ -282,8 +282,8 @@ class WorkerPoolJobTests(TestCase):
         pool = start_pool(self)
         message = job_message(self, LOOPING_FORMULAS)
         running = await start_looping(pool, message)
-        assert running.worker is not None and running.worker.pid is not None
-        pid = running.worker.pid
+        assert running.process is not None and running.process.pid is not None
+        pid = running.process.pid
         reason = Timeout("the job ran longer than its limit of 5 s and was stopped")
         running.kill(reason)
         error = await job_error(running, Timeout)
@@ -291,37 +291,48 @@ class WorkerPoolJobTests(TestCase):
         self.assertTrue(gone(pid), f"worker process {pid} still runs")
 
     def test_killWaitingJob(self) -> None:
-        """Killing a job still waiting for a worker fails it at once with the reason."""
+        """Killing a job still waiting for the template fails it at once with the reason."""
         pool = start_pool(self)
         running = pool.run(job_message(self, FORMULAS))
         reason = Cancelled("the job was cancelled")
         running.kill(reason)
         self.assertIs(self.successResultOf(running.result).error, reason)
-        self.assertEqual(pool.processes()[0].job, None)
+        processes = [(info.state, info.job) for info in pool.processes()]
+        self.assertEqual(processes, [("template", None)])
 
-    async def test_replacementRunsTheNextJob(self) -> None:
-        """After a job its worker process ends, and a new one runs the next job."""
+    async def test_eachJobInAFreshProcess(self) -> None:
+        """Each job runs in a process of its own, forked from the template; it ends with its job."""
         pool = start_pool(self)
-        await wait_until(lambda: pool.ready_count == 1, "a ready worker")
-        [first] = pool.processes()
-        message = job_message(self, FORMULAS)
-        answer = await job_results(pool.run(message))
-        self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
-        self.assertTrue(gone(first.pid), f"worker process {first.pid} still runs")
+        await wait_until(lambda: pool.template_state == "ready", "a ready template")
+        [template] = pool.processes()
+        pids = []
+        for _ in range(2):
+            message = job_message(self, FORMULAS)
+            running = pool.run(message)
+            answer = await job_results(running)
+            self.assertEqual(answer["Results"]["count"]["Value"], 10_000)
+            results = os.path.join(message["Directory"], "results", message["Job"])
+            self.assertTrue(os.path.isdir(results))
+            assert running.process is not None and running.process.pid is not None
+            pids.append(running.process.pid)
+        self.assertEqual(len(set(pids)), 2)
+        for pid in pids:
+            self.assertTrue(gone(pid), f"job process {pid} still runs")
+        self.assertEqual([info.pid for info in pool.processes()], [template.pid])
 
-        again = job_message(self, FORMULAS)
-        second = await job_results(pool.run(again))
-        self.assertEqual(second["Results"]["count"]["Value"], 10_000)
-        self.assertTrue(os.path.isdir(os.path.join(again["Directory"], "results", again["Job"])))
-
-    async def test_warmWorkerStandsApart(self) -> None:
-        """A warm worker leads its own process group and is the OOM killer's first pick."""
+    async def test_jobProcessStandsApart(self) -> None:
+        """A job process leads its own process group and is the OOM killer's first pick."""
         pool = start_pool(self)
-        await wait_until(lambda: pool.ready_count == 1, "a ready worker")
-        [worker] = pool.processes()
-        self.assertEqual(os.getpgid(worker.pid), worker.pid)
-        with open(f"/proc/{worker.pid}/oom_score_adj") as f:
+        message = job_message(self, LOOPING_FORMULAS)
+        running = await start_looping(pool, message)
+        assert running.process is not None and running.process.pid is not None
+        pid = running.process.pid
+        self.assertEqual(os.getpgid(pid), pid)
+        self.assertEqual(os.getsid(pid), pid)
+        with open(f"/proc/{pid}/oom_score_adj") as f:
             self.assertEqual(f.read().strip(), "1000")
+        running.kill(Cancelled("the job was cancelled"))
+        await job_error(running, Cancelled)
 
     async def test_progressReachesTheJob(self) -> None:
         """The worker's progress reaches on_progress, from (0, n) to (n, n), before the answer."""
@@ -348,11 +359,11 @@ class WorkerPoolJobTests(TestCase):
             r"^the job's processes used [0-9.]+ [MG]iB of memory, more than its limit of 300 MiB",
         )
         self.assertGreater(running.peak_rss, 300 * MiB)
-        assert running.worker is not None and running.worker.pid is not None
-        self.assertTrue(gone(running.worker.pid), f"worker process {running.worker.pid} still runs")
+        assert running.process is not None and running.process.pid is not None
+        self.assertTrue(gone(running.process.pid), f"job process {running.process.pid} still runs")
 
     async def test_stopEndsEveryWorker(self) -> None:
-        """Stopping the pool ends every worker process and cancels its running and waiting jobs."""
+        """Stopping the pool ends the template and every job process, cancelling every job."""
         pool = start_pool(self)
         message = job_message(self, LOOPING_FORMULAS)
         running = await start_looping(pool, message)
@@ -370,12 +381,12 @@ class WorkerPoolJobTests(TestCase):
 
 
 class WorkerPoolStartTests(TestCase):
-    """Starting the pool: what a previous server left running, workers that cannot start."""
+    """Starting the pool: what a previous server left running, a template that cannot start."""
 
     timeout = 60
 
     async def test_workerThatCannotStartFailsWaitingJobs(self) -> None:
-        """After three failed starts (retried after 1 s, then 2 s) waiting jobs fail: Internal."""
+        """After three failed starts of the template (again after 1 s, then 2 s) jobs fail."""
         clock = task.Clock()
         pool = start_pool(self, clock, [sys.executable, "-c", "import sys; sys.exit(3)"])
         running = pool.run(job_message(self, FORMULAS))
@@ -389,9 +400,11 @@ class WorkerPoolStartTests(TestCase):
         error = await job_error(running, Internal)
         self.assertEqual(error.code, "Internal")
         self.assertIn("worker processes fail to start", error.message)
+        later = await job_error(pool.run(job_message(self, FORMULAS)), Internal)
+        self.assertEqual(later.message, error.message)
 
     async def test_processesAPreviousServerLeftAreEnded(self) -> None:
-        """At start, what a previous server of the same mark left is killed before workers start."""
+        """At start, what a previous server of the same mark left is killed; the template starts."""
         mark = os.path.abspath(self.mktemp())
         left = sleeper(self, {SERVER_MARK: mark})
         another = sleeper(self, {SERVER_MARK: mark + "-another"})
@@ -399,6 +412,6 @@ class WorkerPoolStartTests(TestCase):
         [first] = pool.processes()
         await wait_until(lambda: left.poll() is not None, "the end of what was left running")
         self.assertEqual(left.returncode, -signal.SIGKILL)
-        await wait_until(lambda: pool.ready_count == 1, "a ready worker")
+        await wait_until(lambda: pool.template_state == "ready", "a ready template")
         self.assertEqual([worker.pid for worker in pool.processes()], [first.pid])
         self.assertIsNone(another.poll(), "another server's process was killed")

@@ -9,7 +9,7 @@ machine. ``servers``: real servers (``measuring.local``'s, the same one the demo
 """
 
 from measuring.local import Connection, environment
-from measuring.test.support.data import sample_frame, write_dataset, write_formulas
+from measuring.test.support.data import sample_frame, write_dataset, write_formulas, write_parts
 from measuring.test.support.formulas import (
     CLIENT_FORMULAS,
     FORMULA_NAMES,
@@ -78,5 +78,6 @@ __all__ = [
     "sample_frame",
     "write_dataset",
     "write_formulas",
+    "write_parts",
     "write_token_file",
 ]

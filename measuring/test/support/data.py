@@ -42,6 +42,14 @@ def write_dataset(
     return path
 
 
+def write_parts(folder: str, name: str = "data.parquet", rows: int = 10) -> str:
+    """A dataset folder ``name`` in ``folder`` holding one small Parquet part; returns its path."""
+    path = os.path.join(folder, name)
+    os.makedirs(path)
+    write_dataset(path, "part.0.parquet", sample_frame(rows))
+    return path
+
+
 def write_formulas(folder: str, source: str = FORMULAS, name: str = "work.py") -> str:
     """Write a formula file (dedented) in ``folder``; returns its path."""
     path = os.path.join(folder, name)

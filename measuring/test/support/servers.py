@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -24,6 +23,7 @@ import psutil
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.local import Connection, LocalServer, environment, twistd
+from measuring.test.support.cluster import wait_for as polled
 from measuring.test.support.data import sample_frame, write_dataset, write_formulas
 from measuring.test.support.formulas import (
     CLIENT_FORMULAS,
@@ -37,7 +37,6 @@ T = TypeVar("T")
 
 #: How long a test waits at most for a server or a job to do something.
 PATIENCE = 60.0
-POLL = 0.05
 #: How long a stopping server may take, at most, to count as stopping "within a few seconds".
 STOPPING = 15.0
 BASE = "time_series.parquet"
@@ -143,14 +142,10 @@ class ServerTestCase(SynchronousTestCase):
         patience: float = PATIENCE,
     ) -> T:
         """Poll ``condition`` until it gives something true, and return that; fail at the end."""
-        deadline = time.monotonic() + patience
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                self.fail(f"waited {patience:g} s for {what if isinstance(what, str) else what()}")
-            time.sleep(POLL)
+        try:
+            return polled(condition, what, patience)
+        except AssertionError as e:
+            self.fail(str(e))
 
     # -- requests
 
@@ -267,8 +262,8 @@ class ClientTestCase(ServerTestCase):
 class HostileTestCase(ServerTestCase):
     """
     The sample data, lifecycle.py, work.py and hostile.py; requests carry ``token`` when one is
-    set. At cleanup a running server must still answer, with nothing but its warm workers left
-    and no process carrying the mark of any of its jobs.
+    set. At cleanup a running server must still answer, with nothing but its template process
+    left and no process carrying the mark of any of its jobs.
     """
 
     formulas = {
@@ -301,27 +296,22 @@ class HostileTestCase(ServerTestCase):
         except ConnectionError:
             return False
 
-    def only_warm_workers(self, server: Server) -> bool:
-        """True when the server's descendants are its warm workers (and, sandboxed, their bwrap)."""
-        size = self.ask(server, STATUS)["Response"]["Workers"]["Size"]
+    def only_template(self, server: Server) -> bool:
+        """True when the server's one descendant is its template process, ready."""
+        status = self.ask(server, STATUS)["Response"]["Workers"]
         tree = self.ask(server, {"Header": "Info", "Request": "All process"})["Response"]
-        workers = [
-            process["Pid"] for process in tree["Service"]["Tree"] if process["Role"] == "worker"
+        templates = [
+            process["Pid"] for process in tree["Service"]["Tree"] if process["Role"] == "template"
         ]
-        allowed = set(workers)
-        try:
-            for pid in workers:
-                allowed.update(child.pid for child in psutil.Process(pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            return False
-        return len(workers) == size and set(server.descendants()) == allowed
+        ready = status["Template"] == "ready" and status["Busy"] == 0
+        return ready and len(templates) == 1 and set(server.descendants()) == set(templates)
 
     def stop_and_check(self, server: Server) -> None:
-        """Nothing but warm workers runs and no job's mark is left; then stop and check it."""
+        """Nothing but the template runs and no job's mark is left; then stop and check it."""
         try:
             if server.process.poll() is None and server not in self.crashed:
                 self.assert_fine(server)
-                self.wait_for(lambda: self.only_warm_workers(server), "only warm workers left")
+                self.wait_for(lambda: self.only_template(server), "only the template left")
                 listed = self.ask(server, {"Header": "Job", "Request": "List", "Limit": 1000})
                 for job in listed["Response"]["Jobs"]:
                     self.assertEqual(carrying(job["Job"]), [], f"processes of job {job['Job']}")

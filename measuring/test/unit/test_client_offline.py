@@ -5,18 +5,25 @@ the protocol, an import that stays light, and a server that cannot be reached.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.client import (
+    Bar,
+    Cancelled,
     Client,
     ClientError,
     JobError,
     JobFailed,
+    _follow,
     error_from,
+    formulas,
     parse_address,
 )
 from measuring.test.support import PATIENCE, closed_port, environment
@@ -106,3 +113,68 @@ class UnreachableTests(SynchronousTestCase):
         with Client("127.0.0.1", port, timeout=5.0) as client:
             error = self.assertRaises(ClientError, client.status)
         self.assertIn(f"cannot reach the server at 127.0.0.1:{port}", str(error))
+
+
+class ProgressTests(SynchronousTestCase):
+    """A job's progress is reported as it was: full only when the job is done."""
+
+    def follow(self, *lines: dict[str, object]) -> tuple[list[tuple[int, int]], object]:
+        """The reports ``_follow`` makes of ``lines``, and what it returns or raises."""
+        calls: list[tuple[int, int]] = []
+        try:
+            outcome: object = _follow(iter(lines), lambda done, total: calls.append((done, total)))
+        except JobError as e:
+            outcome = e
+        return calls, outcome
+
+    def test_stopsWhereTheJobStopped(self) -> None:
+        """A cancelled job's last report is its last Progress line, not done == total."""
+        calls, outcome = self.follow(
+            {"Header": "Progress", "Done": 3, "Total": 42},
+            {"Header": "Dask", "Status": "Error", "Error": {"Code": "Cancelled", "Message": "m"}},
+        )
+        self.assertEqual(calls, [(3, 42)])
+        self.assertIsInstance(outcome, Cancelled)
+
+    def test_fullWhenDone(self) -> None:
+        """A done job ends at done == total, however far its last Progress line got."""
+        calls, outcome = self.follow(
+            {"Header": "Progress", "Done": 40, "Total": 42},
+            {"Header": "Dask", "Status": "OK", "Response": {"Results": {}}},
+        )
+        self.assertEqual((calls, outcome), ([(40, 42), (42, 42)], {"Results": {}}))
+
+    def test_barDrawsNothingBeforeProgress(self) -> None:
+        """A bar that never got a report draws nothing, even when closed."""
+        drawn = io.StringIO()
+        with contextlib.redirect_stderr(drawn):
+            Bar("work.py").close()
+        self.assertEqual(drawn.getvalue(), "")
+
+
+class FormulasTests(SynchronousTestCase):
+    """``formulas``: a job's formulas as File on the server, or Code sent with it."""
+
+    def test_file(self) -> None:
+        """A file on the server is sent by name."""
+        self.assertEqual(formulas("work.py", None), {"File": "work.py"})
+
+    def test_localFile(self) -> None:
+        """A local file's path sends its source, named after the file."""
+        path = self.mktemp() + "-mine.py"
+        with open(path, "w") as f:
+            f.write("def peak(df):\n    return df.value.max()\n")
+        self.assertEqual(
+            formulas(None, path),
+            {"Code": "def peak(df):\n    return df.value.max()\n", "Name": os.path.basename(path)},
+        )
+
+    def test_source(self) -> None:
+        """Python source is sent as it is, called formulas.py."""
+        source = "def peak(df):\n    return df.value.max()\n"
+        self.assertEqual(formulas(None, source), {"Code": source, "Name": "formulas.py"})
+
+    def test_oneOfThem(self) -> None:
+        """Both or neither is a ValueError."""
+        self.assertRaises(ValueError, formulas, None, None)
+        self.assertRaises(ValueError, formulas, "work.py", "def f(df): ...")

@@ -22,7 +22,7 @@ from measuring.server.jobs.scheduler import Scheduler
 from measuring.server.jobs.store import JobDatabase, JobStore
 from measuring.server.stats import Stats
 from measuring.server.threads import Synchronous
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.support.fakes import FakeInfo, FakePool, limits
 from measuring.wire import INFO_REQUESTS as REQUESTS
 
@@ -179,10 +179,10 @@ class DaskTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
         self.site = os.path.join(self.root, "site")
-        os.makedirs(os.path.join(self.site, "data.parquet"))
+        write_parts(self.site)
         write_formulas(self.site)
         self.other_root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.other_root, "data.parquet"))
+        write_parts(self.other_root)
         write_formulas(self.other_root)
         self.outside = os.path.realpath(self.mktemp())
         os.makedirs(self.outside)

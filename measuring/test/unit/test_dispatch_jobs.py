@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from measuring.errors import JobFailed
 from measuring.server.dispatch import JOB_REQUESTS
 from measuring.server.jobs.store import JobDatabase
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.support.fakes import FakeRunningJob
 from measuring.test.unit.test_dispatch import Harness
 from measuring.wire import STATES
@@ -32,7 +32,7 @@ class JobDispatchTestCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.root, "data.parquet"))
+        write_parts(self.root)
         write_formulas(self.root)
         self.make()
 

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from measuring.server.access import Tokens
 from measuring.server.dispatch import Dispatcher
 from measuring.server.protocol import RequestProtocol
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.unit.test_dispatch import Harness
 
 TOKEN = "the-right-secret-0123456789"
@@ -67,7 +67,7 @@ class TokenTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(self.root, "data.parquet"))
+        write_parts(self.root)
         write_formulas(self.root)
         self.harness = Harness(self, (self.root,))
         self.dispatcher = Dispatcher(

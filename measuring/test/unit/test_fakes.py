@@ -61,7 +61,7 @@ class ContractTests(SynchronousTestCase):
         self.assertProvides(
             fakes.FakeRunningJob, scheduler.RunningJob, fakes.FakeRunningJob(JOB, True)
         )
-        self.assertProvides(RunningJob, scheduler.RunningJob, RunningJob(None, JOB))  # type: ignore[arg-type]
+        self.assertProvides(RunningJob, scheduler.RunningJob, RunningJob(JOB))
 
     def test_pool(self) -> None:
         """FakePool and WorkerPool give the scheduler the same run()."""

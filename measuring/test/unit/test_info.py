@@ -35,7 +35,7 @@ SERVER_FIGURES = {"Jobs", "Requests", "Errors", "Uptime"}
 
 
 class FakePool:
-    """The pool as Info sees it: its size, its memory limit per job and its worker processes."""
+    """The pool as Info sees it: its size, its memory limit per job, its template and its jobs."""
 
     def __init__(
         self, size: int, workers: list[WorkerInfo], memory_limit: int | None = None
@@ -48,8 +48,12 @@ class FakePool:
         return list(self.workers)
 
     @property
-    def ready_count(self) -> int:
-        return sum(1 for worker in self.workers if worker.state == "ready")
+    def template_state(self) -> str:
+        return "ready" if any(w.state == "template" for w in self.workers) else "starting"
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for worker in self.workers if worker.state == "busy")
 
 
 #: Finished jobs on record when there are none, as the job database counts them.
@@ -119,12 +123,12 @@ class StatusTests(InfoTestCase):
     """The "Status" answer: the server's state, version, uptime, jobs and workers."""
 
     def test_status(self) -> None:
-        """Status tells the state, version, uptime, pid, job counts and ready workers."""
+        """Status tells the state, version, uptime, pid, job counts, busy workers, the template."""
         self.start()
         self.jobs.running, self.jobs.queued = 1, 3
         self.pool.workers = [
             WorkerInfo(101, "busy", "job-1", STARTED),
-            WorkerInfo(102, "ready", None, None),
+            WorkerInfo(102, "template", None, None),
         ]
         self.clock.advance(42.5)
         status = self.answer("Status")
@@ -139,7 +143,7 @@ class StatusTests(InfoTestCase):
             },
         )
         self.assertEqual(status["Jobs"], {"Running": 1, "Queued": 3})
-        self.assertEqual(status["Workers"], {"Size": 2, "Ready": 1})
+        self.assertEqual(status["Workers"], {"Size": 2, "Busy": 1, "Template": "ready"})
         self.assertEqual(status["DataRoots"], [self.root])
         self.assertEqual(status["Versions"]["measuring"], __version__)
 
@@ -178,7 +182,7 @@ class DaskProcessTests(InfoTestCase):
         busy, ready = self.child(), self.child()
         self.pool.workers = [
             WorkerInfo(busy, "busy", "job-1", STARTED + 10),
-            WorkerInfo(ready, "ready", None, None),
+            WorkerInfo(ready, "template", None, None),
         ]
         self.start()
         answer = self.answer("Dask process")
@@ -214,11 +218,11 @@ class AllProcessTests(InfoTestCase):
     """The "All process" answer: the host's process count and the server's process tree."""
 
     def test_serverTree(self) -> None:
-        """The tree holds the server and its workers, each with its role and a job's id."""
+        """The tree holds the server, its template and its job processes, with roles and jobs."""
         busy, ready = self.child(), self.child()
         self.pool.workers = [
             WorkerInfo(busy, "busy", "job-1", STARTED),
-            WorkerInfo(ready, "ready", None, None),
+            WorkerInfo(ready, "template", None, None),
         ]
         self.start()
         answer = self.answer("All process")
@@ -230,7 +234,7 @@ class AllProcessTests(InfoTestCase):
         self.assertEqual(service["Rss"], sum(process["Rss"] for process in service["Tree"]))
         self.assertEqual(tree[os.getpid()]["Role"], "server")
         self.assertEqual((tree[busy]["Role"], tree[busy]["Job"]), ("job", "job-1"))
-        self.assertEqual(tree[ready]["Role"], "worker")
+        self.assertEqual(tree[ready]["Role"], "template")
         self.assertNotIn("Job", tree[ready])
         self.assertEqual(tree[busy]["Parent"], os.getpid())
         self.assertGreater(tree[busy]["Rss"], 0)

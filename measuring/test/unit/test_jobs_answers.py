@@ -212,21 +212,22 @@ class ListTests(JobsTestCase):
         self.assertEqual(listed("done", 100), [])
 
     def test_summary(self) -> None:
-        """Each listed job has its id, state, submission time, Directory and File."""
+        """Each listed job has its id, state, submission time, Directory, Base, File; an error."""
         manager = self.manager()
         job = self.submit(manager)
-        self.assertEqual(
-            self.successResultOf(self.queries.recent(None, 1)),
-            [
-                {
-                    "Job": job.id,
-                    "State": "running",
-                    "Submitted": "2027-01-15T08:00:00+00:00",
-                    "Directory": self.directory,
-                    "File": os.path.join(self.directory, "work.py"),
-                }
-            ],
-        )
+        summary = {
+            "Job": job.id,
+            "State": "running",
+            "Submitted": "2027-01-15T08:00:00+00:00",
+            "Directory": self.directory,
+            "Base": os.path.join(self.directory, "time_series.parquet"),
+            "File": os.path.join(self.directory, "work.py"),
+        }
+        self.assertEqual(self.successResultOf(self.queries.recent(None, 1)), [summary])
+        self.pool.runs[0].fail(JobFailed("formula 'peak' raised KeyError"))
+        failed = {**summary, "State": "failed"}
+        failed["Error"] = {"Code": "JobFailed", "Message": "formula 'peak' raised KeyError"}
+        self.assertEqual(self.successResultOf(self.queries.recent(None, 1)), [failed])
 
 
 class ResultTests(JobsTestCase):

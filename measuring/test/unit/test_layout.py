@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import measuring
 
 PACKAGE = os.path.dirname(measuring.__file__)
-SHARED = ("wire", "errors", "messages", "files", "tables")
+SHARED = ("wire", "errors", "messages", "files", "tables", "formulas")
 
 
 def _modules(folder: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from measuring.errors import BadRequest, TooLarge
 from measuring.server.framing import MAX_DEPTH, Framer
 from measuring.server.jobs import records
 from measuring.server.protocol import RequestProtocol
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.unit.test_dispatch import Harness
 
 LIMIT = 1024
@@ -210,7 +210,7 @@ class RequestProtocolTests(SynchronousTestCase):
     def test_progressLinesCarryId(self) -> None:
         """Progress lines, and the job's answer after them, each carry the request's Id."""
         root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(root, "data.parquet"))
+        write_parts(root)
         write_formulas(root)
         self.connect((root,))
         fields = {"Directory": ".", "Base": "data.parquet", "File": "work.py", "Progress": True}
@@ -230,7 +230,7 @@ class RequestProtocolTests(SynchronousTestCase):
         """While the transport pauses the protocol, Progress lines are dropped, not the answer."""
         self.patch(records, "PROGRESS_EVERY", 0.0)  # no throttling
         root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(root, "data.parquet"))
+        write_parts(root)
         write_formulas(root)
         self.connect((root,))
         fields = {"Directory": ".", "Base": "data.parquet", "File": "work.py", "Progress": True}

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from measuring.server.access import Tokens
 from measuring.server.dispatch import Dispatcher
 from measuring.server.protocol import RequestFactory, RequestProtocol
-from measuring.test.support import write_formulas
+from measuring.test.support import write_formulas, write_parts
 from measuring.test.unit.test_dispatch import Harness
 from measuring.test.unit.test_dispatch_tokens import TOKEN, WRONG
 from measuring.test.unit.test_protocol import LIMIT, STATUS, STATUS_ANSWER, request
@@ -169,7 +169,7 @@ class IdleTimeoutTests(TimedConnectionTestCase):
     def test_asyncProgressJobKeepsConnection(self) -> None:
         """A connection that asked for an Async job's Progress and answer stays open for them."""
         root = os.path.realpath(self.mktemp())
-        os.makedirs(os.path.join(root, "data.parquet"))
+        write_parts(root)
         write_formulas(root)
         self.harness = Harness(self, (root,))
         self.setUpConnection()

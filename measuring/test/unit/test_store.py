@@ -63,6 +63,18 @@ class SchemaTests(DatabaseTestCase):
         self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         self.assertEqual(db.execute("PRAGMA synchronous").fetchone()[0], 2)
 
+    def test_onlyPromisesWaitForTheDisk(self) -> None:
+        """Adding and ending a job commit synced (FULL); a start noted does not wait (NORMAL)."""
+        db = self.database.db
+        self.database.add(record("a"))
+        self.assertEqual(db.execute("PRAGMA synchronous").fetchone()[0], 2)
+        self.database.update("a", synced=False, state="running")
+        self.assertEqual(db.execute("PRAGMA synchronous").fetchone()[0], 1)
+        self.assertEqual(self.fetch("a")["state"], "running")
+        self.database.update("a", state="done")
+        self.assertEqual(db.execute("PRAGMA synchronous").fetchone()[0], 2)
+        self.assertEqual(self.fetch("a")["state"], "done")
+
     def test_readableByOwnerOnly(self) -> None:
         """open() makes the database, and SQLite the WAL files beside it, mode 0600 (any umask)."""
         self.addCleanup(os.umask, os.umask(0))

@@ -22,6 +22,7 @@ from typing import Any
 from dask.callbacks import Callback
 
 from measuring import formulas as words
+from measuring import procfs
 from measuring.errors import Internal, JobFailed, MeasuringError
 from measuring.messages import CLUSTER_MARK, JOB_MARK, WARM_TMP_PREFIX, Message, job_tmp
 from measuring.worker import dataset as datasets
@@ -209,7 +210,9 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
     remote = None
-    threads = limits.get("Threads") or DEFAULT_THREADS
+    share = datasets.budget(
+        limits.get("Memory"), limits.get("Threads") or DEFAULT_THREADS, _held_memory()
+    )
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
         # A temporary folder of the job's own, which the server removes when the job has ended:
@@ -230,14 +233,14 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
         if remote is not None:
             remote.adopt(module)
         formulas = find_formulas(module, path, message.get("Functions"))
-        dataset = _dataset(message, limits.get("Memory"), threads)
+        dataset = _dataset(message, share)
         writer = ResultWriter(
             message.get("Outbox") or message["Directory"],
             message["Job"],
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
         )
-        values = compute(formulas, dataset, path, progress, writer, threads, remote)
+        values = compute(formulas, dataset, path, progress, writer, share.threads, remote)
         described = summarize(values, writer)
     except MeasuringError as e:
         return {"Type": "Error", "Error": e.to_json()}
@@ -253,6 +256,11 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
     return {"Type": "Done", "Results": described}
 
 
+def _held_memory() -> int:
+    """What this job process holds already, as the server's memory watch counts it."""
+    return procfs.private_memory(os.getpid())
+
+
 def write_code(code: str, name: str) -> str:
     """
     Formulas sent with the request, as the file ``name`` in the job's temporary folder: imported,
@@ -264,18 +272,15 @@ def write_code(code: str, name: str) -> str:
     return path
 
 
-def _dataset(message: Message, memory: int | None, threads: int) -> Any:
+def _dataset(message: Message, share: datasets.Budget) -> Any:
     """The job's dataset, in partitions sized for its memory and threads; JobFailed if unread."""
-    import psutil
-
     try:
-        baseline = psutil.Process().memory_info().rss
         return datasets.read_dataset(
             message["Base"],
             message.get("Engine", "pyarrow"),
             message.get("Index"),
-            datasets.partition_bytes(memory, threads, baseline),
-            threads,
+            share.partition,
+            share.threads,
         )
     except MeasuringError:
         raise

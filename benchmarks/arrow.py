@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -159,7 +158,7 @@ def main() -> None:
     parser.add_argument("--rows", type=harness.parse_count, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; the median time")
     args = parser.parse_args()
-    folder = os.path.realpath(tempfile.mkdtemp(prefix="measuring-bench-"))
+    folder = harness.temporary_folder()
     write_data(folder, args.rows)
     print(f"## A result of {harness.count_label(args.rows)} rows x 7 columns over the network\n")
     harness.print_machine()
@@ -222,6 +221,7 @@ def main() -> None:
         )
     print()
     print(harness.markdown(["fetched as", "time", "size", "", "faster than JSON pages"], rows))
+    harness.print_load()
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ that holds it on ``sys.path`` too, so the benchmarks measure this checkout's ser
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -102,6 +105,11 @@ def print_machine() -> None:
         print(f"- {key}: {value}")
 
 
+def print_load() -> None:
+    """The load average now, to print after a table (the machine may be shared)."""
+    print(f"\nThe machine's {machine()['load']} at the end.")
+
+
 # -- peak memory
 
 
@@ -175,15 +183,21 @@ class PeakSampler:
         self._thread.join()
 
 
-def children_of(pid: int) -> Callable[[], list[psutil.Process]]:
-    """The direct children of ``pid``, asked anew at each sample (workers come and go)."""
-    parent = psutil.Process(pid)
+def job_processes(local: LocalServer) -> Callable[[], list[psutil.Process]]:
+    """
+    The processes running jobs on ``local``, as its Info "Dask process" names them: asked at each
+    sample until a job has started, then the same ones (a job keeps its process). Not the
+    server's other processes: an idle warm worker, or the template the job was forked from.
+    """
+    found: list[psutil.Process] = []
 
     def roots() -> list[psutil.Process]:
-        try:
-            return parent.children()
-        except psutil.Error:
-            return []
+        if not found:
+            answer = local.ask({"Header": "Info", "Request": "Dask process"})
+            for entry in answer.get("Response", {}).get("Processes", []):
+                with suppress(psutil.Error):
+                    found.append(psutil.Process(entry["Pid"]))
+        return found
 
     return roots
 
@@ -244,6 +258,13 @@ def summarize(runs: list[Run]) -> Run:
         middle([run.wall for run in runs]),
         runs[-1].report,
     )
+
+
+def temporary_folder() -> str:
+    """A new folder for one run's data, removed when the script exits."""
+    folder = os.path.realpath(tempfile.mkdtemp(prefix="measuring-bench-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 # -- the server

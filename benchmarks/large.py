@@ -15,9 +15,10 @@ in a fresh process each with pandas + pyarrow, plain Dask with its defaults, Das
 would hold the whole table in memory.
 
 Times are the work's seconds: a peer's from after its imports to its answer, the server's from
-the client's request to the job's answer (its warm worker has done the imports). Peak memory is
-the most resident memory seen, sampled every 20 ms, of the process tree doing the work: the
-peer's process, or the job's worker process and everything below it.
+the client's request to the job's answer (the server has done the imports ahead of time). Peak
+memory is the most resident memory seen, sampled every 20 ms, of the process tree doing the
+work: the peer's process, or the job's process (as Info "Dask process" names it) and everything
+below it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import harness
-from harness import PeakSampler, Run, children_of, count_label, mib
+from harness import PeakSampler, Run, count_label, mib
 from peers import FORMULAS, SERVER_FORMULAS, TOOLS, WORKS
 
 from measuring.client import Client, JobError
@@ -125,7 +126,7 @@ class ServerRunner:
         job = None
         # A connection of its own: the server closes one left idle while the peers run.
         client = Client("127.0.0.1", self.local.port, timeout=3600.0)
-        with PeakSampler(children_of(self.local.process.pid)) as sampler:
+        with PeakSampler(harness.job_processes(self.local)) as sampler:
             start = time.perf_counter()
             try:
                 job = client.run(self.folder, base, FORMULA_FILE, functions=[name], **options)
@@ -197,7 +198,8 @@ def cell(run: Run | None, server: Run | None, is_server: bool) -> str:
     if run is None:
         return "—"
     if run.error is not None or run.seconds is None:
-        return (run.error or "failed").split(":")[0]
+        code = (run.error or "failed").split(":")[0]
+        return f"{code} · {mib(run.peak)}" if run.peak else code
     text = f"{run.seconds:.2f} s"
     if not is_server:
         ratio = f"{server.seconds / run.seconds:.2f}x" if server and server.seconds else "—"
@@ -224,7 +226,7 @@ def report(case: Case, table: dict[str, dict[str, Run]], tools: list[str]) -> No
         " faster) · peak resident memory of the process tree doing the work · the CPU time it"
         " used (all cores)."
     )
-    print(f"The machine's {harness.machine()['load']} at the end.")
+    harness.print_load()
     if notes:
         print("\n" + "\n".join(notes))
 

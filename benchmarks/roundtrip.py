@@ -11,14 +11,13 @@ Starts ``twistd -n measuring --workers 2`` on a free loopback port and measures,
 - ``--jobs`` jobs back to back on one connection, *without* waiting for warm workers: what a
   user looping over files, one job each, waits;
 - ``--clients`` clients sending ``--per-client`` jobs each, all at once: jobs per second;
-- the memory of an idle warm worker (Info "All process").
+- the memory of what waits for jobs on an idle server: warm workers, or the template job
+  processes are forked from (Info "All process").
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import threading
 import time
 
@@ -99,9 +98,11 @@ def at_once(port: int, folder: str, clients: int, per_client: int) -> tuple[floa
     return time.perf_counter() - start, times
 
 
-def idle_worker_rss(client: Client) -> list[int]:
+def idle_processes(client: Client) -> str:
+    """The server's processes waiting for jobs (warm workers, or the template) and their memory."""
     tree = client.info("All process")["Service"]["Tree"]
-    return [entry["Rss"] for entry in tree if entry.get("Role") == "worker"]
+    idle = [entry for entry in tree if entry.get("Role") not in ("server", "job", "child")]
+    return ", ".join(f"{entry['Role']} {harness.mib(entry['Rss'])}" for entry in idle) or "none"
 
 
 def main() -> None:
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=10, help="jobs per client (10)")
     parser.add_argument("--workers", type=int, default=2, help="the server's --workers (2)")
     args = parser.parse_args()
-    folder = os.path.realpath(tempfile.mkdtemp(prefix="measuring-bench-"))
+    folder = harness.temporary_folder()
     write_dataset(folder, frame=sample_frame(rows=10_000))
     write_formulas(folder, FORMULAS)
     print(f"## Round trips, --workers {args.workers}, trivial job over 10,000 rows\n")
@@ -129,9 +130,9 @@ def main() -> None:
         for _ in range(args.idle):
             harness.settle(local)
             idle.append(_job(client, folder))
-        rows.append(_latencies("one job, idle server, warm workers", idle))
+        rows.append(_latencies("one job on an idle server", idle))
         harness.settle(local)
-        memory = idle_worker_rss(client)
+        memory = idle_processes(client)
         rows.append(
             _latencies(
                 f"{args.jobs} jobs back to back, one connection",
@@ -156,7 +157,8 @@ def main() -> None:
         f"\n{args.clients} clients x {args.per_client} jobs: {jobs / wall:.1f} jobs/s "
         f"({jobs} jobs in {wall:.2f} s)"
     )
-    print(f"idle warm worker: {', '.join(harness.mib(rss) for rss in memory)} resident")
+    print(f"resident memory of the idle server's processes beside the reactor: {memory}")
+    harness.print_load()
 
 
 if __name__ == "__main__":

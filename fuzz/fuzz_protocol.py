@@ -26,8 +26,8 @@ with atheris.instrument_imports():
     from twisted.internet import defer
     from twisted.internet.testing import StringTransport
 
-    from measuring.server.dispatch import Dispatcher
     from measuring.errors import Busy
+    from measuring.server.dispatch import Dispatcher
     from measuring.server.protocol import RequestProtocol
     from measuring.server.stats import Stats
 

@@ -85,6 +85,12 @@ class JobFailed(MeasuringError):
     code = "JobFailed"
 
 
+class Unavailable(MeasuringError):
+    """The cluster the server runs its jobs on (``--scheduler``) cannot be reached or used."""
+
+    code = "Unavailable"
+
+
 class Internal(MeasuringError):
     """A fault in the server itself; the details are in the server's log."""
 
@@ -104,6 +110,7 @@ ERRORS: dict[str, type[MeasuringError]] = {
         Cancelled,
         MemoryLimit,
         JobFailed,
+        Unavailable,
         Internal,
     )
 }

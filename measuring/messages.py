@@ -20,7 +20,8 @@ the job's log:
   inside a sandbox), waiting for its job.
 - server -> job process ``{"Type": "Job", "Job": id, "Directory", "Base", "File", "Functions",
   "Output", "Engine", "Limits", "Outbox"}``: paths are real and already checked against the data
-  roots.
+  roots. Formulas sent with the request come as ``"Code"`` and ``"Name"`` with ``"File": null``;
+  with a cluster, ``"Cluster"`` says where it is (``measuring.cluster.ClusterSettings``).
 - job process -> server ``{"Type": "Progress", "Done": n, "Total": n}``, then
   ``{"Type": "Done", "Results": {...}}`` or ``{"Type": "Error", "Error": {"Code", "Message"}}``;
   then it exits.
@@ -44,6 +45,8 @@ REPLY_FD = 4
 SERVER_MARK = "MEASURING_SERVER"
 WORKER_MARK = "MEASURING_WORKER"
 JOB_MARK = "MEASURING_JOB"
+#: In a worker's environment when its jobs compute on a cluster: it imports distributed warming up.
+CLUSTER_MARK = "MEASURING_CLUSTER"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 Message = dict[str, Any]

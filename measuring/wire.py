@@ -28,6 +28,7 @@ CODES = (
     "Cancelled",
     "MemoryLimit",
     "JobFailed",
+    "Unavailable",
     "Internal",
 )
 

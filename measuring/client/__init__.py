@@ -99,6 +99,7 @@ Timeout = _error_class("Timeout")
 Cancelled = _error_class("Cancelled")
 MemoryLimit = _error_class("MemoryLimit")
 JobFailed = _error_class("JobFailed")
+Unavailable = _error_class("Unavailable")
 Internal = _error_class("Internal")
 ERRORS = {cls.code: cls for cls in JobError.__subclasses__()}
 
@@ -258,8 +259,10 @@ class Client:
         response: dict[str, Any] = self.request({"Header": "Info", "Request": name})["Response"]
         return response
 
-    def _dask(self, directory: str, base: str, file: str, **options: Any) -> dict[str, Any]:
-        fields: dict[str, Any] = {"Directory": directory, "Base": base, "File": file}
+    def _dask(
+        self, directory: str, base: str, file: str | None, code: str | None, **options: Any
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {"Directory": directory, "Base": base, **formulas(file, code)}
         names = {"functions": "Functions", "output": "Output", "engine": "Engine",
                  "timeout": "Timeout", "index": "Index"}  # fmt: skip
         for name, value in options.items():
@@ -271,18 +274,21 @@ class Client:
         self,
         directory: str,
         base: str,
-        file: str,
+        file: str | None = None,
         functions: list[str] | None = None,
         output: str | None = None,
         timeout: float | None = None,
         engine: str | None = None,
         index: str | None = None,
+        code: str | None = None,
     ) -> Job:
         """
-        Queue a job and return at once (the job runs in the background). ``index`` names the
-        column to index the dataset by (``"time"``), for resample and rolling windows.
+        Queue a job and return at once (the job runs in the background). The formulas are
+        ``file`` in ``directory`` on the server, or ``code``: a local file's path, or Python
+        source, sent with the job. ``index`` names the column to index the dataset by
+        (``"time"``), for resample and rolling windows.
         """
-        fields = self._dask(directory, base, file, functions=functions, output=output,
+        fields = self._dask(directory, base, file, code, functions=functions, output=output,
                             timeout=timeout, engine=engine, index=index)  # fmt: skip
         answer = self.request({"Header": "Dask", "Request": {**fields, "Async": True}})
         return Job(self, answer["Job"])
@@ -291,7 +297,7 @@ class Client:
         self,
         directory: str,
         base: str,
-        file: str,
+        file: str | None = None,
         functions: list[str] | None = None,
         output: str | None = None,
         timeout: float | None = None,
@@ -299,17 +305,20 @@ class Client:
         progress: Progress | bool | None = None,
         accepted: Callable[[Job], None] | None = None,
         index: str | None = None,
+        code: str | None = None,
     ) -> Job:
         """
         Run a job and return it once it has ended, done; raise its error otherwise.
 
-        ``progress`` is a callable ``(done, total)``, or True for a progress bar; ``accepted`` is
-        called with the Job as soon as the server has recorded it; ``index`` names the column to
-        index the dataset by (``"time"``), for resample and rolling windows.
+        The formulas are ``file`` in ``directory`` on the server, or ``code``: a local file's
+        path, or Python source, sent with the job. ``progress`` is a callable ``(done, total)``,
+        or True for a progress bar; ``accepted`` is called with the Job as soon as the server has
+        recorded it; ``index`` names the column to index the dataset by (``"time"``), for
+        resample and rolling windows.
         """
-        fields = self._dask(directory, base, file, functions=functions, output=output,
+        fields = self._dask(directory, base, file, code, functions=functions, output=output,
                             timeout=timeout, engine=engine, index=index)  # fmt: skip
-        report = reporter(progress, os.path.basename(file))
+        report = reporter(progress, fields.get("Name") or os.path.basename(fields["File"]))
         request = {"Header": "Dask", "Request": {**fields, "Async": True, "Progress": True}}
         lines = self._lines(request)
         answer = next(lines)
@@ -347,6 +356,21 @@ class Client:
         answer = self.request({"Header": "Job", "Request": name, "Job": job, **fields})
         response: dict[str, Any] = answer["Response"]
         return response
+
+
+def formulas(file: str | None, code: str | None) -> dict[str, str]:
+    """
+    The fields naming a job's formulas: ``File`` (on the server), or ``Code`` and ``Name`` when
+    ``code`` is the path of a local file (named after it) or Python source (``formulas.py``).
+    """
+    if (file is None) == (code is None):
+        raise ValueError("give the formulas either as file (on the server) or as code, not both")
+    if code is None:
+        return {"File": str(file)}
+    if "\n" not in code and os.path.isfile(code):
+        with open(code, encoding="utf-8") as f:
+            return {"Code": f.read(), "Name": os.path.basename(code)}
+    return {"Code": code, "Name": "formulas.py"}
 
 
 def _follow(lines: Iterator[dict[str, Any]], report: Progress | None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ _EXITS = {
     "Cancelled": EXIT_JOB,
     "MemoryLimit": EXIT_JOB,
     "Busy": EXIT_JOB,
+    "Unavailable": EXIT_JOB,
     "BadRequest": EXIT_USAGE,
     "Forbidden": EXIT_USAGE,
     "NotFound": EXIT_USAGE,
@@ -247,7 +248,12 @@ def info(name: str) -> None:
 _JOB_OPTIONS = [
     click.argument("directory"),
     click.argument("base"),
-    click.argument("file"),
+    click.argument("file", required=False),
+    click.option(
+        "--code",
+        type=click.Path(exists=True, dir_okay=False),
+        help="A local formula file, sent with the job (instead of FILE on the server).",
+    ),
     click.option(
         "-f", "--function", "functions", multiple=True, help="Run only this formula (repeatable)."
     ),
@@ -281,10 +287,12 @@ def _interrupted(job: str | None) -> None:
 
 @main.command()
 @_job_options
-def run(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-        engine: str | None, index: str | None, timeout: float | None) -> None:  # fmt: skip
-    """Run the formulas of FILE over BASE in DIRECTORY, wait, and show the results."""
+def run(directory: str, base: str, file: str | None, code: str | None,
+        functions: tuple[str, ...], output: str | None, engine: str | None, index: str | None,
+        timeout: float | None) -> None:  # fmt: skip
+    """Run the formulas of FILE (or --code) over BASE in DIRECTORY, wait, show the results."""
     settings = _settings()
+    _formulas(file, code)
     started: list[str] = []
 
     def accepted(job: Any) -> None:
@@ -296,12 +304,21 @@ def run(directory: str, base: str, file: str, functions: tuple[str, ...], output
         try:
             job = client.run(_local(directory), base, file, list(functions) or None, output,
                              timeout, engine, progress=settings.bars or None,
-                             accepted=accepted, index=index)  # fmt: skip
+                             accepted=accepted, index=index, code=code)  # fmt: skip
         except KeyboardInterrupt:
             _interrupted(started[0] if started else None)
         if not settings.json:
             status = job.status()
             show.results(job.id, status)
+
+
+def _formulas(file: str | None, code: str | None) -> None:
+    """A job names its formulas by FILE on the server or a local --code file, not both."""
+    if (file is None) == (code is None):
+        raise click.UsageError(
+            "give FILE (a formula file in DIRECTORY on the server) or --code PATH (a local "
+            "formula file, sent with the job), not both"
+        )
 
 
 def _local(directory: str) -> str:
@@ -311,12 +328,22 @@ def _local(directory: str) -> str:
 
 @main.command()
 @_job_options
-def submit(directory: str, base: str, file: str, functions: tuple[str, ...], output: str | None,
-           engine: str | None, index: str | None, timeout: float | None) -> None:  # fmt: skip
+def submit(directory: str, base: str, file: str | None, code: str | None,
+           functions: tuple[str, ...], output: str | None, engine: str | None,
+           index: str | None, timeout: float | None) -> None:  # fmt: skip
     """Queue a job and print its id."""
+    _formulas(file, code)
     with _settings().client() as client:
         job = client.submit(
-            _local(directory), base, file, list(functions) or None, output, timeout, engine, index
+            _local(directory),
+            base,
+            file,
+            list(functions) or None,
+            output,
+            timeout,
+            engine,
+            index,
+            code,
         )
     _human(lambda: click.echo(job.id))
 

@@ -9,12 +9,15 @@ start in, and the reverse of the order they stop in (``services.InOrder``).
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
+from measuring.cluster import ClusterSettings, probe
+from measuring.server import cluster
 from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
 from measuring.server.dispatch import Dispatcher
@@ -55,6 +58,7 @@ def _pool(
     reactor: Any,
     watching: ThreadRunner,
     config_file: str | None,
+    found: ClusterSettings | None,
     containment: Containment,
 ) -> WorkerPool:
     sandbox = None
@@ -67,7 +71,10 @@ def _pool(
         reactor,
         settings.workers,
         settings.state_dir,
-        worker_environment(os.environ, workers_tmp(settings), settings.state_dir),
+        {
+            **worker_environment(os.environ, workers_tmp(settings), settings.state_dir),
+            **cluster.worker_environment(found),
+        },
         watching,
         settings.job_memory,
         sandbox=sandbox,
@@ -85,6 +92,30 @@ def _pool(
 def workers_tmp(settings: Config) -> str:
     """The workers' temporary folder (their TMPDIR), in the state directory."""
     return os.path.join(settings.state_dir, "tmp")
+
+
+def cluster_settings(settings: Config) -> ClusterSettings | None:
+    """Where the cluster computing the jobs is, or None when they compute here."""
+    if settings.scheduler is None:
+        return None
+    return ClusterSettings(
+        address=settings.scheduler,
+        ca=settings.scheduler_ca,
+        cert=settings.scheduler_cert,
+        key=settings.scheduler_key,
+        timeout=settings.scheduler_timeout,
+    )
+
+
+def _cluster(
+    found: ClusterSettings | None, reactor: Any
+) -> tuple[list[Service], cluster.ClusterView | None]:
+    """The services that look at the cluster for Info (its thread first), or none."""
+    if found is None:
+        return [], None
+    looking = ThreadRunner(reactor, "measuring-cluster")
+    view = cluster.ClusterView(reactor, looking, found.address, partial(probe, found))
+    return [looking, view], view
 
 
 def _http(
@@ -131,21 +162,24 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
     store = JobStore(
         JobDatabase(os.path.join(settings.state_dir, "jobs.sqlite")), database, settings.state_dir
     )
+    found = cluster_settings(settings)
     # The jobs' cgroups and the guard that ends their processes when the server ends.
     containment = Containment(reactor, settings.state_dir, mark=settings.state_dir)
-    pool = _pool(settings, reactor, watching, config_file, containment)
+    pool = _pool(settings, reactor, watching, config_file, found, containment)
     held = limits(settings)
     journal = Journal(store, reactor, settings.state_dir)
-    jobs = Scheduler(pool, store, reactor, held, blocking, stats, journal)
+    runs = cluster.ClusterPool(pool, found) if found is not None else pool
+    jobs = Scheduler(runs, store, reactor, held, blocking, stats, journal)
     queries = JobQueries(jobs, store, reactor, blocking, held)
     http: ListeningService | None = None
 
     def dashboard() -> str | None:
         return url(http.ports[0], settings.http) if http and http.ports and settings.http else None
 
+    looking, view = _cluster(found, reactor)
     info = InfoService(
-        reactor, pool, queries, stats, settings.data_roots, blocking, dashboard,
-        lambda: {containment.guard_pid: "guard"} if containment.guard_pid else {},
+        reactor, pool, queries, stats, settings.data_roots, blocking, dashboard, view,
+        helpers=lambda: {containment.guard_pid: "guard"} if containment.guard_pid else {},
     )  # fmt: skip
     # What clients can make the server log (refusals, closes) is held to a rate.
     throttle = Throttle(reactor)
@@ -183,6 +217,7 @@ def build(settings: Config, reactor: Any, config_file: str | None = None) -> ISe
         ClosingService(factory, reactor),
         jobs,
         Retention(store, reactor, held, blocking),
+        *looking,
         info,
         listener,
         *([http] if http is not None else []),

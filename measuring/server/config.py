@@ -23,6 +23,7 @@ from twisted.python.usage import UsageError
 
 from measuring.server import fdlimit
 from measuring.server.access import beyond_loopback, load_tokens
+from measuring.server.cluster import checked
 from measuring.server.settings import SETTINGS
 
 
@@ -54,6 +55,11 @@ class Config:
     sandbox: str = "none"
     http: str | None = None
     log_format: str = "text"
+    scheduler: str | None = None
+    scheduler_ca: str | None = None
+    scheduler_cert: str | None = None
+    scheduler_key: str | None = None
+    scheduler_timeout: float = 10.0
 
 
 _PARSERS: dict[str, Callable[[object], Any]] = {s.name: s.parse for s in SETTINGS}
@@ -199,6 +205,7 @@ def load(
             f"(apt install bubblewrap)"
         )
 
+    cluster = checked(settings, sources, lambda path: _real(path, cwd))
     roots = [_data_root(path, cwd, sources["data-root"]) for path in settings["data-root"]]
     return Config(
         ports=tuple(settings["port"]),
@@ -225,6 +232,8 @@ def load(
         sandbox=settings["sandbox"],
         http=settings["http"],
         log_format=settings["log-format"],
+        scheduler_timeout=settings["scheduler-timeout"],
+        **cluster,
     )
 
 

@@ -9,6 +9,7 @@ on disk is checked (``submission``) through the blocking-call runner, never on t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -36,12 +37,15 @@ KEYS = {
             "Format"),
 }  # fmt: skip
 DASK_FIELDS = (
-    "Directory", "Base", "File", "Functions", "Output", "Engine", "Index", "Async", "Timeout",
-    "Progress",
+    "Directory", "Base", "File", "Code", "Name", "Functions", "Output", "Engine", "Index",
+    "Async", "Timeout", "Progress",
 )  # fmt: skip
 DEFAULT_LIST, MAX_LIST = 100, 1000
 DEFAULT_ROWS, MAX_ROWS = 1000, 10_000
-PATH_FIELDS = ("Directory", "Base", "File")
+PATH_FIELDS = ("Directory", "Base")
+#: The Name of formulas sent as Code: a file name, as a formula file would have.
+CODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.py")
+DEFAULT_CODE_NAME = "formulas.py"
 #: The kind of warning a request without a valid token logs (``throttle``).
 UNAUTHORIZED_WARNINGS = "requests without a valid token"
 
@@ -121,6 +125,37 @@ class Queries(Protocol):
     def result(
         self, job: str, name: str, offset: int, limit: int | None, form: str = ...
     ) -> defer.Deferred[Any]: ...
+
+
+def _formulas(fields: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """
+    Where a Dask request's formulas are: ``(File, None, None)``, or ``(None, Code, Name)`` for
+    formulas sent with the request (their size is bounded by ``--max-request-bytes``).
+    """
+    has_file, has_code = "File" in fields, "Code" in fields
+    if not has_file and not has_code:
+        raise BadRequest(
+            'the Dask Request has no "File" (a formula file in Directory), nor "Code" (the '
+            "formulas' Python source)"
+        )
+    if has_file and has_code:
+        raise BadRequest('the Dask Request has both "File" and "Code": send one of them')
+    if has_file:
+        if "Name" in fields:
+            raise BadRequest('"Name" names formulas sent as "Code"; a "File" has its own name')
+        if not isinstance(fields["File"], str):
+            raise BadRequest(f'"File" must be a string, not {json_type(fields["File"])}')
+        return fields["File"], None, None
+    code, name = fields["Code"], fields.get("Name", DEFAULT_CODE_NAME)
+    if not isinstance(code, str):
+        raise BadRequest(f'"Code" must be a string of Python source, not {json_type(code)}')
+    if "\0" in code:
+        raise BadRequest('"Code" must not contain a NUL character')
+    if not isinstance(name, str) or not CODE_NAME.fullmatch(name):
+        raise BadRequest(
+            f'"Name" must be a file name ending in .py (letters, digits, _ . -), not {name!r}'
+        )
+    return None, code, name
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:
@@ -330,6 +365,7 @@ class Dispatcher:
                 raise BadRequest(f'the Dask Request has no "{name}"')
             if not isinstance(fields[name], str):
                 raise BadRequest(f'"{name}" must be a string, not {json_type(fields[name])}')
+        file, code, code_name = _formulas(fields)
         functions = _functions(fields.get("Functions"))
         output = _choice(fields, "Output", tuple(wire.OUTPUTS), "parquet")
         engine = _choice(fields, "Engine", wire.ENGINES, "pyarrow")
@@ -342,10 +378,12 @@ class Dispatcher:
             self._data_roots,
             fields["Directory"],
             fields["Base"],
-            fields["File"],
+            file,
             functions,
             self._private,
         )
+        if code is not None and code_name is not None:
+            checked.addCallback(self._check_code, code, code_name, functions)
         return checked.addCallback(
             lambda paths: JobSpec(
                 paths=paths,
@@ -354,8 +392,17 @@ class Dispatcher:
                 engine=engine,
                 timeout=timeout,
                 index=index,
+                code=code,
+                name=code_name,
             )
-        )
+        )  # fmt: skip
+
+    def _check_code(
+        self, paths: JobPaths, code: str, name: str, functions: tuple[str, ...] | None
+    ) -> defer.Deferred[JobPaths]:
+        """Check formulas sent as Code as a formula file is checked (in the blocking runner)."""
+        checked = self._blocking.run(submission.check_code, code, name, functions)
+        return checked.addCallback(lambda _: paths)
 
     def _job_request(self, request: dict[str, Any], notify: Notify) -> defer.Deferred[Any]:
         name = request.get("Request")

@@ -44,6 +44,14 @@ class PoolView(Protocol):
     def busy(self) -> int: ...
 
 
+class ClusterInfo(Protocol):
+    """What Info reads of the cluster (``measuring.server.cluster.ClusterView``)."""
+
+    def brief(self) -> defer.Deferred[dict[str, Any]]: ...
+
+    def current(self) -> defer.Deferred[dict[str, Any]]: ...
+
+
 class JobsView(Protocol):
     """What Info reads of the jobs (``measuring.server.jobs.queries.JobQueries``)."""
 
@@ -139,12 +147,14 @@ class InfoService(Service):
         data_roots: tuple[str, ...],
         blocking: Runner,
         dashboard: Callable[[], str | None] = lambda: None,
+        cluster: ClusterInfo | None = None,
         helpers: Callable[[], dict[int, str]] = dict,
     ) -> None:
         """``helpers``: the server's own helper processes by pid, with their role (``guard``)."""
         self._clock = clock
         self._dashboard = dashboard
         self._helpers = helpers
+        self._cluster = cluster
         self._pool = pool
         self._jobs = jobs
         self._stats = stats
@@ -179,7 +189,13 @@ class InfoService(Service):
 
     def answer(self, request: str) -> defer.Deferred[dict[str, Any]]:
         """The Response of one Info request (one of ``wire.INFO_REQUESTS``)."""
-        return self._answers[request]()
+        answer = self._answers[request]()
+        if self._cluster is not None and request in ("Status", "All statistic"):
+            look = self._cluster.brief() if request == "Status" else self._cluster.current()
+            answer.addCallback(lambda response: look.addCallback(
+                lambda cluster: {**response, "Cluster": cluster}
+            ))  # fmt: skip
+        return answer
 
     def _uptime(self) -> float:
         return round(self._clock.seconds() - self._started, 3)

@@ -27,7 +27,8 @@ class JobPaths:
 
     directory: str
     base: str
-    file: str
+    #: None for formulas sent with the request (``Code``).
+    file: str | None
 
 
 def _checked_text(field: str, value: str) -> str:
@@ -79,7 +80,11 @@ def _not_private(field: str, name: str, real: str, private: tuple[str, ...]) -> 
 
 
 def resolve_job(
-    roots: tuple[str, ...], directory: str, base: str, file: str, private: tuple[str, ...] = ()
+    roots: tuple[str, ...],
+    directory: str,
+    base: str,
+    file: str | None,
+    private: tuple[str, ...] = (),
 ) -> JobPaths:
     """Check a Dask request's paths; raises BadRequest, Forbidden or NotFound naming the field."""
     real_directory = resolve_directory(roots, directory, private)
@@ -94,8 +99,11 @@ def resolve_job(
         base=resolve_inside(
             real_directory, "Base", base, lambda p: os.path.isfile(p) or os.path.isdir(p)
         ),
-        file=resolve_inside(real_directory, "File", file, os.path.isfile),
+        file=resolve_inside(real_directory, "File", file, os.path.isfile)
+        if file is not None
+        else None,
     )
     _not_private("Base", base, paths.base, private)
-    _not_private("File", file, paths.file, private)
+    if file is not None and paths.file is not None:
+        _not_private("File", file, paths.file, private)
     return paths

@@ -195,6 +195,18 @@ def texts(value: object) -> list[str]:
     return [text(one) for one in values]
 
 
+def _scheduler(value: object) -> str:
+    """A scheduler's address: ``tcp://host:port``, ``tls://host:port``, or ``host:port`` (tcp)."""
+    what = "an address such as tcp://scheduler:8786 or tls://scheduler:8786"
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ValueError(what)
+    address = value.strip() if "://" in value else "tcp://" + value.strip()
+    scheme, _, host = address.partition("://")
+    if scheme not in ("tcp", "tls") or not host or host.startswith(":"):
+        raise ValueError(what)
+    return address
+
+
 def _state_dir(environ: Mapping[str, str], cwd: str) -> str:
     return environ.get("STATE_DIRECTORY", "").split(":")[0] or os.path.join(cwd, ".measuring")
 
@@ -385,6 +397,47 @@ SETTINGS: tuple[Setting, ...] = (
         "none, or bwrap: each job in a sandbox of its own: the data roots read-only, no "
         "network, its own PIDs.",
         "none|bwrap",
+    ),
+    Setting(
+        "scheduler",
+        _scheduler,
+        None,
+        "none: jobs compute in the server's worker processes",
+        "A dask.distributed scheduler (tcp://host:8786, tls://host:8786) whose cluster computes "
+        "the jobs (pip install '.[cluster]').",
+        "ADDRESS",
+    ),
+    Setting(
+        "scheduler-ca",
+        text,
+        None,
+        "none",
+        "The CA certificates a tls:// scheduler's certificate must be signed by (PEM).",
+        "FILE",
+    ),
+    Setting(
+        "scheduler-cert",
+        text,
+        None,
+        "none",
+        "The certificate the server's jobs show a tls:// scheduler (PEM).",
+        "FILE",
+    ),
+    Setting(
+        "scheduler-key",
+        text,
+        None,
+        "none",
+        "The private key of --scheduler-cert (PEM); the jobs' processes read it.",
+        "FILE",
+    ),
+    Setting(
+        "scheduler-timeout",
+        amount("seconds"),
+        10.0,
+        "10",
+        "How long a job tries to reach the scheduler before it fails with Unavailable.",
+        "S",
     ),
 )
 

@@ -62,7 +62,8 @@ def check_job(
     """
     paths = resolve_job(roots, directory, base, file, private)
     check_dataset(paths.base, base)
-    check_formulas(paths.file, functions)
+    if paths.file is not None:  # None: formulas sent as Code (``check_code``)
+        check_formulas(paths.file, functions)
     return paths
 
 
@@ -175,7 +176,17 @@ def check_formulas(path: str, functions: tuple[str, ...] | None) -> Outline | No
     BadRequest for a formula file with a syntax error or, certainly, no formula; NotFound for a
     name of ``functions`` it certainly lacks. Returns what ``ast`` told (None: left to the worker).
     """
-    outline = outline_file(path)
+    return _judged(outline_file(path), path, functions)
+
+
+def check_code(code: str, name: str, functions: tuple[str, ...] | None) -> Outline | None:
+    """``check_formulas`` for formulas sent as Code, in the words used for a file ``name``."""
+    return _judged(outline_source(code.encode("utf-8"), name), name, functions)
+
+
+def _judged(
+    outline: Outline | None, path: str, functions: tuple[str, ...] | None
+) -> Outline | None:
     if outline is None:
         return None
     if functions is None and outline.has_none():
@@ -195,6 +206,11 @@ def outline_file(path: str) -> Outline | None:
             data = f.read(MAX_FORMULA_BYTES + 1)
     except OSError as e:
         raise BadRequest(f"File {os.path.basename(path)} cannot be read: {e.strerror}") from None
+    return outline_source(data, path)
+
+
+def outline_source(data: bytes, path: str) -> Outline | None:
+    """The Outline of Python source ``data`` read from ``path`` (its name, in messages)."""
     try:
         source = importlib.util.decode_source(data)
         with _quiet, warnings.catch_warnings():

@@ -22,10 +22,12 @@ from typing import Any
 from dask.callbacks import Callback
 
 from measuring import formulas as words
+from measuring import procfs
 from measuring.errors import Internal, JobFailed, MeasuringError
-from measuring.messages import JOB_MARK, WARM_TMP_PREFIX, Message, job_tmp
+from measuring.messages import CLUSTER_MARK, JOB_MARK, WARM_TMP_PREFIX, Message, job_tmp
 from measuring.worker import dataset as datasets
 from measuring.worker import unreadable
+from measuring.worker.cluster import Remote, in_file_remotely
 from measuring.worker.output import ResultWriter, WriteFailed, is_table, summarize
 
 #: Threads a job computes with when the server does not say (``--job-threads``).
@@ -38,7 +40,7 @@ def _where(error: BaseException, path: str) -> str:
     """`` (work.py line 12)`` for the deepest frame of ``error`` in the formula file, or ``""``."""
     line = None
     for frame in traceback.extract_tb(error.__traceback__):
-        if frame.filename == path:
+        if frame.filename == path or in_file_remotely(frame, path):
             line = frame.lineno
     return f" ({os.path.basename(path)} line {line})" if line is not None else ""
 
@@ -56,9 +58,13 @@ def _print_traceback(error: BaseException) -> None:
     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
 
 
-def import_formulas(path: str) -> ModuleType:
+def module_name(job: str) -> str:
+    """The formula module's name in ``job``: one of its own, so that no two jobs share one."""
+    return "measuring_formulas_" + "".join(c if c.isalnum() else "_" for c in job)
+
+
+def import_formulas(path: str, name: str = "measuring_formulas") -> ModuleType:
     """Import the formula file as a module; JobFailed says what went wrong and on which line."""
-    name = "measuring_formulas"
     filename = os.path.basename(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -138,15 +144,18 @@ def compute(
     progress: Progress | None = None,
     writer: ResultWriter | None = None,
     threads: int | None = None,
+    remote: Remote | None = None,
     base: str | None = None,
     engine: str = "pyarrow",
 ) -> dict[str, Any]:
     """
     Call every formula on the dataset, then compute all their results in one Dask call with
-    ``threads`` threads, reporting its tasks to ``progress(done, total)`` as they complete.
+    ``threads`` threads (or on the cluster, with ``remote``), reporting its tasks to
+    ``progress(done, total)`` as they complete.
 
     With a ``writer``, table results are written partition by partition as they are computed
-    (their values are then what the writer streamed, not the tables).
+    (their values are then what the writer streamed, not the tables). On a cluster they are
+    computed whole and written after: the tasks run in other processes than the writer's.
     """
     import dask
 
@@ -158,13 +167,16 @@ def compute(
             _print_traceback(e)
             raise JobFailed(f"formula {name!r} raised {_explained(e, path, dataset)}") from None
     try:
-        if writer is not None:
+        if writer is not None and remote is None:
             lazy = {
                 name: writer.stream(name, value) if is_table(value) else value
                 for name, value in lazy.items()
             }
-        with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
-            values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
+        if remote is not None:
+            values = remote.compute(list(lazy.values()), progress)
+        else:
+            with ProgressReporter(progress) if progress is not None else contextlib.nullcontext():
+                values = dask.compute(*lazy.values(), scheduler="threads", num_workers=threads)
     except BaseException as e:
         if writer is not None:
             writer.abandon()
@@ -202,10 +214,12 @@ def _explained(error: BaseException, path: str, dataset: Any) -> str:
 
 def run_job(message: Message, progress: Progress | None = None) -> Message:
     """Run one job message; the answer is a Done or an Error message, never an exception."""
-    path = message["File"]
     os.environ[JOB_MARK] = message["Job"]
     limits = message.get("Limits") or {}
-    threads = limits.get("Threads") or DEFAULT_THREADS
+    remote = None
+    share = datasets.budget(
+        limits.get("Memory"), limits.get("Threads") or DEFAULT_THREADS, _held_memory()
+    )
     try:
         limit_job(limits, sandboxed=message.get("Outbox") is not None)
         # A temporary folder of the job's own, which the server removes when the job has ended:
@@ -220,9 +234,13 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
                 f"the job's temporary folder {tempfile.tempdir} cannot be made: {e.strerror}"
             ) from None
         os.chdir(message["Directory"])
-        module = import_formulas(path)
+        path = message.get("File") or write_code(message["Code"], message["Name"])
+        remote = Remote.connect(message.get("Cluster"), message["Job"])
+        module = import_formulas(path, module_name(message["Job"]))
+        if remote is not None:
+            remote.adopt(module)
         formulas = find_formulas(module, path, message.get("Functions"))
-        dataset = _dataset(message, limits.get("Memory"), threads)
+        dataset = _dataset(message, share)
         writer = ResultWriter(
             message.get("Outbox") or message["Directory"],
             message["Job"],
@@ -230,7 +248,7 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             limits.get("ResultBytes"),
         )
         values = compute(
-            formulas, dataset, path, progress, writer, threads,
+            formulas, dataset, path, progress, writer, share.threads, remote,
             base=message["Base"], engine=message.get("Engine", "pyarrow"),
         )  # fmt: skip
         described = summarize(values, writer)
@@ -242,21 +260,37 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             "Type": "Error",
             "Error": Internal(f"the worker failed: {type(e).__name__}: {e}").to_json(),
         }
+    finally:
+        if remote is not None:
+            remote.close()
     return {"Type": "Done", "Results": described}
 
 
-def _dataset(message: Message, memory: int | None, threads: int) -> Any:
-    """The job's dataset, in partitions sized for its memory and threads; JobFailed if unread."""
-    import psutil
+def _held_memory() -> int:
+    """What this job process holds already, as the server's memory watch counts it."""
+    return procfs.private_memory(os.getpid())
 
+
+def write_code(code: str, name: str) -> str:
+    """
+    Formulas sent with the request, as the file ``name`` in the job's temporary folder: imported,
+    checked and described like a formula file (messages name ``name``).
+    """
+    path = os.path.join(tempfile.gettempdir(), name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(code)
+    return path
+
+
+def _dataset(message: Message, share: datasets.Budget) -> Any:
+    """The job's dataset, in partitions sized for its memory and threads; JobFailed if unread."""
     try:
-        baseline = psutil.Process().memory_info().rss
         return datasets.read_dataset(
             message["Base"],
             message.get("Engine", "pyarrow"),
             message.get("Index"),
-            datasets.partition_bytes(memory, threads, baseline),
-            threads,
+            share.partition,
+            share.threads,
         )
     except MeasuringError:
         raise
@@ -312,9 +346,9 @@ def _lower(limit: int, value: int) -> None:
 def warm_up() -> None:
     """
     Import and exercise what a job uses, so that no job pays for it, without starting a thread:
-    the template forks job processes, and a fork copies no thread. fastparquet reads the whole
-    way with Dask's single-threaded scheduler; pyarrow builds its Dask graph, and reads from
-    memory, since reading a file starts Arrow's I/O threads. Pools of threads start in the job.
+    the template forks job processes, and a fork copies no thread. Dask computes a small frame
+    with its single-threaded scheduler, fastparquet reads a file, pyarrow reads from memory (it
+    starts I/O threads to open a file). Pools of threads start in the job process.
     """
     import io
 
@@ -326,6 +360,8 @@ def warm_up() -> None:
     import pyarrow.dataset  # what Dask reads Parquet through
     import pyarrow.parquet as pq
 
+    if os.environ.get(CLUSTER_MARK):
+        import distributed  # noqa: F401 (jobs will compute on the cluster)
     with tempfile.TemporaryDirectory(prefix=WARM_TMP_PREFIX) as folder:
         path = os.path.join(folder, "warm.parquet")
         frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})

@@ -57,10 +57,14 @@ class JobSpec:
     timeout: float | None = None
     #: The column the dataset is indexed by, if the request names one.
     index: str | None = None
+    #: Formulas sent with the request, and the file name they go by (``paths.file`` is None).
+    code: str | None = None
+    name: str | None = None
 
     def message(self, job: str) -> Message:
         """The Job message a worker process runs."""
         return {
+            **({"Code": self.code, "Name": self.name} if self.code is not None else {}),
             "Type": "Job",
             "Job": job,
             "Directory": self.paths.directory,
@@ -85,6 +89,8 @@ class JobSpec:
             engine=data.get("engine", "pyarrow"),
             timeout=data.get("timeout"),
             index=data.get("index"),
+            code=data.get("code"),
+            name=data.get("name"),
         )
 
 
@@ -201,6 +207,7 @@ class Job:
             "Directory": self.spec.paths.directory,
             "Base": self.spec.paths.base,
             "File": self.spec.paths.file,
+            **({"Name": self.spec.name} if self.spec.code is not None else {}),
         }
         if self.error is not None:
             summary["Error"] = self.error.to_json()

@@ -238,7 +238,8 @@ class Scheduler(Service):
             self._events.job_queued()
             if self._stopping:
                 job.interrupt(_waits_for_next_start(job))
-            self._log.info("job {job} queued: {file}", job=job.id, file=spec.paths.file)
+            what = spec.paths.file or f"{spec.name} (sent with the request)"
+            self._log.info("job {job} queued: {file}", job=job.id, file=what)
             self._start_next()
             return job
 

@@ -4,9 +4,9 @@ The guard: a process of its own that ends every job's processes once the server 
 ``python -P -m measuring.server.pool.guard MARK FOLDER`` (started by ``cgroups.Containment``)
 reads its stdin, whose other end only the server holds, until it ends: when the server ends, by
 a stop or by SIGKILL, the kernel closes it. Then every cgroup in ``FOLDER`` (the jobs' cgroups,
-``-`` for none) is killed and removed, the folder too, and every process whose environment
-carries the server's ``MARK`` is killed. Standard library only; it never imports twisted or the
-rest of the server, so that it starts in a moment and holds little.
+``-`` for none) is killed and removed, and every process whose environment carries the server's
+``MARK`` is killed; the folder goes too. Standard library only; it never imports twisted or
+the rest of the server, so that it starts in a moment and holds little.
 """
 
 from __future__ import annotations

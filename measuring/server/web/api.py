@@ -25,8 +25,9 @@ from measuring.errors import BadRequest, MeasuringError, NotFound
 from measuring.server.protocol import Answer, Dispatcher, encode
 from measuring.wire import CODES, INFO_REQUESTS
 
-#: The HTTP status of an answer, by its Code. (Timeout, Cancelled, MemoryLimit and JobFailed are
-#: the Codes of a job's end, which only Dask answers carry; the HTTP API runs no jobs.)
+#: The HTTP status of an answer, by its Code. (Timeout, Cancelled, MemoryLimit, JobFailed and
+#: Unavailable are the Codes of a job's end, which only Dask answers carry; the HTTP API runs no
+#: jobs.)
 STATUSES: dict[str, int] = {
     "OK": http.OK,
     "BadRequest": http.BAD_REQUEST,
@@ -39,6 +40,7 @@ STATUSES: dict[str, int] = {
     "Cancelled": http.CONFLICT,
     "MemoryLimit": 422,
     "JobFailed": 422,
+    "Unavailable": http.SERVICE_UNAVAILABLE,
     "Internal": http.INTERNAL_SERVER_ERROR,
 }
 assert set(STATUSES) == {"OK", *CODES}, "every Code needs an HTTP status"

@@ -115,6 +115,33 @@ class PlaceResultsTests(SynchronousTestCase):
             },
         )
 
+    def test_folderOfParts(self) -> None:
+        """A table written as a folder of Parquet parts is placed whole, parts in order."""
+        folder = self.fill(**{"peak.csv": "peak\n41.5\n"})
+        os.mkdir(os.path.join(folder, "kept.parquet"))
+        for number in range(3):
+            with open(os.path.join(folder, "kept.parquet", f"part.{number:05d}.parquet"), "w") as f:
+                f.write(f"part {number}")
+        results.place_results(self.outbox, self.directory, JOB)
+        self.assertEqual(
+            tree(self.directory),
+            {
+                f"results/{JOB}/peak.csv": "peak\n41.5\n",
+                **{
+                    f"results/{JOB}/kept.parquet/part.{n:05d}.parquet": f"part {n}"
+                    for n in range(3)
+                },
+            },
+        )
+
+    def test_linkAmongPartsRefused(self) -> None:
+        """A symlink inside a folder of parts is Forbidden too; nothing moves."""
+        folder = self.fill(**{"peak.csv": "peak\n1\n"})
+        os.mkdir(os.path.join(folder, "kept.parquet"))
+        target = os.path.join(self.secret, "tokens")
+        os.symlink(target, os.path.join(folder, "kept.parquet", "part.00000.parquet"))
+        self.assertRefused("kept.parquet/part.00000.parquet", "not a plain file")
+
     def test_madeInPlace(self) -> None:
         """Placed results get the results folder's group (setgid), as files written there do."""
         folder = os.path.join(self.directory, "results")

@@ -16,7 +16,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from measuring.test.support import ServerTestCase
+from measuring.client import Client
+from measuring.test.e2e.test_cli import cli
+from measuring.test.support import BASE, ServerTestCase
 
 LARGE_FORMULAS = '''
 import os
@@ -143,6 +145,22 @@ class IndexTests(ServerTestCase):
         expected = self.frame.set_index("time").value.resample("1h").mean()
         got = pd.read_parquet(os.path.join(self.folder, entry["File"])).value
         pd.testing.assert_series_equal(got, expected, check_freq=False)
+
+    def test_clientAndCommandLine(self) -> None:
+        """The client's ``index=`` and ``measuring-client run --index`` send the Index field."""
+        server = self.start()
+        expected = self.frame.set_index("time").value.resample("1h").mean()
+        with Client("127.0.0.1", server.port) as client:
+            job = client.run(self.folder, BASE, "large.py", ["hourly"], index="time")
+            got = job.results["hourly"].to_pandas()
+        pd.testing.assert_series_equal(got, expected, check_freq=False)
+        ran = cli(
+            "run", self.folder, BASE, "large.py", "-f", "hourly", "--index", "time",
+            MEASURING_SERVER=f"127.0.0.1:{server.port}",
+        )  # fmt: skip
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        rows = [line.split() for line in ran.stdout.split("\n\n")[0].splitlines()]
+        self.assertEqual(rows[2][:3], ["hourly", "Series", str(len(expected))])
 
     def test_withoutIndex(self) -> None:
         """Without "Index", a resample fails with JobFailed naming the fix."""

@@ -173,6 +173,7 @@ class PathsTestCase(SynchronousTestCase):
             paths = data_paths.resolve_job(self.roots, *fields, self.private)
         except (BadRequest, Forbidden, NotFound):
             return
+        assert paths.file is not None  # a File was given
         for path in (paths.directory, paths.base, paths.file):
             self.assertAllowed(path, fields)
         for path in (paths.base, paths.file):

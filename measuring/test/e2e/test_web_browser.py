@@ -10,11 +10,30 @@ import os
 import time
 from typing import Any
 
-from measuring.test.support import PATIENCE, TOKEN, ClientTestCase, write_dataset, write_token_file
+from measuring.test.support import (
+    PATIENCE,
+    TOKEN,
+    ClientTestCase,
+    write_dataset,
+    write_formulas,
+    write_token_file,
+)
 from measuring.test.support.web import browser_missing, chromium, http_port
 
-#: Files of the dataset slow.py runs over: 1.5 s in each, long enough to watch.
+#: Files of the dataset watched.py runs over: 1.5 s in each, long enough to watch.
 PARTS = 40
+#: The server reads small files as one partition: the formula splits it, a task per file.
+WATCHED = f"""
+import time
+
+
+def slow(df):
+    def nap(part):
+        time.sleep(1.5)
+        return part
+
+    return df.repartition(npartitions={PARTS}).map_partitions(nap).value.count()
+"""
 
 
 class BrowserTests(ClientTestCase):
@@ -29,6 +48,7 @@ class BrowserTests(ClientTestCase):
         for part in range(PARTS):
             rows = self.frame.iloc[part * 100 : (part + 1) * 100]
             write_dataset(folder, name=f"part-{part:02d}.parquet", frame=rows)
+        write_formulas(self.folder, WATCHED, name="watched.py")
         token_file = write_token_file(self.folder)
         self.server = self.start("--http", "tcp:0:interface=127.0.0.1", "--token-file", token_file)
         self.port = http_port(self.server)
@@ -53,7 +73,7 @@ class BrowserTests(ClientTestCase):
 
     def test_liveJobs(self) -> None:
         """A running job's progress moves on the page; its Cancel button stops it."""
-        job = self.ask(self.dask(Base="parts", File="slow.py", Async=True))["Job"]
+        job = self.ask(self.dask(Base="parts", File="watched.py", Async=True))["Job"]
         self.assertEqual(self.browser.current_url, f"http://127.0.0.1:{self.port}/")
         row = f"document.querySelector('#running tr[data-key=\"{job}\"]')"
         first = int(self.until(f"return {row} && {row}.dataset.done", "progress on the page"))

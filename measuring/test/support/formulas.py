@@ -3,7 +3,8 @@ The formula files several test modules write: their sources, as text, and nothin
 
 ``FORMULAS`` is the plain ``work.py`` over the sample data; ``LIFECYCLE_FORMULAS`` can be held,
 loop, hoard memory or leave processes behind; ``CLIENT_FORMULAS`` are the files the client and
-``measuring-client`` are run on; ``HOSTILE_FORMULAS`` crash their worker or outlive their job.
+``measuring-client`` are run on; ``HOSTILE_FORMULAS`` crash their worker or outlive their job;
+``CLUSTER_FORMULAS`` say which dask.distributed worker computed them, and can be held there.
 """
 
 from __future__ import annotations
@@ -204,4 +205,66 @@ def outlive(df):
         time.sleep(600)
         os._exit(0)
     return f"{sleeper.pid} {child}"
+'''
+
+CLUSTER_FORMULAS = '''
+import os
+import time
+
+import distributed
+import pandas as pd
+
+#: Held while this file exists. An absolute path: the cluster's workers run elsewhere.
+HOLD = os.path.abspath("hold")
+
+
+def workers(df):
+    """The address of the cluster worker that computed each partition."""
+
+    def where(part):
+        time.sleep(0.1)
+        return pd.Series([distributed.get_worker().address], name="address")
+
+    # Small datasets are read as one partition: split it, so that every worker gets some.
+    return df.repartition(npartitions=8).map_partitions(where, meta=("address", "object"))
+
+
+def mean_by_sensor(df):
+    return df.groupby("sensor").value.mean()
+
+
+def peak(df):
+    return df.value.max()
+
+
+def count(df):
+    return len(df)
+
+
+def _double(part):
+    return part.value * 2
+
+
+def doubled(df):
+    """A module-level function of this file in the tasks: it must travel by value too."""
+    return df.map_partitions(_double, meta=("value", "f8")).sum()
+
+
+def held(df):
+    """Waits on the cluster's workers while HOLD exists (30 s at most)."""
+
+    def wait(part):
+        end = time.monotonic() + 30
+        while os.path.exists(HOLD) and time.monotonic() < end:
+            time.sleep(0.05)
+        return part
+
+    return df.map_partitions(wait, meta=df._meta).value.sum()
+
+
+def broken(df):
+    def divide(part):
+        return pd.Series([len(part) // 0])
+
+    return df.map_partitions(divide, meta=(None, "int64")).sum()
 '''

@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -24,6 +23,7 @@ import psutil
 from twisted.trial.unittest import SynchronousTestCase
 
 from measuring.local import Connection, LocalServer, environment, twistd
+from measuring.test.support.cluster import wait_for as polled
 from measuring.test.support.data import sample_frame, write_dataset, write_formulas
 from measuring.test.support.formulas import (
     CLIENT_FORMULAS,
@@ -37,7 +37,6 @@ T = TypeVar("T")
 
 #: How long a test waits at most for a server or a job to do something.
 PATIENCE = 60.0
-POLL = 0.05
 #: How long a stopping server may take, at most, to count as stopping "within a few seconds".
 STOPPING = 15.0
 BASE = "time_series.parquet"
@@ -165,14 +164,10 @@ class ServerTestCase(SynchronousTestCase):
         patience: float = PATIENCE,
     ) -> T:
         """Poll ``condition`` until it gives something true, and return that; fail at the end."""
-        deadline = time.monotonic() + patience
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                self.fail(f"waited {patience:g} s for {what if isinstance(what, str) else what()}")
-            time.sleep(POLL)
+        try:
+            return polled(condition, what, patience)
+        except AssertionError as e:
+            self.fail(str(e))
 
     # -- requests
 
@@ -324,15 +319,16 @@ class HostileTestCase(ServerTestCase):
             return False
 
     def only_template(self, server: Server) -> bool:
-        """True when the server's descendants are its template process, ready, and its guard."""
+        """True when the server's one descendant is its template process, ready."""
         status = self.ask(server, STATUS)["Response"]["Workers"]
         tree = self.ask(server, {"Header": "Info", "Request": "All process"})["Response"]
-        roles = [(process["Pid"], process["Role"]) for process in tree["Service"]["Tree"]]
-        templates = [pid for pid, role in roles if role == "template"]
-        helpers = {pid for pid, role in roles if role == "guard"}
+        templates = [
+            process["Pid"] for process in tree["Service"]["Tree"] if process["Role"] == "template"
+        ]
         ready = status["Template"] == "ready" and status["Busy"] == 0
-        own = set(templates) | helpers
-        return ready and len(templates) == 1 and set(server.descendants()) == own
+        # Beside the template, the guard that ends the jobs' processes if the server dies.
+        others = set(server.descendants()) - set(templates)
+        return ready and len(templates) == 1 and all(_is_guard(pid) for pid in others)
 
     def stop_and_check(self, server: Server) -> None:
         """Nothing but the template runs and no job's mark is left; then stop and check it."""
@@ -354,3 +350,11 @@ class HostileTestCase(ServerTestCase):
     def hostile(self, *functions: str, **fields: object) -> dict[str, Any]:
         """A Dask request running ``functions`` of hostile.py."""
         return self.dask(*functions, File="hostile.py", **fields)
+
+
+def _is_guard(pid: int) -> bool:
+    """True when ``pid`` is the server's guard process (``measuring.server.pool.guard``)."""
+    try:
+        return "measuring.server.pool.guard" in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return True  # ended meanwhile

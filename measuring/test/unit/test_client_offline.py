@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from measuring.client import (
     JobFailed,
     _follow,
     error_from,
+    formulas,
     parse_address,
 )
 from measuring.test.support import PATIENCE, closed_port, environment
@@ -148,3 +150,31 @@ class ProgressTests(SynchronousTestCase):
         with contextlib.redirect_stderr(drawn):
             Bar("work.py").close()
         self.assertEqual(drawn.getvalue(), "")
+
+
+class FormulasTests(SynchronousTestCase):
+    """``formulas``: a job's formulas as File on the server, or Code sent with it."""
+
+    def test_file(self) -> None:
+        """A file on the server is sent by name."""
+        self.assertEqual(formulas("work.py", None), {"File": "work.py"})
+
+    def test_localFile(self) -> None:
+        """A local file's path sends its source, named after the file."""
+        path = self.mktemp() + "-mine.py"
+        with open(path, "w") as f:
+            f.write("def peak(df):\n    return df.value.max()\n")
+        self.assertEqual(
+            formulas(None, path),
+            {"Code": "def peak(df):\n    return df.value.max()\n", "Name": os.path.basename(path)},
+        )
+
+    def test_source(self) -> None:
+        """Python source is sent as it is, called formulas.py."""
+        source = "def peak(df):\n    return df.value.max()\n"
+        self.assertEqual(formulas(None, source), {"Code": source, "Name": "formulas.py"})
+
+    def test_oneOfThem(self) -> None:
+        """Both or neither is a ValueError."""
+        self.assertRaises(ValueError, formulas, None, None)
+        self.assertRaises(ValueError, formulas, "work.py", "def f(df): ...")

@@ -17,7 +17,7 @@ from measuring.errors import JobFailed, NotFound
 from measuring.test.support import sample_frame, write_dataset
 from measuring.test.unit.test_loader import make_folder
 from measuring.worker import dataset as datasets
-from measuring.worker.dataset import RowGroup, partition_bytes, plan
+from measuring.worker.dataset import RowGroup, budget, plan
 
 MiB = 2**20
 
@@ -36,20 +36,30 @@ def sizes(partitions: list[datasets.Partition]) -> list[int]:
 
 
 class PlanTests(SynchronousTestCase):
-    """``partition_bytes`` and ``plan``: how big partitions are, and which row groups they hold."""
+    """``budget`` and ``plan``: how many threads, how big partitions are, which row groups."""
 
     def test_threadsShareTheMemory(self) -> None:
-        """Each of the threads gets a partition of 1/WORKING_SET of its share of the memory."""
-        share = (1500 - 300) * MiB // (2 * datasets.WORKING_SET)
-        self.assertEqual(partition_bytes(1500 * MiB, 2, 300 * MiB), share)
-        self.assertEqual(partition_bytes(1500 * MiB, 4, 300 * MiB), share // 2)
+        """Each thread gets PER_THREAD and a partition of 1/WORKING_SET of the rest of its share."""
+        free = (1500 - 300) * MiB
+        for threads in (1, 2, 4):
+            share = (free - threads * datasets.PER_THREAD) // (threads * datasets.WORKING_SET)
+            self.assertEqual(
+                budget(1500 * MiB, threads, 300 * MiB), datasets.Budget(threads, share)
+            )
 
     def test_bounds(self) -> None:
-        """However much or little memory, partitions stay between the least and the most."""
-        self.assertEqual(partition_bytes(None, 2), datasets.MOST_PARTITION)
-        self.assertEqual(partition_bytes(64 * 2**30, 1), datasets.MOST_PARTITION)
-        self.assertEqual(partition_bytes(200 * MiB, 8, 190 * MiB), datasets.LEAST_PARTITION)
-        self.assertEqual(partition_bytes(100 * MiB, 2, 300 * MiB), datasets.LEAST_PARTITION)
+        """However much memory, partitions stay below the most; no limit gives the most."""
+        self.assertEqual(budget(None, 2), datasets.Budget(2, datasets.MOST_PARTITION))
+        self.assertEqual(budget(64 * 2**30, 1), datasets.Budget(1, datasets.MOST_PARTITION))
+
+    def test_fewerThreadsWhenMemoryIsShort(self) -> None:
+        """Memory too short for every thread's partition runs fewer threads, at least one."""
+        least = datasets.PER_THREAD + datasets.WORKING_SET * datasets.LEAST_PARTITION
+        self.assertEqual(budget(300 * MiB + 2 * least, 8, 300 * MiB).threads, 2)
+        self.assertEqual(budget(300 * MiB + least, 8, 300 * MiB).threads, 1)
+        self.assertEqual(
+            budget(100 * MiB, 2, 300 * MiB), datasets.Budget(1, datasets.LEAST_PARTITION)
+        )
 
     def test_rowGroupsCombined(self) -> None:
         """Small row groups are combined in order up to the partition size, never split."""

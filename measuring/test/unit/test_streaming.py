@@ -15,6 +15,7 @@ import dask.dataframe as dd
 import pandas as pd
 from twisted.trial.unittest import SynchronousTestCase
 
+from measuring.client import Result
 from measuring.errors import JobFailed
 from measuring.server import results
 from measuring.test.support import sample_frame
@@ -167,3 +168,21 @@ class FailureTests(SynchronousTestCase):
         error = self.assertRaises(JobFailed, self.compute, {"all": lambda df: df}, writer)
         self.assertIn("more than the 10000 a job may write (--max-result-bytes)", error.message)
         self.assertFalse(os.path.exists(os.path.join(self.directory, "results")))
+
+
+class ClientReadTests(SynchronousTestCase):
+    """The client's ``Result.to_pandas`` reads both forms of a Parquet table from its file."""
+
+    def test_bothForms(self) -> None:
+        """A folder of parts and a single file read back as the same frame."""
+        directory = make_folder(self, "lab")
+        dataset = dd.from_pandas(sample_frame(6000), npartitions=6)
+        for small, job in [(1, "folder"), (2**30, "single")]:
+            writer = ResultWriter(directory, job, "parquet", small=small)
+            (written,) = dask.compute(writer.stream("kept", dataset[dataset.value > 20]))
+            entry = summarize({"kept": written}, writer)["kept"]
+            result = Result(None, job, "kept", entry, directory)  # type: ignore[arg-type]
+            self.assertEqual(result.parts, 6 if job == "folder" else 1)
+            pd.testing.assert_frame_equal(
+                result.to_pandas("file"), kept(sample_frame(6000)), check_dtype=False
+            )

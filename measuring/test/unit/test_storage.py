@@ -1,0 +1,49 @@
+"""
+Which paths a request may name inside a data root on object storage (``measuring.storage``):
+checked by their text, nothing outside the root's prefix.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from measuring import storage
+from measuring.errors import BadRequest, Forbidden
+
+ROOT = "s3://plant/data"
+
+
+class ResolveTests(SynchronousTestCase):
+    """What a request may name inside an object-storage root: by its text, nothing outside."""
+
+    roots = ("/srv/data", ROOT)
+
+    def test_roots(self) -> None:
+        """A root URL is made plain; other schemes and '..' parts are refused."""
+        self.assertEqual(storage.parse_root("s3://plant/data/"), ROOT)
+        for bad in ("gs://plant/data", "s3://", "s3://plant/../x", "s3://plant//x"):
+            self.assertRaises(ValueError, storage.parse_root, bad)
+
+    def test_inside(self) -> None:
+        """Relative names go below the Directory (or the first URL root); URLs are checked."""
+        self.assertEqual(storage.resolve(self.roots, "Directory", "site"), f"{ROOT}/site")
+        directory = f"{ROOT}/site"
+        self.assertEqual(
+            storage.resolve(self.roots, "Base", "series.parquet", directory),
+            f"{ROOT}/site/series.parquet",
+        )
+        self.assertEqual(storage.resolve(self.roots, "Directory", f"{ROOT}/a/"), f"{ROOT}/a")
+
+    def test_outside(self) -> None:
+        """'..', another bucket, a sibling prefix, or leaving the Directory are Forbidden."""
+        directory = f"{ROOT}/site"
+        for field, name, within in [
+            ("Directory", "../other", None),
+            ("Directory", "s3://other/data", None),
+            ("Directory", "s3://plant/database", None),
+            ("Base", "../elsewhere.parquet", directory),
+            ("Base", f"{ROOT}/other/x.parquet", directory),
+            ("Base", "a/./b", directory),
+        ]:
+            self.assertRaises(Forbidden, storage.resolve, self.roots, field, name, within)
+        self.assertRaises(BadRequest, storage.resolve, self.roots, "Base", "", directory)

@@ -186,7 +186,8 @@ class AnalyzeTests(SynchronousTestCase):
         """Each drop-in docs/deploy.md gives verifies clean with the unit."""
         found = drop_ins()
         self.assertEqual(
-            {name for name, _ in found}, {"override.conf", "socket.conf", "sandbox.conf"}
+            {name for name, _ in found},
+            {"override.conf", "socket.conf", "sandbox.conf", "cluster.conf"},
         )
         for name, text in found:
             self.assertEqual(self.run_analyze("verify", self.units((name, text))), (0, ""), name)

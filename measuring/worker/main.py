@@ -21,8 +21,7 @@ import secrets
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
 
 from measuring import procfs
 from measuring.errors import Internal
@@ -50,28 +49,11 @@ class Prepared:
     """What a job process needs from C libraries, looked up once in the template."""
 
     libc: ctypes.CDLL | None = None
-    openblas_threads: Callable[[int], Any] | None = None
 
 
 def prepare() -> None:
     """In the template, before it forks: look up what every job process calls (``Prepared``)."""
     Prepared.libc = ctypes.CDLL(None, use_errno=True)
-    Prepared.openblas_threads = _openblas_setter()
-
-
-def _openblas_setter() -> Callable[[int], Any] | None:
-    """The function that sets how many threads the OpenBLAS numpy loaded uses, if it is loaded."""
-    with open("/proc/self/maps") as f:
-        libraries = {line.split()[-1] for line in f if "openblas" in line and ".so" in line}
-    for path in sorted(libraries):
-        with contextlib.suppress(OSError):
-            library = ctypes.CDLL(path)
-            for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                         "openblas_set_num_threads"):  # fmt: skip
-                setter = getattr(library, name, None)
-                if setter is not None:
-                    return cast(Callable[[int], Any], setter)
-    return None
 
 
 def settle_in(parent: int) -> None:
@@ -108,19 +90,23 @@ def join_cgroup(path: str | None) -> None:
 
 def single_threaded_no_more() -> None:
     """
-    Undo what kept the template single-threaded and shared with every other child: the thread
-    limits leave the environment, OpenBLAS may use every core again, and numpy's global random
-    generator gets a seed of its own (a fork copies it; Python's ``random`` reseeds itself).
+    Undo what kept the template single-threaded and shared with every other child: jemalloc's
+    setting leaves the environment, and numpy's global random generator gets a seed of its own (a
+    fork copies it; Python's ``random`` reseeds itself).
+
+    OpenBLAS stays at one thread, as in Dask's own workers (``distributed.nanny.pre-spawn-environ``
+    sets ``OPENBLAS_NUM_THREADS=1``): the job's Dask threads are its parallelism, and OpenBLAS
+    threads started here spin on the cores those threads need (measured: a trivial job 35 ms
+    slower on 2 cores, docs/performance.md).
     """
     from measuring.worker.template import SINGLE_THREADED
 
     for name in SINGLE_THREADED:
-        os.environ.pop(name, None)
+        if name != "OPENBLAS_NUM_THREADS":
+            os.environ.pop(name, None)
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()
-    if Prepared.openblas_threads is not None:
-        Prepared.openblas_threads(os.cpu_count() or 1)
 
 
 def run_forked(fds: Sequence[int], request: Message) -> None:
@@ -137,7 +123,7 @@ def run_forked(fds: Sequence[int], request: Message) -> None:
     pid = os.getpid()
     sandbox = request.get("Sandbox")
     if sandbox:
-        # Joining a mount namespace takes a process of one thread: before OpenBLAS has its own.
+        # Joining a mount namespace takes a process of one thread: before Dask starts its own.
         from measuring.worker import enter
 
         enter.sandbox(sandbox)

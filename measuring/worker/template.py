@@ -28,7 +28,8 @@ from typing import Any
 from measuring.messages import CONTROL_FD, Message, encode
 
 #: What keeps the libraries a job uses from starting threads while they load here; a job process
-#: drops these (``main.single_threaded_no_more``) before it runs anything.
+#: drops jemalloc's (``main.single_threaded_no_more``) before it runs anything, and keeps OpenBLAS
+#: at one thread, as Dask's own workers do.
 SINGLE_THREADED = {
     "OPENBLAS_NUM_THREADS": "1",
     "JE_ARROW_MALLOC_CONF": "background_thread:false",

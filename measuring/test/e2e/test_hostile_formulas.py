@@ -280,8 +280,11 @@ class SecretTests(HostileTestCase):
         self.assertIn(token_file, found["Files"])  # named on the server's command line
         self.assertGreater(found["EnvironsRead"], 0)
         self.assertIs(found["InEnviron"], False)
-        # A minimal environment: nothing of the server's own beyond what Python needs.
-        minimal = re.compile(r"(PATH|LANG|HOME|TMPDIR|TZ|PYTHON[A-Z]*|MEASURING_[A-Z]+)")
+        # A minimal environment: nothing of the server's own beyond what Python needs, and
+        # OpenBLAS kept at one thread (as in Dask's workers).
+        minimal = re.compile(
+            r"(PATH|LANG|HOME|TMPDIR|TZ|PYTHON[A-Z]*|MEASURING_[A-Z]+|OPENBLAS_NUM_THREADS)"
+        )
         self.assertEqual([name for name in found["Environment"] if not minimal.fullmatch(name)], [])
         self.assert_fine(server)
 

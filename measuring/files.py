@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 
+from measuring import storage
 from measuring.errors import Forbidden
 from measuring.wire import OUTPUTS, RESULTS
 
@@ -49,6 +50,15 @@ def result_file(job: str, name: str, output: str) -> str:
     return os.path.join(RESULTS, job, name + OUTPUTS[output])
 
 
+def result_entry(directory: str, job: str, name: str, output: str) -> str:
+    """
+    What a job's answer names a formula's table by: its path relative to the Directory, or, on
+    object storage, its URL.
+    """
+    relative = result_file(job, name, output)
+    return f"{directory}/{relative}" if storage.is_url(directory) else relative
+
+
 def result_dir(directory: str, job: str) -> str:
     """Where a job's results appear, complete."""
     return os.path.join(directory, RESULTS, job)
@@ -60,6 +70,9 @@ def _old_dir(directory: str, job: str) -> str:
 
 def remove_partial(directory: str, job: str) -> None:
     """Remove what a job that did not finish left half-written or half-replaced."""
+    if storage.is_url(directory):
+        storage.remove_partial(directory, job)
+        return
     shutil.rmtree(partial_dir(directory, job), ignore_errors=True)
     shutil.rmtree(_old_dir(directory, job), ignore_errors=True)
 

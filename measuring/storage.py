@@ -19,6 +19,7 @@ functions that reach the storage (an optional extra: ``pip install '.[cluster]'`
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from measuring.errors import BadRequest, Forbidden
@@ -27,6 +28,11 @@ from measuring.wire import RESULTS
 #: The object stores a data root may be on.
 SCHEMES = ("s3://",)
 INSTALL = "pip install 'measuring[cluster]'"
+
+
+def settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The standard AWS settings of ``environ`` (``AWS_*``): what reaches object storage."""
+    return {name: value for name, value in environ.items() if name.startswith("AWS_")}
 
 
 def is_url(path: str) -> bool:
@@ -90,6 +96,17 @@ def resolve(roots: tuple[str, ...], field: str, name: str, within: str | None = 
     return url
 
 
+def available(url: str) -> bool:
+    """Whether the packages that reach ``url``'s storage are installed (fsspec, s3fs)."""
+    import importlib.util
+
+    needed = ("fsspec", *_DRIVERS.get(url.partition("://")[0], ()))
+    return all(importlib.util.find_spec(name) is not None for name in needed)
+
+
+_DRIVERS = {"s3": ("s3fs",)}
+
+
 def filesystem(url: str) -> Any:
     """The fsspec file system of ``url`` (credentials and endpoint from the environment)."""
     try:
@@ -97,6 +114,23 @@ def filesystem(url: str) -> Any:
     except ImportError:
         raise BadRequest(f"{url} is on object storage, which needs {INSTALL}") from None
     return fsspec.filesystem(url.partition("://")[0])
+
+
+def data_files(fs: Any, url: str) -> list[str]:
+    """
+    The data files of a dataset folder on object storage, as URLs, in the order readers take
+    them; names starting with ``_`` or ``.`` are skipped (``measuring.files.data_files``).
+    """
+    from measuring.files import natural_key
+
+    scheme = url.partition("://")[0]
+    top = fs._strip_protocol(url).rstrip("/")
+    found = []
+    for key in fs.find(top):
+        relative = key[len(top) + 1 :].split("/")
+        if not any(part.startswith(("_", ".")) for part in relative):
+            found.append(f"{scheme}://{key}")
+    return sorted(found, key=natural_key)
 
 
 def partial_prefix(directory: str, job: str) -> str:
@@ -138,6 +172,15 @@ def publish(local: str, directory: str, job: str) -> list[str]:
         raise
     remove_partial(directory, job)
     return [f"{final}/{relative}" for relative in uploaded]
+
+
+def remove_results(directory: str, job: str) -> None:
+    """Remove a job's published results (``--keep-results``)."""
+    fs = filesystem(directory)
+    final = result_prefix(directory, job)
+    fs.invalidate_cache()
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
 
 
 def remove_partial(directory: str, job: str) -> None:

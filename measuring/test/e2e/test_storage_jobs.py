@@ -1,0 +1,136 @@
+"""
+Jobs on a data root on object storage, through the real ``twistd -n measuring`` against moto's
+server mode on loopback (``support.storage``): the dataset and the formula file uploaded to
+``s3://plant/data/<site>/``, results published under ``<site>/results/<job>/`` and read back with
+pandas, Job Result pages and the Arrow stream on them, the allow-list, and a failed job that
+leaves nothing behind. The AWS settings reach the server (and its jobs) from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from measuring import storage
+from measuring.client import Client
+from measuring.test.support.servers import BASE, ServerTestCase
+from measuring.test.support.storage import ROOT, moto
+
+WORK = '''
+def mean_by_sensor(df):
+    return df.groupby("sensor").value.mean()
+
+
+def warm(df):
+    return df[df.value > 25]
+
+
+def peak(df):
+    return df.value.max()
+'''
+
+BROKEN = '''
+def warm(df):
+    return df[df.value > 25]
+
+
+def broken(df):
+    return df.value.map_partitions(lambda part: 1 / 0, meta=("value", "f8"))
+'''
+
+
+class StorageJobTests(ServerTestCase):
+    """A server whose second data root is on object storage runs jobs there."""
+
+    formulas: ClassVar[dict[str, str]] = {}
+    rows = 5_000
+
+    def setUp(self) -> None:
+        super().setUp()
+        moto()
+        self.site = f"{ROOT}/site-{time.monotonic_ns()}"
+        self.fs = storage.filesystem(self.site)
+        self.fs.put_file(os.path.join(self.folder, BASE), f"{self.site}/{BASE}")
+        for name, source in (("work.py", WORK), ("broken.py", BROKEN)):
+            self.fs.pipe_file(f"{self.site}/{name}", source.encode())
+        self.server = self.start("--data-root", ROOT)
+
+    def run_job(self, file: str = "work.py", **fields: Any) -> dict[str, Any]:
+        request = {"Directory": self.site, "Base": BASE, "File": file, **fields}
+        return self.server.ask({"Header": "Dask", "Request": request})
+
+    def test_resultsOnStorage(self) -> None:
+        """A groupby and a filter land under results/<job>/ as URLs, equal to pandas' numbers."""
+        answer = self.run_job()
+        self.assertEqual(answer["Status"], "OK", answer)
+        job, results = answer["Job"], answer["Response"]["Results"]
+        means = pd.read_parquet(results["mean_by_sensor"]["File"])
+        self.assertEqual(
+            results["mean_by_sensor"]["File"], f"{self.site}/results/{job}/mean_by_sensor.parquet"
+        )
+        expected = self.frame.groupby("sensor").value.mean()
+        pd.testing.assert_series_equal(means["value"], expected, check_names=False)
+        warm = pd.read_parquet(results["warm"]["File"])
+        expected_warm = self.frame[self.frame.value > 25]
+        self.assertEqual(results["warm"]["Rows"], len(expected_warm))
+        pd.testing.assert_frame_equal(
+            warm.reset_index(drop=True), expected_warm.reset_index(drop=True), check_dtype=False
+        )
+        self.assertAlmostEqual(results["peak"]["Value"], self.frame.value.max())
+        self.fs.invalidate_cache()
+        self.assertEqual(
+            sorted(self.fs.ls(f"{self.site}/results")), [f"{self.site[5:]}/results/{job}"]
+        )
+
+    def test_resultPages(self) -> None:
+        """Job Result pages and the Arrow stream read results on object storage."""
+        answer = self.run_job(Functions=["warm"])
+        job = answer["Job"]
+        page = self.job(self.server, "Result", job, Name="warm", Offset=2, Limit=3)["Response"]
+        expected = self.frame[self.frame.value > 25].reset_index(drop=True)
+        self.assertEqual(page["Rows"], len(expected))
+        self.assertEqual([r["value"] for r in page["Records"]], list(expected.value[2:5]))
+        with Client("127.0.0.1", self.server.port) as client:
+            result = client.job(job).results["warm"]
+            fetched = result.to_pandas(progress=False)
+        pd.testing.assert_frame_equal(
+            fetched.reset_index(drop=True), expected, check_dtype=False, check_like=True
+        )
+
+    def test_fastparquet(self) -> None:
+        """The fastparquet engine reads the dataset on object storage too."""
+        answer = self.run_job(Functions=["mean_by_sensor"], Engine="fastparquet")
+        self.assertEqual(answer["Status"], "OK", answer)
+        means = pd.read_parquet(answer["Response"]["Results"]["mean_by_sensor"]["File"])
+        expected = self.frame.groupby("sensor").value.mean()
+        pd.testing.assert_series_equal(means["value"], expected, check_names=False)
+
+    def test_refused(self) -> None:
+        """Outside the prefix and '..' are Forbidden, a missing Base NotFound, naming the field."""
+        for directory in ("s3://plant/elsewhere", "s3://other/data", f"{self.site}/../x"):
+            answer = self.server.ask(
+                {"Header": "Dask", "Request": {"Directory": directory, "Base": BASE,
+                                               "File": "work.py"}}
+            )  # fmt: skip
+            self.assertEqual(answer["Error"]["Code"], "Forbidden", answer)
+            self.assertIn("Directory", answer["Error"]["Message"])
+        answer = self.run_job(Base="missing.parquet")
+        self.assertEqual(answer["Error"]["Code"], "NotFound", answer)
+        self.assertIn("Base 'missing.parquet'", answer["Error"]["Message"])
+        answer = self.run_job(Base="work.py")
+        self.assertEqual(answer["Error"]["Code"], "BadRequest", answer)
+        answer = self.run_job(Functions=["hourly"])
+        self.assertEqual(answer["Error"]["Code"], "NotFound", answer)
+        self.assertIn("work.py has no formula named 'hourly'", answer["Error"]["Message"])
+
+    def test_failedLeavesNothing(self) -> None:
+        """A formula that raises fails its job; no results/.<job>.partial/ prefix is left."""
+        answer = self.run_job("broken.py")
+        self.assertEqual(answer["Error"]["Code"], "JobFailed", answer)
+        self.assertIn("ZeroDivisionError", answer["Error"]["Message"])
+        self.fs.invalidate_cache()
+        left = [key for key in self.fs.find(self.site) if "/results/" in key]
+        self.assertEqual(left, [])

@@ -176,17 +176,16 @@ def publish(local: str, directory: str, job: str) -> list[str]:
 
 def remove_results(directory: str, job: str) -> None:
     """Remove a job's published results (``--keep-results``)."""
-    fs = filesystem(directory)
-    final = result_prefix(directory, job)
-    fs.invalidate_cache()
-    if fs.exists(final):
-        fs.rm(final, recursive=True)
+    _remove(result_prefix(directory, job))
 
 
 def remove_partial(directory: str, job: str) -> None:
     """Remove what a job that did not finish uploaded."""
-    fs = filesystem(directory)
-    partial = partial_prefix(directory, job)
+    _remove(partial_prefix(directory, job))
+
+
+def _remove(prefix: str) -> None:
+    fs = filesystem(prefix)
     fs.invalidate_cache()
-    if fs.exists(partial):
-        fs.rm(partial, recursive=True)
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)

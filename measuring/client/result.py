@@ -104,8 +104,9 @@ class Result:
         pages (``"arrow"`` and ``"json"`` choose one); ``"auto"`` reads the file when it can, else
         fetches it. A result on object storage (its ``file`` an ``s3://`` URL) is fetched through
         the server unless ``"file"`` asks pandas to read the URL itself (it needs s3fs here, and
-        the AWS settings that reach the storage). ``progress`` (for a fetch): a callable ``(done, total)``, True for a bar,
-        False for none; None draws one for a large transfer in a terminal or a notebook.
+        the AWS settings that reach the storage). ``progress`` (for a fetch): a callable
+        ``(done, total)``, True for a bar, False for none; None draws one for a large transfer in
+        a terminal or a notebook.
         """
         import pandas as pd
 

@@ -211,13 +211,6 @@ def load(
         filenos[description] = getattr(endpoint, "fileno", None)
 
     tokens = _tokens(settings, sources, cwd, filenos)
-    if settings["sandbox"] == "bwrap" and shutil.which("bwrap") is None:
-        raise UsageError(
-            f"{sources['sandbox']} bwrap needs bubblewrap, which is not installed "
-            f"(apt install bubblewrap)"
-        )
-
-    cluster = checked(settings, sources, lambda path: _real(path, cwd))
     roots = [_data_root(path, cwd, sources["data-root"]) for path in settings["data-root"]]
     on_storage = [root for root in roots if storage.is_url(root)]
     if settings["sandbox"] == "bwrap" and on_storage:
@@ -225,6 +218,13 @@ def load(
             f"{sources['sandbox']} bwrap cannot be used with a data root on object storage "
             f"({on_storage[0]}): the sandbox gives jobs no network; use local data roots"
         )
+    if settings["sandbox"] == "bwrap" and shutil.which("bwrap") is None:
+        raise UsageError(
+            f"{sources['sandbox']} bwrap needs bubblewrap, which is not installed "
+            f"(apt install bubblewrap)"
+        )
+
+    cluster = checked(settings, sources, lambda path: _real(path, cwd))
     return Config(
         ports=tuple(settings["port"]),
         data_roots=tuple(dict.fromkeys(roots)),

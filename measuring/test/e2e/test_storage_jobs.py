@@ -19,7 +19,7 @@ from measuring.client import Client
 from measuring.test.support.servers import BASE, ServerTestCase
 from measuring.test.support.storage import ROOT, moto
 
-WORK = '''
+WORK = """
 def mean_by_sensor(df):
     return df.groupby("sensor").value.mean()
 
@@ -30,16 +30,16 @@ def warm(df):
 
 def peak(df):
     return df.value.max()
-'''
+"""
 
-BROKEN = '''
+BROKEN = """
 def warm(df):
     return df[df.value > 25]
 
 
 def broken(df):
     return df.value.map_partitions(lambda part: 1 / 0, meta=("value", "f8"))
-'''
+"""
 
 
 class StorageJobTests(ServerTestCase):

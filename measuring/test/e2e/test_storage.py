@@ -4,7 +4,8 @@ server mode (``moto_server``), started by the tests on a loopback port, with the
 settings in the environment (``AWS_ENDPOINT_URL`` and test credentials). Never a mock of s3fs.
 
 The storage layer only: results published under a temporary prefix, then in place, complete or not
-at all, and read back with pandas (``unit/test_storage`` checks which URLs a request may name).
+at all, and read back with pandas; what an unfinished job left, and old results, removed
+(``unit/test_storage`` checks which URLs a request may name, ``test_storage_jobs`` the server).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import pandas as pd
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring import storage
+from measuring import files, storage
+from measuring.server.jobs import retention
 from measuring.test.support.storage import ROOT, moto
 
 
@@ -67,3 +69,19 @@ class PublishTests(SynchronousTestCase):
         fs.invalidate_cache()
         found: list[Any] = fs.find(self.directory)
         self.assertEqual(found, [])
+
+    def test_unfinishedRemoved(self) -> None:
+        """What an interrupted job uploaded is removed, as for a folder (``remove_partial``)."""
+        fs = storage.filesystem(self.directory)
+        fs.pipe_file(f"{storage.partial_prefix(self.directory, 'job3')}/means.parquet", b"PAR1")
+        files.remove_partial(self.directory, "job3")
+        fs.invalidate_cache()
+        self.assertEqual(fs.find(self.directory), [])
+
+    def test_retention(self) -> None:
+        """--keep-results removes a job's published results on object storage."""
+        storage.publish(self.local, self.directory, "job4")
+        retention.remove_results(self.directory, "job4")
+        fs = storage.filesystem(self.directory)
+        fs.invalidate_cache()
+        self.assertEqual(fs.find(self.directory), [])

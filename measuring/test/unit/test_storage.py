@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring import storage
+from measuring import files, storage
 from measuring.errors import BadRequest, Forbidden
 
 ROOT = "s3://plant/data"
@@ -47,3 +47,29 @@ class ResolveTests(SynchronousTestCase):
         ]:
             self.assertRaises(Forbidden, storage.resolve, self.roots, field, name, within)
         self.assertRaises(BadRequest, storage.resolve, self.roots, "Base", "", directory)
+
+
+class NamesTests(SynchronousTestCase):
+    """What a job on object storage is told and given, by the URL's text alone."""
+
+    def test_resultEntry(self) -> None:
+        """A result on object storage is named by its URL; a local one relative to Directory."""
+        self.assertEqual(
+            files.result_entry(f"{ROOT}/site", "j1", "means", "parquet"),
+            f"{ROOT}/site/results/j1/means.parquet",
+        )
+        self.assertEqual(
+            files.result_entry("/srv/data/site", "j1", "means", "csv"), "results/j1/means.csv"
+        )
+
+    def test_prefixes(self) -> None:
+        """Results are uploaded under results/.<job>.partial, published under results/<job>."""
+        self.assertEqual(
+            storage.partial_prefix(f"{ROOT}/site", "j1"), f"{ROOT}/site/results/.j1.partial"
+        )
+        self.assertEqual(storage.result_prefix(f"{ROOT}/site", "j1"), f"{ROOT}/site/results/j1")
+
+    def test_settings(self) -> None:
+        """Only the AWS_* variables of an environment are the storage's settings."""
+        environ = {"AWS_ACCESS_KEY_ID": "k", "HOME": "/root", "MEASURING_TOKEN": "t"}
+        self.assertEqual(storage.settings(environ), {"AWS_ACCESS_KEY_ID": "k"})

@@ -3,7 +3,9 @@ Jobs on a data root on object storage, through the real ``twistd -n measuring`` 
 server mode on loopback (``support.storage``): the dataset and the formula file uploaded to
 ``s3://plant/data/<site>/``, results published under ``<site>/results/<job>/`` and read back with
 pandas, Job Result pages and the Arrow stream on them, the allow-list, and a failed job that
-leaves nothing behind. The AWS settings reach the server (and its jobs) from the environment.
+leaves nothing behind; and the same dataset computed on a dask.distributed cluster, whose workers
+read it from the storage. The AWS settings reach the server, its jobs and the cluster's workers
+from the environment.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pandas as pd
 
 from measuring import storage
 from measuring.client import Client
+from measuring.test.support.cluster import DaskCluster
 from measuring.test.support.servers import BASE, ServerTestCase
 from measuring.test.support.storage import ROOT, moto
 
@@ -134,3 +137,38 @@ class StorageJobTests(ServerTestCase):
         self.fs.invalidate_cache()
         left = [key for key in self.fs.find(self.site) if "/results/" in key]
         self.assertEqual(left, [])
+
+
+class StorageClusterTests(ServerTestCase):
+    """On a cluster, the workers read the dataset from object storage; results land there."""
+
+    formulas: ClassVar[dict[str, str]] = {}
+    rows = 4_000
+
+    def setUp(self) -> None:
+        super().setUp()
+        moto()
+        self.site = f"{ROOT}/cluster-{time.monotonic_ns()}"
+        fs = storage.filesystem(self.site)
+        size = self.rows // 4
+        for n in range(4):
+            local = os.path.join(self.folder, f"part.{n}.parquet")
+            self.frame.iloc[n * size : (n + 1) * size].to_parquet(local, index=False)
+            fs.put_file(local, f"{self.site}/series/part.{n}.parquet")
+        fs.pipe_file(f"{self.site}/work.py", WORK.encode())
+        self.cluster = DaskCluster(os.path.join(self.folder, "dask"), workers=2).start()
+        self.addCleanup(self.cluster.stop)
+
+    def test_onCluster(self) -> None:
+        """A groupby and a filter computed on the cluster equal pandas', published as URLs."""
+        server = self.start("--data-root", ROOT, "--scheduler", self.cluster.address)
+        request = {"Directory": self.site, "Base": "series", "File": "work.py"}
+        answer = server.ask({"Header": "Dask", "Request": request})
+        self.assertEqual(answer["Status"], "OK", answer)
+        results = answer["Response"]["Results"]
+        self.assertTrue(results["warm"]["File"].startswith(f"{self.site}/results/"))
+        means = pd.read_parquet(results["mean_by_sensor"]["File"])
+        expected = self.frame.groupby("sensor").value.mean()
+        pd.testing.assert_series_equal(means["value"], expected, check_names=False)
+        warm = pd.read_parquet(results["warm"]["File"])
+        self.assertEqual(len(warm), int((self.frame.value > 25).sum()))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from measuring import storage
 from measuring.errors import JobFailed, NotFound
+from measuring.files import data_files
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -145,12 +146,7 @@ def parquet_files(path: str, fs: Any = None) -> list[str]:
     elif not os.path.isdir(path):
         return [path]
     else:
-        found = []
-        for folder, folders, names in os.walk(path):
-            folders[:] = [name for name in folders if not name.startswith(("_", "."))]
-            found += [
-                os.path.join(folder, name) for name in names if not name.startswith(("_", "."))
-            ]
+        found = data_files(path)
     parquet = [name for name in found if name.endswith(PARQUET_ENDINGS)]
     return sorted(parquet or found, key=natural_sort_key)
 

@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from measuring import files, storage
 from measuring.errors import BadRequest, Forbidden
+from measuring.server.paths import resolve_job
 
 ROOT = "s3://plant/data"
 
@@ -47,6 +48,24 @@ class ResolveTests(SynchronousTestCase):
         ]:
             self.assertRaises(Forbidden, storage.resolve, self.roots, field, name, within)
         self.assertRaises(BadRequest, storage.resolve, self.roots, "Base", "", directory)
+
+
+class JobPathsTests(SynchronousTestCase):
+    """A Dask request's paths on object storage, refused before any storage is reached."""
+
+    def test_noStorageRoot(self) -> None:
+        """A URL Directory on a server without an object-storage root is Forbidden."""
+        error = self.assertRaises(
+            Forbidden, resolve_job, ("/srv/data",), f"{ROOT}/site", "series.parquet", "work.py"
+        )
+        self.assertIn("outside the data roots of this server (/srv/data)", error.message)
+
+    def test_relativeBelowFirstRoot(self) -> None:
+        """A relative Directory goes below the first root when it is a URL; '..' is Forbidden."""
+        error = self.assertRaises(
+            Forbidden, resolve_job, (ROOT, "/srv/data"), "../x", "series.parquet", "work.py"
+        )
+        self.assertIn("Directory '../x' must be a plain path", error.message)
 
 
 class NamesTests(SynchronousTestCase):

@@ -16,7 +16,9 @@ from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
+from measuring import storage
 from measuring.cluster import ClusterSettings, probe
+from measuring.messages import STORAGE_MARK
 from measuring.server import cluster
 from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
@@ -74,6 +76,7 @@ def _pool(
         {
             **worker_environment(os.environ, workers_tmp(settings), settings.state_dir),
             **cluster.worker_environment(found),
+            **({STORAGE_MARK: "1"} if any(map(storage.is_url, settings.data_roots)) else {}),
         },
         watching,
         settings.job_memory,

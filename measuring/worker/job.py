@@ -24,7 +24,14 @@ from dask.callbacks import Callback
 from measuring import formulas as words
 from measuring import procfs, storage
 from measuring.errors import Internal, JobFailed, MeasuringError
-from measuring.messages import CLUSTER_MARK, JOB_MARK, WARM_TMP_PREFIX, Message, job_tmp
+from measuring.messages import (
+    CLUSTER_MARK,
+    JOB_MARK,
+    STORAGE_MARK,
+    WARM_TMP_PREFIX,
+    Message,
+    job_tmp,
+)
 from measuring.worker import dataset as datasets
 from measuring.worker import unreadable
 from measuring.worker.cluster import Remote, in_file_remotely
@@ -378,6 +385,9 @@ def warm_up() -> None:
 
     if os.environ.get(CLUSTER_MARK):
         import distributed  # noqa: F401 (jobs will compute on the cluster)
+    if os.environ.get(STORAGE_MARK):
+        import pyarrow.fs
+        import s3fs  # noqa: F401
     with tempfile.TemporaryDirectory(prefix=WARM_TMP_PREFIX) as folder:
         path = os.path.join(folder, "warm.parquet")
         frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})

@@ -11,14 +11,18 @@ from the environment.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pandas as pd
+from twisted.trial.unittest import SynchronousTestCase
 
 from measuring import storage
 from measuring.client import Client
-from measuring.test.support.cluster import DaskCluster
+from measuring.test.support import Server, sample_frame, write_dataset
+from measuring.test.support.cluster import DaskCluster, shared
 from measuring.test.support.servers import BASE, ServerTestCase
 from measuring.test.support.storage import ROOT, moto
 
@@ -42,28 +46,56 @@ def warm(df):
 
 def broken(df):
     return df.value.map_partitions(lambda part: 1 / 0, meta=("value", "f8"))
+
+
+def slow(df):
+    import time
+
+    return df.value.map_partitions(lambda part: time.sleep(60) or part, meta=("value", "f8"))
 """
 
 
-class StorageJobTests(ServerTestCase):
-    """A server whose second data root is on object storage runs jobs there."""
+@dataclass
+class Site:
+    """A dataset and formula files on object storage, and a server with a data root there."""
 
-    formulas: ClassVar[dict[str, str]] = {}
-    rows = 5_000
+    site: str
+    frame: pd.DataFrame
+    server: Server
+
+    @classmethod
+    def make(cls) -> Site:
+        moto()
+        folder = os.path.realpath(tempfile.mkdtemp(prefix="storage-", dir="."))
+        frame = sample_frame(rows=5_000)
+        site = f"{ROOT}/site-{time.monotonic_ns()}"
+        fs = storage.filesystem(site)
+        fs.put_file(write_dataset(folder, frame=frame), f"{site}/{BASE}")
+        for name, source in (("work.py", WORK), ("broken.py", BROKEN)):
+            fs.pipe_file(f"{site}/{name}", source.encode())
+        return cls(site, frame, Server(folder, "--data-root", folder, "--data-root", ROOT))
+
+    def end(self) -> None:
+        self.server.stop()
+
+
+class StorageJobTests(SynchronousTestCase):
+    """A server whose second data root is on object storage runs jobs there (one for the class)."""
 
     def setUp(self) -> None:
-        super().setUp()
-        moto()
-        self.site = f"{ROOT}/site-{time.monotonic_ns()}"
+        shared_site = shared.get("storage-site", Site.make, Site.end)
+        self.site, self.frame, self.server = (
+            shared_site.site, shared_site.frame, shared_site.server
+        )  # fmt: skip
         self.fs = storage.filesystem(self.site)
-        self.fs.put_file(os.path.join(self.folder, BASE), f"{self.site}/{BASE}")
-        for name, source in (("work.py", WORK), ("broken.py", BROKEN)):
-            self.fs.pipe_file(f"{self.site}/{name}", source.encode())
-        self.server = self.start("--data-root", ROOT)
+        self.fs.invalidate_cache()
 
     def run_job(self, file: str = "work.py", **fields: Any) -> dict[str, Any]:
         request = {"Directory": self.site, "Base": BASE, "File": file, **fields}
         return self.server.ask({"Header": "Dask", "Request": request})
+
+    def job(self, request: str, job: str, **fields: Any) -> dict[str, Any]:
+        return self.server.ask({"Header": "Job", "Request": request, "Job": job, **fields})
 
     def test_resultsOnStorage(self) -> None:
         """A groupby and a filter land under results/<job>/ as URLs, equal to pandas' numbers."""
@@ -85,14 +117,19 @@ class StorageJobTests(ServerTestCase):
         self.assertAlmostEqual(results["peak"]["Value"], self.frame.value.max())
         self.fs.invalidate_cache()
         self.assertEqual(
-            sorted(self.fs.ls(f"{self.site}/results")), [f"{self.site[5:]}/results/{job}"]
+            sorted(self.fs.ls(f"{self.site}/results/{job}")),
+            [
+                f"{self.site[5:]}/results/{job}/{name}.parquet"
+                for name in ("mean_by_sensor", "warm")
+            ],
         )
+        self.assertFalse(self.fs.exists(storage.partial_prefix(self.site, job)))
 
     def test_resultPages(self) -> None:
         """Job Result pages and the Arrow stream read results on object storage."""
         answer = self.run_job(Functions=["warm"])
         job = answer["Job"]
-        page = self.job(self.server, "Result", job, Name="warm", Offset=2, Limit=3)["Response"]
+        page = self.job("Result", job, Name="warm", Offset=2, Limit=3)["Response"]
         expected = self.frame[self.frame.value > 25].reset_index(drop=True)
         self.assertEqual(page["Rows"], len(expected))
         self.assertEqual([r["value"] for r in page["Records"]], list(expected.value[2:5]))
@@ -138,8 +175,18 @@ class StorageJobTests(ServerTestCase):
         answer = self.run_job("broken.py")
         self.assertEqual(answer["Error"]["Code"], "JobFailed", answer)
         self.assertIn("ZeroDivisionError", answer["Error"]["Message"])
+        self.assertNothingOf(answer["Job"])
+
+    def test_timeoutLeavesNothing(self) -> None:
+        """A job stopped by its Timeout leaves nothing of itself on the storage."""
+        answer = self.run_job("broken.py", Functions=["warm", "slow"], Timeout=1)
+        self.assertEqual(answer["Error"]["Code"], "Timeout", answer)
+        self.assertNothingOf(answer["Job"])
+
+    def assertNothingOf(self, job: str) -> None:
+        """Nothing on the storage carries the job's id: no results, no partial prefix."""
         self.fs.invalidate_cache()
-        left = [key for key in self.fs.find(self.site) if "/results/" in key]
+        left = [key for key in self.fs.find(self.site) if job in key]
         self.assertEqual(left, [])
 
 

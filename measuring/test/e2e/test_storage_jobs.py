@@ -148,6 +148,16 @@ class StorageJobTests(SynchronousTestCase):
         expected = self.frame.groupby("sensor").value.mean()
         pd.testing.assert_series_equal(means["value"], expected, check_names=False)
 
+    def test_code(self) -> None:
+        """Formulas sent as Code run over a dataset on object storage too."""
+        request = {"Directory": self.site, "Base": BASE, "Code": WORK, "Name": "mine.py",
+                   "Functions": ["peak"]}  # fmt: skip
+        answer = self.server.ask({"Header": "Dask", "Request": request})
+        self.assertEqual(answer["Status"], "OK", answer)
+        self.assertAlmostEqual(
+            answer["Response"]["Results"]["peak"]["Value"], self.frame.value.max()
+        )
+
     def test_refused(self) -> None:
         """Outside the prefix and '..' are Forbidden, a missing Base NotFound, naming the field."""
         for directory in ("s3://plant/elsewhere", "s3://other/data", f"{self.site}/../x"):

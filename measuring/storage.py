@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from measuring.errors import BadRequest, Forbidden
+from measuring.messages import STORAGE_MARK
 from measuring.wire import RESULTS
 
 #: The object stores a data root may be on.
@@ -33,6 +34,17 @@ INSTALL = "pip install 'measuring[cluster]'"
 def settings(environ: Mapping[str, str]) -> dict[str, str]:
     """The standard AWS settings of ``environ`` (``AWS_*``): what reaches object storage."""
     return {name: value for name, value in environ.items() if name.startswith("AWS_")}
+
+
+def worker_environment(roots: tuple[str, ...], environ: Mapping[str, str]) -> dict[str, str]:
+    """
+    What the template and job processes get when a data root is on object storage: the AWS
+    settings of ``environ`` (their formulas may use them too), and the mark by which the
+    template loads s3fs; nothing otherwise.
+    """
+    if not any(map(is_url, roots)):
+        return {}
+    return {**settings(environ), STORAGE_MARK: "1"}
 
 
 def is_url(path: str) -> bool:

@@ -18,7 +18,6 @@ from twisted.logger import Logger
 
 from measuring import storage
 from measuring.cluster import ClusterSettings, probe
-from measuring.messages import STORAGE_MARK
 from measuring.server import cluster
 from measuring.server.access import Tokens, beyond_loopback, keep_private
 from measuring.server.config import Config
@@ -76,7 +75,7 @@ def _pool(
         {
             **worker_environment(os.environ, workers_tmp(settings), settings.state_dir),
             **cluster.worker_environment(found),
-            **({STORAGE_MARK: "1"} if any(map(storage.is_url, settings.data_roots)) else {}),
+            **storage.worker_environment(settings.data_roots, os.environ),
         },
         watching,
         settings.job_memory,

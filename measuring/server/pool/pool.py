@@ -27,7 +27,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorT
 from twisted.logger import Logger
 
 import measuring
-from measuring import storage
 from measuring.errors import Cancelled, Internal
 from measuring.messages import OUTBOX_PREFIX, SERVER_MARK, TMP_PREFIXES, Message
 from measuring.server.pool.cgroups import Containment
@@ -60,9 +59,8 @@ def worker_environment(environ: Mapping[str, str], tmp: str, mark: str) -> dict[
     """
     The whole environment of the template and so of every job process: only what Python and the
     formulas need, and the server's mark (``processes.SERVER_MARK``) by which a restarted server
-    finds what a previous one left running; and the standard AWS settings (``AWS_*``), by
-    which jobs reach data roots on object storage (their formulas may use them too). Nothing of
-    the server's own configuration or secrets is passed on.
+    finds what a previous one left running. Nothing of the server's own configuration or
+    secrets is passed on (what object storage needs is added, ``storage.worker_environment``).
     """
     env = {
         "PATH": environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
@@ -76,7 +74,6 @@ def worker_environment(environ: Mapping[str, str], tmp: str, mark: str) -> dict[
     }
     if "TZ" in environ:
         env["TZ"] = environ["TZ"]
-    env.update(storage.settings(environ))
     return env
 
 

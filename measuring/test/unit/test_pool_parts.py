@@ -76,13 +76,6 @@ class WorkerEnvironmentTests(SynchronousTestCase):
         self.assertNotIn("secret", env.values())
         self.assertEqual((env["PATH"], env["TMPDIR"], env["TZ"]), ("/bin", "/w", "UTC"))
 
-    def test_awsSettings(self) -> None:
-        """The standard AWS settings reach the workers: jobs read object storage with them."""
-        environ = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_PROFILE": "plant"}
-        env = worker_environment({**environ, "BOTO_THING": "x"}, "/w", "/srv/state")
-        self.assertEqual({k: v for k, v in env.items() if k.startswith("AWS_")}, environ)
-        self.assertNotIn("BOTO_THING", env)
-
     def test_serverMark(self) -> None:
         """Workers carry this server's mark in MEASURING_SERVER, not one the server inherited."""
         env = worker_environment({SERVER_MARK: "another"}, "/w", "/srv/state")

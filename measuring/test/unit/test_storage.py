@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from measuring import files, storage
 from measuring.errors import BadRequest, Forbidden
+from measuring.messages import STORAGE_MARK
 from measuring.server.paths import resolve_job
 
 ROOT = "s3://plant/data"
@@ -88,7 +89,11 @@ class NamesTests(SynchronousTestCase):
         )
         self.assertEqual(storage.result_prefix(f"{ROOT}/site", "j1"), f"{ROOT}/site/results/j1")
 
-    def test_settings(self) -> None:
-        """Only the AWS_* variables of an environment are the storage's settings."""
+    def test_workerEnvironment(self) -> None:
+        """With a root on object storage the workers get the AWS_* settings (only); else none."""
         environ = {"AWS_ACCESS_KEY_ID": "k", "HOME": "/root", "MEASURING_TOKEN": "t"}
-        self.assertEqual(storage.settings(environ), {"AWS_ACCESS_KEY_ID": "k"})
+        self.assertEqual(
+            storage.worker_environment(("/srv/data", ROOT), environ),
+            {"AWS_ACCESS_KEY_ID": "k", STORAGE_MARK: "1"},
+        )
+        self.assertEqual(storage.worker_environment(("/srv/data",), environ), {})

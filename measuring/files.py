@@ -3,8 +3,9 @@ Where a job's files lie, how its results folder is published complete or not at 
 files of a dataset folder hold its data.
 
 Shared by the worker (which writes results) and the server (which places a sandboxed worker's
-results, removes what an unfinished job left, and checks and reads datasets). Standard library
-only.
+results, removes what an unfinished job left, and checks and reads datasets). For a Directory on
+object storage, ``remove_partial`` and ``result_entry`` defer to ``measuring.storage``. Standard
+library only.
 """
 
 from __future__ import annotations

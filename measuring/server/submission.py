@@ -5,9 +5,11 @@ Base a Parquet file or a folder of Parquet files, File valid Python whose formul
 
 The formula file is read with ``ast``, never imported: nothing here runs a client's code. Where
 ``ast`` cannot tell (a name bound by an assignment, a computed ``__all__``, ``globals()``), the
-job goes ahead and the worker decides, as it always did. Every function here may block (it reads
-the file system): the dispatcher runs it in the server's threads, never on the reactor. Standard
-library only.
+job goes ahead and the worker decides, as it always did. On object storage the same checks go
+through fsspec (``measuring.storage``), and a formula file's source is read here, for the job to
+carry. Every function here may block (it reads the file system or the storage): the dispatcher
+runs it in the server's threads, never on the reactor. Standard library only (fsspec inside
+``measuring.storage``).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ Where a job's files lie, how its results folder is published complete or not at 
 files of a dataset folder hold its data.
 
 Shared by the worker (which writes results) and the server (which places a sandboxed worker's
-results, removes what an unfinished job left, and checks and reads datasets). Standard library
-only.
+results, removes what an unfinished job left, and checks and reads datasets). For a Directory on
+object storage, ``remove_partial`` and ``result_entry`` defer to ``measuring.storage``. Standard
+library only.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 
+from measuring import storage
 from measuring.errors import Forbidden
 from measuring.wire import OUTPUTS, RESULTS
 
@@ -49,6 +51,15 @@ def result_file(job: str, name: str, output: str) -> str:
     return os.path.join(RESULTS, job, name + OUTPUTS[output])
 
 
+def result_entry(directory: str, job: str, name: str, output: str) -> str:
+    """
+    What a job's answer names a formula's table by: its path relative to the Directory, or, on
+    object storage, its URL.
+    """
+    relative = result_file(job, name, output)
+    return f"{directory}/{relative}" if storage.is_url(directory) else relative
+
+
 def result_dir(directory: str, job: str) -> str:
     """Where a job's results appear, complete."""
     return os.path.join(directory, RESULTS, job)
@@ -60,6 +71,9 @@ def _old_dir(directory: str, job: str) -> str:
 
 def remove_partial(directory: str, job: str) -> None:
     """Remove what a job that did not finish left half-written or half-replaced."""
+    if storage.is_url(directory):
+        storage.remove_partial(directory, job)
+        return
     shutil.rmtree(partial_dir(directory, job), ignore_errors=True)
     shutil.rmtree(_old_dir(directory, job), ignore_errors=True)
 

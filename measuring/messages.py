@@ -47,6 +47,8 @@ WORKER_MARK = "MEASURING_WORKER"
 JOB_MARK = "MEASURING_JOB"
 #: In a worker's environment when its jobs compute on a cluster: it imports distributed warming up.
 CLUSTER_MARK = "MEASURING_CLUSTER"
+#: In a worker's environment when a data root is on object storage: it imports s3fs warming up.
+STORAGE_MARK = "MEASURING_STORAGE"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 Message = dict[str, Any]

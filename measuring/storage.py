@@ -19,14 +19,32 @@ functions that reach the storage (an optional extra: ``pip install '.[cluster]'`
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from measuring.errors import BadRequest, Forbidden
+from measuring.messages import STORAGE_MARK
 from measuring.wire import RESULTS
 
 #: The object stores a data root may be on.
 SCHEMES = ("s3://",)
 INSTALL = "pip install 'measuring[cluster]'"
+
+
+def settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The standard AWS settings of ``environ`` (``AWS_*``): what reaches object storage."""
+    return {name: value for name, value in environ.items() if name.startswith("AWS_")}
+
+
+def worker_environment(roots: tuple[str, ...], environ: Mapping[str, str]) -> dict[str, str]:
+    """
+    What the template and job processes get when a data root is on object storage: the AWS
+    settings of ``environ`` (their formulas may use them too), and the mark by which the
+    template loads s3fs; nothing otherwise.
+    """
+    if not any(map(is_url, roots)):
+        return {}
+    return {**settings(environ), STORAGE_MARK: "1"}
 
 
 def is_url(path: str) -> bool:
@@ -90,6 +108,17 @@ def resolve(roots: tuple[str, ...], field: str, name: str, within: str | None = 
     return url
 
 
+def available(url: str) -> bool:
+    """Whether the packages that reach ``url``'s storage are installed (fsspec, s3fs)."""
+    import importlib.util
+
+    needed = ("fsspec", *_DRIVERS.get(url.partition("://")[0], ()))
+    return all(importlib.util.find_spec(name) is not None for name in needed)
+
+
+_DRIVERS = {"s3": ("s3fs",)}
+
+
 def filesystem(url: str) -> Any:
     """The fsspec file system of ``url`` (credentials and endpoint from the environment)."""
     try:
@@ -97,6 +126,23 @@ def filesystem(url: str) -> Any:
     except ImportError:
         raise BadRequest(f"{url} is on object storage, which needs {INSTALL}") from None
     return fsspec.filesystem(url.partition("://")[0])
+
+
+def data_files(fs: Any, url: str) -> list[str]:
+    """
+    The data files of a dataset folder on object storage, as URLs, in the order readers take
+    them; names starting with ``_`` or ``.`` are skipped (``measuring.files.data_files``).
+    """
+    from measuring.files import natural_key
+
+    scheme = url.partition("://")[0]
+    top = fs._strip_protocol(url).rstrip("/")
+    found = []
+    for key in fs.find(top):
+        relative = key[len(top) + 1 :].split("/")
+        if not any(part.startswith(("_", ".")) for part in relative):
+            found.append(f"{scheme}://{key}")
+    return sorted(found, key=natural_key)
 
 
 def partial_prefix(directory: str, job: str) -> str:
@@ -140,10 +186,18 @@ def publish(local: str, directory: str, job: str) -> list[str]:
     return [f"{final}/{relative}" for relative in uploaded]
 
 
+def remove_results(directory: str, job: str) -> None:
+    """Remove a job's published results (``--keep-results``)."""
+    _remove(result_prefix(directory, job))
+
+
 def remove_partial(directory: str, job: str) -> None:
     """Remove what a job that did not finish uploaded."""
-    fs = filesystem(directory)
-    partial = partial_prefix(directory, job)
+    _remove(partial_prefix(directory, job))
+
+
+def _remove(prefix: str) -> None:
+    fs = filesystem(prefix)
     fs.invalidate_cache()
-    if fs.exists(partial):
-        fs.rm(partial, recursive=True)
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)

@@ -47,7 +47,9 @@ class Result:
 
     @property
     def path(self) -> str | None:
-        """The result file's path on the server's machine."""
+        """The result file's path on the server's machine, or its URL on object storage."""
+        if self.file is not None and "://" in self.file:
+            return self.file
         if self.file is None or self.directory is None:
             return None
         return os.path.join(self.directory, self.file)
@@ -100,15 +102,19 @@ class Result:
         ``source``: ``"file"`` reads the file (it must be reachable from here); ``"server"``
         fetches it through the server, as an Arrow stream when pyarrow is installed, else as JSON
         pages (``"arrow"`` and ``"json"`` choose one); ``"auto"`` reads the file when it can, else
-        fetches it. ``progress`` (for a fetch): a callable ``(done, total)``, True for a bar,
-        False for none; None draws one for a large transfer in a terminal or a notebook.
+        fetches it. A result on object storage (its ``file`` an ``s3://`` URL) is fetched through
+        the server unless ``"file"`` asks pandas to read the URL itself (it needs s3fs here, and
+        the AWS settings that reach the storage). ``progress`` (for a fetch): a callable
+        ``(done, total)``, True for a bar, False for none; None draws one for a large transfer in
+        a terminal or a notebook.
         """
         import pandas as pd
 
         if self.kind == "Scalar":
             return self.value
         path = self.path
-        if source == "file" or (source == "auto" and path is not None and os.path.exists(path)):
+        local = path is not None and "://" not in path and os.path.exists(path)
+        if source == "file" or (source == "auto" and local):
             if path is None:
                 from measuring.client import ClientError
 

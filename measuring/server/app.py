@@ -16,6 +16,7 @@ from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
+from measuring import storage
 from measuring.cluster import ClusterSettings, probe
 from measuring.server import cluster
 from measuring.server.access import Tokens, beyond_loopback, keep_private
@@ -74,6 +75,7 @@ def _pool(
         {
             **worker_environment(os.environ, workers_tmp(settings), settings.state_dir),
             **cluster.worker_environment(found),
+            **storage.worker_environment(settings.data_roots, os.environ),
         },
         watching,
         settings.job_memory,

@@ -21,6 +21,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python.usage import UsageError
 
+from measuring import storage
 from measuring.server import fdlimit
 from measuring.server.access import beyond_loopback, load_tokens
 from measuring.server.cluster import checked
@@ -105,6 +106,17 @@ def _real(path: str, cwd: str) -> str:
 
 
 def _data_root(path: str, cwd: str, source: str) -> str:
+    """A data root: a real, existing folder, or an object-storage URL made plain."""
+    if storage.is_url(path) or "://" in path:
+        try:
+            root = storage.parse_root(path)
+        except ValueError as e:
+            raise UsageError(f"{source} {path!r} must be {e}") from None
+        if not storage.available(root):
+            raise UsageError(
+                f"{source} {path!r} is on object storage, which needs {storage.INSTALL}"
+            )
+        return root
     real = _real(path, cwd)
     if not os.path.isdir(real):
         raise UsageError(f"{source} {path!r} is not an existing folder")
@@ -199,6 +211,13 @@ def load(
         filenos[description] = getattr(endpoint, "fileno", None)
 
     tokens = _tokens(settings, sources, cwd, filenos)
+    roots = [_data_root(path, cwd, sources["data-root"]) for path in settings["data-root"]]
+    on_storage = [root for root in roots if storage.is_url(root)]
+    if settings["sandbox"] == "bwrap" and on_storage:
+        raise UsageError(
+            f"{sources['sandbox']} bwrap cannot be used with a data root on object storage "
+            f"({on_storage[0]}): the sandbox gives jobs no network; use local data roots"
+        )
     if settings["sandbox"] == "bwrap" and shutil.which("bwrap") is None:
         raise UsageError(
             f"{sources['sandbox']} bwrap needs bubblewrap, which is not installed "
@@ -206,7 +225,6 @@ def load(
         )
 
     cluster = checked(settings, sources, lambda path: _real(path, cwd))
-    roots = [_data_root(path, cwd, sources["data-root"]) for path in settings["data-root"]]
     return Config(
         ports=tuple(settings["port"]),
         data_roots=tuple(dict.fromkeys(roots)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet import defer
@@ -386,14 +387,15 @@ class Dispatcher:
             checked.addCallback(self._check_code, code, code_name, functions)
         return checked.addCallback(
             lambda paths: JobSpec(
-                paths=paths,
+                paths=replace(paths, source=None),
                 functions=functions,
                 output=output,
                 engine=engine,
                 timeout=timeout,
                 index=index,
-                code=code,
-                name=code_name,
+                # A formula file on object storage travels as Code, read at the check.
+                code=code if paths.source is None else paths.source,
+                name=code_name if paths.source is None else str(paths.file).rpartition("/")[2],
             )
         )  # fmt: skip
 

@@ -20,7 +20,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from measuring import __version__
+from measuring import __version__, storage
 from measuring.server.jobs.records import Limits, iso
 from measuring.server.pool.pool import WorkerInfo
 from measuring.server.stats import Stats
@@ -292,7 +292,11 @@ class InfoService(Service):
                 },
                 "Memory": _usage(psutil.virtual_memory()),
                 "Swap": _usage(psutil.swap_memory()),
-                "Disk": {root: _usage(psutil.disk_usage(root)) for root in self._data_roots},
+                "Disk": {
+                    root: _usage(psutil.disk_usage(root))
+                    for root in self._data_roots
+                    if not storage.is_url(root)  # object storage has no disk to measure
+                },
                 "Load": [round(load, 2) for load in psutil.getloadavg()],
                 "Net": _usage(net) if net is not None else {},
                 "Jobs": {**live, **history},

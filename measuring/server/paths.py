@@ -11,24 +11,28 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
+from measuring import storage
 from measuring.errors import BadRequest, Forbidden, NotFound
 from measuring.files import inside
 from measuring.wire import RESULTS
 
-if TYPE_CHECKING:
-    pass
-
 
 @dataclass(frozen=True)
 class JobPaths:
-    """A job's real, absolute paths, each checked to lie inside the data roots."""
+    """
+    A job's real, absolute paths (or URLs, on object storage), each checked to lie inside the
+    data roots.
+    """
 
     directory: str
     base: str
     #: None for formulas sent with the request (``Code``).
     file: str | None
+    #: A formula file on object storage, as read when the job was submitted: the job carries it
+    #: as Code (``JobSpec.code``), so its worker needs nothing more.
+    source: str | None = None
 
 
 def _checked_text(field: str, value: str) -> str:
@@ -87,6 +91,9 @@ def resolve_job(
     private: tuple[str, ...] = (),
 ) -> JobPaths:
     """Check a Dask request's paths; raises BadRequest, Forbidden or NotFound naming the field."""
+    _checked_text("Directory", directory)
+    if storage.is_url(directory) or (storage.is_url(roots[0]) and not os.path.isabs(directory)):
+        return resolve_stored(roots, directory, base, file)
     real_directory = resolve_directory(roots, directory, private)
     results = os.path.realpath(os.path.join(real_directory, RESULTS))
     if not inside(results, real_directory):
@@ -107,3 +114,31 @@ def resolve_job(
     if file is not None and paths.file is not None:
         _not_private("File", file, paths.file, private)
     return paths
+
+
+def resolve_stored(roots: tuple[str, ...], directory: str, base: str, file: str | None) -> JobPaths:
+    """``resolve_job`` for a Directory on object storage: the same rules, through fsspec."""
+    url = storage.resolve(roots, "Directory", directory)
+    fs = storage.filesystem(url)
+    fs.invalidate_cache()
+    if not fs.isdir(url):
+        raise NotFound(f"Directory {directory!r} does not exist (looked for {url})")
+    if fs.isfile(f"{url}/{RESULTS}"):
+        raise BadRequest(f"{url}/{RESULTS} exists and is not a folder; results go there")
+    return JobPaths(
+        directory=url,
+        base=_stored_inside(fs, roots, url, "Base", base, lambda p: fs.exists(p)),
+        file=_stored_inside(fs, roots, url, "File", file, fs.isfile) if file is not None else None,
+    )
+
+
+def _stored_inside(
+    fs: Any, roots: tuple[str, ...], directory: str, field: str, name: str, is_kind: Any
+) -> str:
+    _checked_text(field, name)
+    url = storage.resolve(roots, field, name, directory)
+    if not fs.exists(url):
+        raise NotFound(f"{field} {name!r} was not found in {directory}")
+    if not is_kind(url):
+        raise BadRequest(f"{field} {name!r} in {directory} is not a {_KINDS[field]}")
+    return url

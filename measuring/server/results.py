@@ -3,7 +3,9 @@ Runs in the server's threads: a sandboxed worker's results placed into the job's
 result files read back for Job Result: a page at a time as JSON records, or whole (or a slice) as
 an Arrow IPC stream spooled to a temporary file, which the connection then sends as raw bytes.
 
-Nothing here imports the reactor; pandas and pyarrow are imported inside the functions.
+Results of a Directory on object storage are read the same way through fsspec: their ``File`` is
+then the URL. Nothing here imports the reactor; pandas and pyarrow are imported inside the
+functions.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from measuring import files
+from measuring import files, storage
 from measuring.errors import Forbidden, NotFound
 from measuring.server.paths import resolve_inside
 from measuring.tables import records
@@ -95,15 +97,14 @@ def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, A
     """
     import pandas as pd
 
-    path = resolve_inside(
-        directory, "File", file, lambda p: os.path.isfile(p) or p.endswith(".parquet")
-    )
+    path, fs = _located(directory, file, lambda p: os.path.isfile(p) or p.endswith(".parquet"))
+    opener = open if fs is None else fs.open
     if path.endswith(".parquet"):
-        total, frame = _parquet_rows(path, offset, limit)
+        total, frame = _parquet_rows(path, offset, limit, fs)
     elif path.endswith(".csv"):
         page = io.StringIO()
         writer = csv.writer(page)
-        with open(path, newline="", encoding="utf-8") as f:
+        with opener(path, "r", newline="", encoding="utf-8") as f:
             reader = csv.reader(f)  # records, not lines: a value may hold a newline
             writer.writerow(next(reader, []))
             total = 0
@@ -115,7 +116,7 @@ def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, A
     else:
         # _write_json puts one record on each line: "[{...},", "{...},", ..., "{...}]".
         total, rows = 0, []
-        with open(path, encoding="utf-8") as f:
+        with opener(path, "r", encoding="utf-8") as f:
             for line in f:
                 text = line.strip().removeprefix("[").removesuffix("]").removesuffix(",")
                 if not text:
@@ -133,24 +134,46 @@ def read_rows(directory: str, file: str, offset: int, limit: int) -> dict[str, A
     }
 
 
-def _parquet_rows(path: str, offset: int, limit: int) -> tuple[int, pd.DataFrame]:
+def _located(directory: str, file: str, is_kind: Any) -> tuple[str, Any]:
+    """
+    Where result ``file`` of a job of ``directory`` is, checked to lie inside it, and the fsspec
+    file system it is on (None: a local file, which ``is_kind`` must accept).
+    """
+    if not storage.is_url(directory):
+        return resolve_inside(directory, "File", file, is_kind), None
+    url = storage.resolve((directory,), "File", file, directory)
+    fs = storage.filesystem(url)
+    if not fs.exists(url):
+        raise NotFound(f"File {file!r} was not found in {directory}")
+    return url, fs
+
+
+def _parts(path: str, fs: Any) -> list[str]:
+    """The Parquet files of a result: itself, or the parts of a result folder, in order."""
+    if fs is None:
+        return files.data_files(path) if os.path.isdir(path) else [path]
+    return storage.data_files(fs, path) if fs.isdir(path) else [path]
+
+
+def _parquet_file(part: str, fs: Any) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(part if fs is None else fs.open(part, "rb"))
+
+
+def _parquet_rows(path: str, offset: int, limit: int, fs: Any = None) -> tuple[int, pd.DataFrame]:
     """
     How many rows a Parquet result holds, and rows ``offset`` to ``offset + limit``: reading the
     footers of its files (its parts, in order, when it is a folder) and only the row groups the
     page needs.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    parts = (
-        [os.path.join(path, name) for name in sorted(os.listdir(path)) if name.endswith(".parquet")]
-        if os.path.isdir(path)
-        else [path]
-    )
+    parts = [part for part in _parts(path, fs) if part.endswith(".parquet")]
     first, tables, start = None, [], 0
     schema = None
     for part in parts:
-        parquet = pq.ParquetFile(part)
+        parquet = _parquet_file(part, fs)
         schema = schema or parquet.schema_arrow
         for group in range(parquet.num_row_groups):
             rows = parquet.metadata.row_group(group).num_rows
@@ -176,8 +199,8 @@ def arrow_stream(
     A Parquet result may be one file or a folder of parts (read in order, batch by batch, so a
     large result never sits in memory whole); CSV and JSON results are read whole.
     """
-    path = resolve_inside(directory, "File", file, lambda p: os.path.isfile(p) or os.path.isdir(p))
-    schema, total, batches = _batches(path)
+    path, fs = _located(directory, file, lambda p: os.path.isfile(p) or os.path.isdir(p))
+    schema, total, batches = _batches(path, fs)
     spool = tempfile.TemporaryFile()  # noqa: SIM115 (the caller closes it once sent)
     count = 0
     try:
@@ -205,10 +228,9 @@ def arrow_stream(
     return meta, spool
 
 
-def _batches(path: str) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
+def _batches(path: str, fs: Any = None) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
     """A result's schema, its rows in all, and its record batches in order."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if path.endswith(".csv") or path.endswith(".json"):
         import pandas as pd
@@ -216,9 +238,7 @@ def _batches(path: str) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
         frame = pd.read_csv(path) if path.endswith(".csv") else pd.read_json(path, orient="records")
         table = pa.Table.from_pandas(frame, preserve_index=False)
         return table.schema, table.num_rows, iter(table.to_batches(BATCH_ROWS))
-    parts = [
-        pq.ParquetFile(part) for part in (files.data_files(path) if os.path.isdir(path) else [path])
-    ]
+    parts = [_parquet_file(part, fs) for part in _parts(path, fs)]
     if not parts:
         raise NotFound(f"the result folder {os.path.basename(path)} holds no Parquet files")
     schema = parts[0].schema_arrow

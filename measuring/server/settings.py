@@ -226,7 +226,8 @@ SETTINGS: tuple[Setting, ...] = (
         texts,
         lambda environ, cwd: [cwd],
         "the current directory",
-        "A folder jobs may read from and write results into; repeatable.",
+        "A folder jobs may read from and write results into, or an object-storage URL "
+        "(s3://bucket/prefix; needs pip install 'measuring[cluster]'); repeatable.",
         "DIR",
         repeatable=True,
     ),

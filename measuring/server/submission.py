@@ -5,9 +5,11 @@ Base a Parquet file or a folder of Parquet files, File valid Python whose formul
 
 The formula file is read with ``ast``, never imported: nothing here runs a client's code. Where
 ``ast`` cannot tell (a name bound by an assignment, a computed ``__all__``, ``globals()``), the
-job goes ahead and the worker decides, as it always did. Every function here may block (it reads
-the file system): the dispatcher runs it in the server's threads, never on the reactor. Standard
-library only.
+job goes ahead and the worker decides, as it always did. On object storage the same checks go
+through fsspec (``measuring.storage``), and a formula file's source is read here, for the job to
+carry. Every function here may block (it reads the file system or the storage): the dispatcher
+runs it in the server's threads, never on the reactor. Standard library only (fsspec inside
+``measuring.storage``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import importlib.util
 import os
 import threading
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import IO, Any
 
-from measuring import files
+from measuring import files, storage
 from measuring import formulas as words
 from measuring.errors import BadRequest
 from measuring.server.paths import JobPaths, resolve_job
@@ -61,36 +64,66 @@ def check_job(
     naming the field and what to fix.
     """
     paths = resolve_job(roots, directory, base, file, private)
+    if storage.is_url(paths.directory):
+        return check_stored(paths, base, functions)
     check_dataset(paths.base, base)
     if paths.file is not None:  # None: formulas sent as Code (``check_code``)
         check_formulas(paths.file, functions)
     return paths
 
 
+def check_stored(paths: JobPaths, base: str, functions: tuple[str, ...] | None) -> JobPaths:
+    """
+    ``check_job``'s checks for a job on object storage, through fsspec; the paths, with the
+    formula file's source read (the job carries it as Code).
+    """
+    fs = storage.filesystem(paths.directory)
+    check_dataset(paths.base, base, fs)
+    if paths.file is None:
+        return paths
+    name = paths.file.rpartition("/")[2]
+    try:
+        if fs.size(paths.file) > MAX_FORMULA_BYTES:
+            raise BadRequest(
+                f"File {name} is larger than {MAX_FORMULA_BYTES} bytes, the most a formula "
+                f"file on object storage may be"
+            )
+        data = fs.cat_file(paths.file)
+    except OSError as e:
+        raise BadRequest(f"File {name} cannot be read: {e.strerror or e}") from None
+    _judged(outline_source(data, name), name, functions)
+    return replace(paths, source=importlib.util.decode_source(data))
+
+
 # -- the dataset
 
 
-def check_dataset(path: str, name: str) -> None:
-    """BadRequest unless ``path`` is a Parquet file or a folder holding Parquet files."""
-    if not os.path.isdir(path):
-        _check_parquet(path, name)
+def check_dataset(path: str, name: str, fs: Any = None) -> None:
+    """
+    BadRequest unless ``path`` is a Parquet file or a folder holding Parquet files (on the
+    fsspec file system ``fs``, when given).
+    """
+    is_dir, opener = (os.path.isdir, open) if fs is None else (fs.isdir, fs.open)
+    if not is_dir(path):
+        _check_parquet(path, name, opener)
         return
-    parts = files.data_files(path)
+    parts = files.data_files(path) if fs is None else storage.data_files(fs, path)
     if not parts:
         raise BadRequest(f"Base {name!r} is a folder that holds no Parquet files")
     for part in parts[:MOST_PARTS]:
-        _check_parquet(part, os.path.join(name, os.path.relpath(part, path)))
+        _check_parquet(part, f"{name.rstrip('/')}/{part[len(path) + 1 :]}", opener)
 
 
-def _check_parquet(path: str, name: str) -> None:
+def _check_parquet(path: str, name: str, opener: Callable[[str, str], IO[bytes]] = open) -> None:
     try:
-        with open(path, "rb") as f:
+        with opener(path, "rb") as f:
             head = f.read(4096)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(size - len(PARQUET), 0))
             tail = f.read(len(PARQUET))
     except OSError as e:
-        raise BadRequest(f"Base {name!r} cannot be read by the server: {e.strerror}") from None
+        why = e.strerror or str(e)
+        raise BadRequest(f"Base {name!r} cannot be read by the server: {why}") from None
     if not head.startswith(PARQUET):
         raise BadRequest(f"{name} is not a Parquet file ({looks_like(head)})")
     if tail != PARQUET or size < 2 * len(PARQUET):

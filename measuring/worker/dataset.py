@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from measuring import storage
 from measuring.errors import JobFailed, NotFound
+from measuring.files import data_files
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -130,20 +132,21 @@ def plan(
     return partitions
 
 
-def parquet_files(path: str) -> list[str]:
+def parquet_files(path: str, fs: Any = None) -> list[str]:
     """
-    The data files of a Parquet file or folder, in the order Dask takes them (``part.2`` before
-    ``part.10``): names starting with ``_`` or ``.`` skipped, as pyarrow does, and only those
-    with a Parquet ending when some have one.
+    The data files of a Parquet file or folder (on the fsspec file system ``fs``, as URLs, when
+    given), in the order Dask takes them (``part.2`` before ``part.10``): names starting with
+    ``_`` or ``.`` skipped, as pyarrow does, and only those with a Parquet ending when some have
+    one.
     """
     from dask.utils import natural_sort_key
 
-    if not os.path.isdir(path):
+    if fs is not None:
+        found = storage.data_files(fs, path) if fs.isdir(path) else [path]
+    elif not os.path.isdir(path):
         return [path]
-    found = []
-    for folder, folders, names in os.walk(path):
-        folders[:] = [name for name in folders if not name.startswith(("_", "."))]
-        found += [os.path.join(folder, name) for name in names if not name.startswith(("_", "."))]
+    else:
+        found = data_files(path)
     parquet = [name for name in found if name.endswith(PARQUET_ENDINGS)]
     return sorted(parquet or found, key=natural_sort_key)
 
@@ -156,21 +159,46 @@ class Source:
     dataset: pds.Dataset
     fragments: dict[str, pds.ParquetFileFragment]
     stored_index: list[str]
+    #: On object storage: the fsspec file system (``path`` and the fragments' paths are then
+    #: its keys, ``bucket/prefix/...``), and pyarrow's view of it; None for local files.
+    fsspec: Any = None
+    filesystem: Any = None
 
     @classmethod
     def open(cls, path: str) -> Source:
         import pyarrow.dataset as pds
 
-        files = parquet_files(path)
-        root = path if os.path.isdir(path) else None
+        fs = filesystem = None
+        if storage.is_url(path):
+            from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+            fs = storage.filesystem(path)
+            filesystem = PyFileSystem(FSSpecHandler(fs))
+            files = [fs._strip_protocol(url) for url in parquet_files(path, fs)]
+            path = fs._strip_protocol(path).rstrip("/")
+            root = path if fs.isdir(path) else None
+        else:
+            files = parquet_files(path)
+            root = path if os.path.isdir(path) else None
         partitioning = (
             pds.HivePartitioning.discover(infer_dictionary=True) if root is not None else None
         )
         dataset = pds.dataset(
-            files, format="parquet", partitioning=partitioning, partition_base_dir=root
+            files,
+            format="parquet",
+            partitioning=partitioning,
+            partition_base_dir=root,
+            filesystem=filesystem,
         )
         fragments = {fragment.path: fragment for fragment in dataset.get_fragments()}
-        return cls(path, dataset, fragments, _stored_index(dataset.schema))
+        return cls(path, dataset, fragments, _stored_index(dataset.schema), fs, filesystem)
+
+    @property
+    def is_folder(self) -> bool:
+        """Whether the dataset is a folder of files (not one file)."""
+        if self.fsspec is not None:
+            return bool(self.fsspec.isdir(self.path))
+        return os.path.isdir(self.path)
 
     @property
     def schema(self) -> pa.Schema:
@@ -231,7 +259,7 @@ def _row_widths(source: Source) -> float:
     # Hive partition columns are dictionaries: an index a row.
     width += 8 * (len(variable) - len(sampled))
     if sampled:
-        batches = pq.ParquetFile(first[0]).iter_batches(
+        batches = pq.ParquetFile(first[0], filesystem=source.filesystem).iter_batches(
             batch_size=SAMPLE_ROWS, row_groups=[first[1]], columns=sampled, use_threads=False
         )
         sample = pa.Table.from_batches([next(batches)])
@@ -340,8 +368,10 @@ def _fastparquet_positions(source: Source) -> tuple[Any, dict[tuple[str, int], i
     import fastparquet
 
     files = list(source.fragments)
-    root = source.path if os.path.isdir(source.path) else None
-    parquet = fastparquet.ParquetFile(files if root is not None else files[0], root=root or "")
+    root = source.path if source.is_folder else None
+    parquet = fastparquet.ParquetFile(
+        files if root is not None else files[0], root=root or "", fs=source.fsspec
+    )
     where: dict[tuple[str, int], int] = {}
     counts: dict[str, int] = {}
     for position, group in enumerate(parquet.row_groups):

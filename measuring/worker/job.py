@@ -22,9 +22,16 @@ from typing import Any
 from dask.callbacks import Callback
 
 from measuring import formulas as words
-from measuring import procfs
+from measuring import procfs, storage
 from measuring.errors import Internal, JobFailed, MeasuringError
-from measuring.messages import CLUSTER_MARK, JOB_MARK, WARM_TMP_PREFIX, Message, job_tmp
+from measuring.messages import (
+    CLUSTER_MARK,
+    JOB_MARK,
+    STORAGE_MARK,
+    WARM_TMP_PREFIX,
+    Message,
+    job_tmp,
+)
 from measuring.worker import dataset as datasets
 from measuring.worker import unreadable
 from measuring.worker.cluster import Remote, in_file_remotely
@@ -212,6 +219,11 @@ def _explained(error: BaseException, path: str, dataset: Any) -> str:
     )
 
 
+#: Where, in the job's temporary folder (its working directory), results bound for object storage
+#: are made.
+SCRATCH = "scratch"
+
+
 def run_job(message: Message, progress: Progress | None = None) -> Message:
     """Run one job message; the answer is a Done or an Error message, never an exception."""
     os.environ[JOB_MARK] = message["Job"]
@@ -233,19 +245,28 @@ def run_job(message: Message, progress: Progress | None = None) -> Message:
             raise Internal(
                 f"the job's temporary folder {tempfile.tempdir} cannot be made: {e.strerror}"
             ) from None
-        os.chdir(message["Directory"])
-        path = message.get("File") or write_code(message["Code"], message["Name"])
+        stored = storage.is_url(message["Directory"])
+        os.chdir(tempfile.tempdir if stored else message["Directory"])
+        path = (
+            message["File"]
+            if message.get("Code") is None
+            else write_code(message["Code"], message["Name"])
+        )
         remote = Remote.connect(message.get("Cluster"), message["Job"])
         module = import_formulas(path, module_name(message["Job"]))
         if remote is not None:
             remote.adopt(module)
         formulas = find_formulas(module, path, message.get("Functions"))
         dataset = _dataset(message, share)
+        # Results of a Directory on object storage are made in the job's temporary folder,
+        # which the server removes, then published there.
         writer = ResultWriter(
-            message.get("Outbox") or message["Directory"],
+            message.get("Outbox")
+            or (os.path.join(tempfile.tempdir, SCRATCH) if stored else message["Directory"]),
             message["Job"],
             message.get("Output", "parquet"),
             limits.get("ResultBytes"),
+            upload=message["Directory"] if stored else None,
         )
         values = compute(
             formulas, dataset, path, progress, writer, share.threads, remote,
@@ -296,8 +317,10 @@ def _dataset(message: Message, share: datasets.Budget) -> Any:
         raise
     except Exception as e:
         _print_traceback(e)
-        located = unreadable.locate(message["Base"], message.get("Engine", "pyarrow"))
-        base = os.path.basename(message["Base"])
+        engine = message.get("Engine", "pyarrow")
+        stored = storage.is_url(message["Base"])
+        located = None if stored else unreadable.locate(message["Base"], engine)
+        base = message["Base"].rstrip("/").rpartition("/")[2]
         raise JobFailed(
             located or f"cannot read {base} as Parquet: {type(e).__name__}: {e}"
         ) from None
@@ -362,6 +385,9 @@ def warm_up() -> None:
 
     if os.environ.get(CLUSTER_MARK):
         import distributed  # noqa: F401 (jobs will compute on the cluster)
+    if os.environ.get(STORAGE_MARK):
+        import pyarrow.fs
+        import s3fs  # noqa: F401
     with tempfile.TemporaryDirectory(prefix=WARM_TMP_PREFIX) as folder:
         path = os.path.join(folder, "warm.parquet")
         frame = pd.DataFrame({"sensor": ["a", "b", "a"], "value": [1.0, 2.0, 3.0]})

@@ -7,8 +7,9 @@ gathered whole in memory (``ResultWriter.stream``); rows are counted and the fir
 the Preview as the parts are written. When the job's computation has ended, each table becomes
 ``results/<job>/<name>.<ext>``: one file when it is small (parts under ``SMALL_RESULT`` are
 combined), else, for Parquet, a folder of that name holding its parts in order; CSV and JSON are
-always one file. The folder appears complete or not at all (``measuring.files``). Never imports
-twisted or ``measuring.server``.
+always one file. The folder appears complete or not at all (``measuring.files``); for a Directory
+on object storage it is made in a local scratch folder, then uploaded (``measuring.storage``).
+Never imports twisted or ``measuring.server``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from measuring import files
+from measuring import files, storage
 from measuring.errors import JobFailed, MeasuringError
 from measuring.tables import has_own_index, json_value, records
 from measuring.wire import OUTPUTS, RESULTS
@@ -161,8 +162,12 @@ class ResultWriter:
         output: str,
         max_bytes: int | None = None,
         small: int = SMALL_RESULT,
+        upload: str | None = None,
     ) -> None:
         self.directory = directory
+        #: A Directory on object storage the finished folder is published to; ``directory`` is
+        #: then a local scratch folder of the job's own.
+        self.upload = upload
         self.job = job
         self.output = output
         self.max_bytes = max_bytes
@@ -274,6 +279,8 @@ class ResultWriter:
             shutil.rmtree(os.path.join(self._partial, PARTS))
             files.fsync(self._partial)
             files.publish(self.directory, self.job)
+            if self.upload is not None:
+                storage.publish(files.result_dir(self.directory, self.job), self.upload, self.job)
         except BaseException:
             self.abandon()
             raise

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from measuring import files
+from measuring import files, storage
 from measuring.wire import RESULTS
 
 #: The fields of a job's record that its outcome sets.
@@ -28,6 +28,8 @@ def outcome_file(directory: str, job: str) -> str:
 
 def keep(directory: str, job: str, fields: dict[str, Any]) -> None:
     """Write the fields of a job's last record beside its results, complete or not at all."""
+    if storage.is_url(directory):  # no atomic rename there: the record alone tells
+        raise OSError(f"an outcome is not kept on object storage ({directory})")
     path = outcome_file(directory, job)
     files.results_folder(directory)
     partial = path + ".partial"
@@ -45,6 +47,8 @@ def keep(directory: str, job: str, fields: dict[str, Any]) -> None:
 
 def take(directory: str, job: str) -> dict[str, Any] | None:
     """The kept outcome of ``job``, or None when there is none (or it cannot be read)."""
+    if storage.is_url(directory):
+        return None
     try:
         with open(outcome_file(directory, job), encoding="utf-8") as f:
             fields = json.load(f)
@@ -55,5 +59,7 @@ def take(directory: str, job: str) -> dict[str, Any] | None:
 
 def forget(directory: str, job: str) -> None:
     """Remove the kept outcome of ``job``: its record is written."""
+    if storage.is_url(directory):
+        return
     with contextlib.suppress(FileNotFoundError):
         os.remove(outcome_file(directory, job))

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from measuring import files
+from measuring import files, storage
 from measuring.server.jobs import outcomes
 from measuring.server.jobs.journal import RETRY_EVERY, Journal
 from measuring.server.jobs.records import Job
@@ -40,7 +40,12 @@ def _left_on_disk(directory: str, job: str) -> dict[str, Any] | None:
     """The kept outcome of ``job``; without one, what its run half-wrote is removed."""
     outcome = outcomes.take(directory, job)
     if outcome is None:
-        files.remove_partial(directory, job)
+        try:
+            files.remove_partial(directory, job)
+        except Exception:
+            if not storage.is_url(directory):
+                raise
+            # Storage out of reach: the job runs again, and its publish replaces what is there.
     return outcome
 
 

@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from measuring import files
+from measuring import files, storage
 from measuring.server.jobs.records import Limits
 from measuring.server.threads import Runner
 
@@ -35,7 +35,10 @@ class Expiring(Protocol):
 
 def remove_results(directory: str, job: str) -> None:
     """Remove a job's result folder and anything half-written it left."""
-    shutil.rmtree(files.result_dir(directory, job), ignore_errors=True)
+    if storage.is_url(directory):
+        storage.remove_results(directory, job)
+    else:
+        shutil.rmtree(files.result_dir(directory, job), ignore_errors=True)
     files.remove_partial(directory, job)
 
 

@@ -310,7 +310,9 @@ class Scheduler(Service):
             # The files are where the server says, whatever the worker claimed.
             for name, entry in outcome.results.items():
                 if entry.get("Kind") != "Scalar":
-                    entry["File"] = files.result_file(job.id, name, job.spec.output)
+                    entry["File"] = files.result_entry(
+                        job.spec.paths.directory, job.id, name, job.spec.output
+                    )
             response = {"Results": outcome.results, "Log": outcome.log, "Elapsed": elapsed}
             self._finish(job, "done", response, None, outcome.log)
         self._start_next()

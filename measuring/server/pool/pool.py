@@ -60,7 +60,7 @@ def worker_environment(environ: Mapping[str, str], tmp: str, mark: str) -> dict[
     The whole environment of the template and so of every job process: only what Python and the
     formulas need, and the server's mark (``processes.SERVER_MARK``) by which a restarted server
     finds what a previous one left running. Nothing of the server's own configuration or
-    secrets is passed on.
+    secrets is passed on (what object storage needs is added, ``storage.worker_environment``).
     """
     env = {
         "PATH": environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),

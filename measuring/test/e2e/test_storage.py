@@ -4,70 +4,29 @@ server mode (``moto_server``), started by the tests on a loopback port, with the
 settings in the environment (``AWS_ENDPOINT_URL`` and test credentials). Never a mock of s3fs.
 
 The storage layer only: results published under a temporary prefix, then in place, complete or not
-at all, and read back with pandas (``unit/test_storage`` checks which URLs a request may name).
+at all, and read back with pandas; what an unfinished job left, and old results, removed
+(``unit/test_storage`` checks which URLs a request may name, ``test_storage_jobs`` the server).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
 import pandas as pd
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring import storage
-from measuring.test.support import closed_port
-from measuring.test.support.cluster import die_with_parent, shared, wait_for
-
-ROOT = "s3://plant/data"
-
-
-class MotoServer:
-    """``moto_server`` on a free loopback port; the AWS settings that reach it."""
-
-    def __init__(self) -> None:
-        self.port = closed_port()
-        self.environment = {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        beside = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        self.process = subprocess.Popen(
-            [beside, "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-        )
-        os.environ.update(self.environment)
-        wait_for(self._answers, "moto's server to answer", 30)
-        storage.filesystem(ROOT).mkdir("plant")
-
-    def _answers(self) -> bool:
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(self.environment["AWS_ENDPOINT_URL"], timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def end(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-        for name in self.environment:
-            os.environ.pop(name, None)
+from measuring import files, storage
+from measuring.server.jobs import retention
+from measuring.test.support.storage import ROOT, moto
 
 
 class PublishTests(SynchronousTestCase):
     """Results uploaded under a temporary prefix, then published; read back with pandas."""
 
     def setUp(self) -> None:
-        self.moto = shared.get("moto", MotoServer, MotoServer.end)
+        self.moto = moto()
         self.local = os.path.realpath(self.mktemp())
         os.makedirs(os.path.join(self.local, "big"))
         self.frame = pd.DataFrame({"sensor": ["a", "b"], "value": [1.5, 2.5]})
@@ -110,3 +69,19 @@ class PublishTests(SynchronousTestCase):
         fs.invalidate_cache()
         found: list[Any] = fs.find(self.directory)
         self.assertEqual(found, [])
+
+    def test_unfinishedRemoved(self) -> None:
+        """What an interrupted job uploaded is removed, as for a folder (``remove_partial``)."""
+        fs = storage.filesystem(self.directory)
+        fs.pipe_file(f"{storage.partial_prefix(self.directory, 'job3')}/means.parquet", b"PAR1")
+        files.remove_partial(self.directory, "job3")
+        fs.invalidate_cache()
+        self.assertEqual(fs.find(self.directory), [])
+
+    def test_retention(self) -> None:
+        """--keep-results removes a job's published results on object storage."""
+        storage.publish(self.local, self.directory, "job4")
+        retention.remove_results(self.directory, "job4")
+        fs = storage.filesystem(self.directory)
+        fs.invalidate_cache()
+        self.assertEqual(fs.find(self.directory), [])

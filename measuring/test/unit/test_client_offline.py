@@ -178,3 +178,20 @@ class FormulasTests(SynchronousTestCase):
         """Both or neither is a ValueError."""
         self.assertRaises(ValueError, formulas, None, None)
         self.assertRaises(ValueError, formulas, "work.py", "def f(df): ...")
+
+
+class ResultPathTests(SynchronousTestCase):
+    """Where a result's file is, as the client sees it."""
+
+    def test_urlResult(self) -> None:
+        """A result on object storage is its URL, never joined to the Directory."""
+        from measuring.client.result import Result
+
+        url = "s3://plant/data/site/results/j1/means.parquet"
+        entry = {"Kind": "DataFrame", "File": url, "Rows": 2}
+        self.assertEqual(Result(None, "j1", "means", entry, "s3://plant/data/site").path, url)  # type: ignore[arg-type]
+        local = {"Kind": "DataFrame", "File": "results/j1/means.parquet", "Rows": 2}
+        self.assertEqual(
+            Result(None, "j1", "means", local, "/srv/site").path,  # type: ignore[arg-type]
+            "/srv/site/results/j1/means.parquet",
+        )

@@ -6,6 +6,7 @@ flags, and the one line a user reads when a setting is bad.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import psutil
@@ -157,6 +158,49 @@ class LoadTests(LoadTestCase):
         os.symlink(os.path.join(self.cwd, "data"), os.path.join(self.cwd, "link"))
         self.assertEqual(
             self.load({"data-root": ["link"]}).data_roots, (os.path.join(self.cwd, "data"),)
+        )
+
+    def test_objectStorageRoot(self) -> None:
+        """An s3:// data root is kept as a plain URL, beside local ones, from flags or the file."""
+        loaded = self.load({"data-root": ["data", "s3://plant/site/"]})
+        self.assertEqual(loaded.data_roots, (os.path.join(self.cwd, "data"), "s3://plant/site"))
+        loaded = self.load(toml='data-root = ["s3://plant/site"]\n')
+        self.assertEqual(loaded.data_roots, ("s3://plant/site",))
+
+    def test_badObjectStorageRoot(self) -> None:
+        """Another scheme or a URL with '..' stops the start, saying what a root must be."""
+        self.assertBad(
+            ["--data-root 'gs://plant/x' must be a folder, or an object-storage URL such as s3://"],
+            flags={"data-root": ["gs://plant/x"]},
+        )
+        self.assertBad(
+            ["--data-root 's3://plant/../x'", "without empty, '.' or '..' parts"],
+            flags={"data-root": ["s3://plant/../x"]},
+        )
+
+    def test_objectStorageNeedsItsPackages(self) -> None:
+        """Without s3fs, an s3:// data root stops the start naming what to install."""
+        saved = sys.modules.get("s3fs")
+        sys.modules["s3fs"] = None  # type: ignore[assignment]  # what import finds not there
+        try:
+            self.assertBad(
+                [
+                    "--data-root 's3://plant/x' is on object storage",
+                    "pip install 'measuring[cluster]'",
+                ],
+                flags={"data-root": ["s3://plant/x"]},
+            )
+        finally:
+            if saved is None:
+                del sys.modules["s3fs"]
+            else:
+                sys.modules["s3fs"] = saved
+
+    def test_sandboxRefusesObjectStorage(self) -> None:
+        """--sandbox bwrap with a data root on object storage stops the start, saying why."""
+        self.assertBad(
+            ["--sandbox bwrap cannot be used with a data root on object storage (s3://plant/x)"],
+            flags={"data-root": ["data", "s3://plant/x"], "sandbox": "bwrap"},
         )
 
     def test_stateDirectory(self) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from measuring import storage
+from measuring import files, storage
 from measuring.errors import BadRequest, Forbidden
+from measuring.messages import STORAGE_MARK
+from measuring.server.paths import resolve_job
 
 ROOT = "s3://plant/data"
 
@@ -47,3 +49,51 @@ class ResolveTests(SynchronousTestCase):
         ]:
             self.assertRaises(Forbidden, storage.resolve, self.roots, field, name, within)
         self.assertRaises(BadRequest, storage.resolve, self.roots, "Base", "", directory)
+
+
+class JobPathsTests(SynchronousTestCase):
+    """A Dask request's paths on object storage, refused before any storage is reached."""
+
+    def test_noStorageRoot(self) -> None:
+        """A URL Directory on a server without an object-storage root is Forbidden."""
+        error = self.assertRaises(
+            Forbidden, resolve_job, ("/srv/data",), f"{ROOT}/site", "series.parquet", "work.py"
+        )
+        self.assertIn("outside the data roots of this server (/srv/data)", error.message)
+
+    def test_relativeBelowFirstRoot(self) -> None:
+        """A relative Directory goes below the first root when it is a URL; '..' is Forbidden."""
+        error = self.assertRaises(
+            Forbidden, resolve_job, (ROOT, "/srv/data"), "../x", "series.parquet", "work.py"
+        )
+        self.assertIn("Directory '../x' must be a plain path", error.message)
+
+
+class NamesTests(SynchronousTestCase):
+    """What a job on object storage is told and given, by the URL's text alone."""
+
+    def test_resultEntry(self) -> None:
+        """A result on object storage is named by its URL; a local one relative to Directory."""
+        self.assertEqual(
+            files.result_entry(f"{ROOT}/site", "j1", "means", "parquet"),
+            f"{ROOT}/site/results/j1/means.parquet",
+        )
+        self.assertEqual(
+            files.result_entry("/srv/data/site", "j1", "means", "csv"), "results/j1/means.csv"
+        )
+
+    def test_prefixes(self) -> None:
+        """Results are uploaded under results/.<job>.partial, published under results/<job>."""
+        self.assertEqual(
+            storage.partial_prefix(f"{ROOT}/site", "j1"), f"{ROOT}/site/results/.j1.partial"
+        )
+        self.assertEqual(storage.result_prefix(f"{ROOT}/site", "j1"), f"{ROOT}/site/results/j1")
+
+    def test_workerEnvironment(self) -> None:
+        """With a root on object storage the workers get the AWS_* settings (only); else none."""
+        environ = {"AWS_ACCESS_KEY_ID": "k", "HOME": "/root", "MEASURING_TOKEN": "t"}
+        self.assertEqual(
+            storage.worker_environment(("/srv/data", ROOT), environ),
+            {"AWS_ACCESS_KEY_ID": "k", STORAGE_MARK: "1"},
+        )
+        self.assertEqual(storage.worker_environment(("/srv/data",), environ), {})

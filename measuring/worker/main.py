@@ -96,7 +96,7 @@ def single_threaded_no_more() -> None:
 
     OpenBLAS stays at one thread, as in Dask's own workers (``distributed.nanny.pre-spawn-environ``
     sets ``OPENBLAS_NUM_THREADS=1``): the job's Dask threads are its parallelism, and OpenBLAS
-    threads started here spin on the cores those threads need (measured: a trivial job 35 ms
+    threads started here spin on the cores those threads need (measured: a trivial job 50 ms
     slower on 2 cores, docs/performance.md).
     """
     from measuring.worker.template import SINGLE_THREADED

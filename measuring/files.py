@@ -72,7 +72,7 @@ def _old_dir(directory: str, job: str) -> str:
 def remove_partial(directory: str, job: str) -> None:
     """Remove what a job that did not finish left half-written or half-replaced."""
     if storage.is_url(directory):
-        storage.remove_partial(directory, job)
+        storage.remove_unfinished(directory, job)
         return
     shutil.rmtree(partial_dir(directory, job), ignore_errors=True)
     shutil.rmtree(_old_dir(directory, job), ignore_errors=True)

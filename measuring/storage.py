@@ -6,7 +6,7 @@ A URL root is checked by its text alone, as a local root is by its real path: a 
 Directory, Base and File must stay below the root's prefix (no ``..``, no ``.``, no empty or
 doubled ``/``), and results go only below ``<Directory>/results/``. Results are written under a
 temporary prefix (``results/.<job>.partial/``), then copied to ``results/<job>/`` and the
-temporary prefix removed; what an unfinished job left is removed with ``remove_partial``. Object
+temporary prefix removed; what an unfinished job left is removed with ``remove_unfinished``. Object
 storage has no atomic rename: while a job's results are being copied, ``results/<job>/`` may hold
 some of them; the job is recorded done, and its answer names them, only once all are there.
 
@@ -192,8 +192,19 @@ def remove_results(directory: str, job: str) -> None:
 
 
 def remove_partial(directory: str, job: str) -> None:
-    """Remove what a job that did not finish uploaded."""
+    """Remove the temporary prefix a job's results are uploaded under."""
     _remove(partial_prefix(directory, job))
+
+
+def remove_unfinished(directory: str, job: str) -> None:
+    """
+    Remove what a job that did not end done left: its temporary prefix, and what it had copied
+    to ``results/<job>/`` when it was stopped while publishing (a job killed there runs no
+    ``except``). A job's results are its own (its id is unique): a job that runs again publishes
+    them anew.
+    """
+    remove_partial(directory, job)
+    _remove(result_prefix(directory, job))
 
 
 def _remove(prefix: str) -> None:

@@ -78,6 +78,20 @@ class PublishTests(SynchronousTestCase):
         fs.invalidate_cache()
         self.assertEqual(fs.find(self.directory), [])
 
+    def test_killedWhilePublishingRemoved(self) -> None:
+        """
+        A job killed while it copied its results into place (no ``except`` runs) leaves some of
+        them under results/<job>/: the server's removal of what it left takes those too.
+        """
+        fs = storage.filesystem(self.directory)
+        for prefix in (storage.partial_prefix, storage.result_prefix):
+            fs.pipe_file(f"{prefix(self.directory, 'job5')}/big/part.00000.parquet", b"PAR1")
+        storage.publish(self.local, self.directory, "job6")  # another job's results stay
+        files.remove_partial(self.directory, "job5")
+        fs.invalidate_cache()
+        kept = fs.find(f"{self.directory}/results/job6")
+        self.assertEqual((fs.find(self.directory), len(kept)), (kept, 3))
+
     def test_retention(self) -> None:
         """--keep-results removes a job's published results on object storage."""
         storage.publish(self.local, self.directory, "job4")

@@ -177,10 +177,8 @@ def publish(local: str, directory: str, job: str) -> list[str]:
         for relative in uploaded:
             fs.copy(f"{partial}/{relative}", f"{final}/{relative}")
     except BaseException:
-        remove_partial(directory, job)
-        fs.invalidate_cache()
-        if uploaded and fs.exists(final):
-            fs.rm(final, recursive=True)
+        # Once something is uploaded, results/<job>/ may have been emptied or half-copied.
+        (remove_unfinished if uploaded else remove_partial)(directory, job)
         raise
     remove_partial(directory, job)
     return [f"{final}/{relative}" for relative in uploaded]

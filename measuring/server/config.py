@@ -107,7 +107,7 @@ def _real(path: str, cwd: str) -> str:
 
 def _data_root(path: str, cwd: str, source: str) -> str:
     """A data root: a real, existing folder, or an object-storage URL made plain."""
-    if storage.is_url(path) or "://" in path:
+    if "://" in path:  # any scheme: parse_root says which it must be
         try:
             root = storage.parse_root(path)
         except ValueError as e:

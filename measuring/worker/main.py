@@ -99,11 +99,10 @@ def single_threaded_no_more() -> None:
     threads started here spin on the cores those threads need (measured: a trivial job 50 ms
     slower on 2 cores, docs/performance.md).
     """
-    from measuring.worker.template import SINGLE_THREADED
+    from measuring.worker.template import WHILE_LOADING
 
-    for name in SINGLE_THREADED:
-        if name != "OPENBLAS_NUM_THREADS":
-            os.environ.pop(name, None)
+    for name in WHILE_LOADING:
+        os.environ.pop(name, None)
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()

@@ -27,13 +27,12 @@ from typing import Any
 
 from measuring.messages import CONTROL_FD, Message, encode
 
-#: What keeps the libraries a job uses from starting threads while they load here; a job process
-#: drops jemalloc's (``main.single_threaded_no_more``) before it runs anything, and keeps OpenBLAS
-#: at one thread, as Dask's own workers do.
-SINGLE_THREADED = {
-    "OPENBLAS_NUM_THREADS": "1",
-    "JE_ARROW_MALLOC_CONF": "background_thread:false",
-}
+#: What keeps the libraries a job uses from starting threads only while they load here: a job
+#: process drops these (``main.single_threaded_no_more``) before it runs anything.
+WHILE_LOADING = {"JE_ARROW_MALLOC_CONF": "background_thread:false"}
+#: What stays for the template and every job process: OpenBLAS at one thread, as in Dask's own
+#: workers (the job's Dask threads are its parallelism).
+ALWAYS = {"OPENBLAS_NUM_THREADS": "1"}
 #: The most file descriptors one read of the control socket takes (each request brings four).
 MOST_FDS = 64
 
@@ -173,7 +172,7 @@ def settle_in(server: int, oom_score: int) -> None:
 def main(argv: list[str]) -> None:
     """The template: load single-threaded, warm up, say Ready, fork on request until the end."""
     settle_in(int(argv[1]), OOM_SCORE)
-    os.environ.update(SINGLE_THREADED)
+    os.environ.update({**ALWAYS, **WHILE_LOADING})
     control = socket.socket(fileno=CONTROL_FD)
     os.set_inheritable(CONTROL_FD, False)
     from measuring.worker.job import warm_up

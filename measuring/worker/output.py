@@ -175,6 +175,11 @@ class ResultWriter:
         self.tables: dict[str, Table] = {}
         self._written = 0
         self._lock = threading.Lock()
+        #: Parts being written now: ``abandon`` waits for them (Dask raises a task's error while
+        #: other tasks still run), and no part starts once it has been called.
+        self._writing = 0
+        self._abandoned = False
+        self._idle = threading.Condition(self._lock)
         self._partial: str | None = None
         self._made_results = False
 
@@ -223,6 +228,18 @@ class ResultWriter:
 
     def write_part(self, name: str, folder: str, number: int, partition: Any) -> Part:
         """Write partition ``number`` of table ``name`` in ``folder``; what it held."""
+        with self._lock:
+            if self._abandoned:
+                raise WriteFailed(f"part {number} of {name} not written: the job has failed")
+            self._writing += 1
+        try:
+            return self._write_part(name, folder, number, partition)
+        finally:
+            with self._lock:
+                self._writing -= 1
+                self._idle.notify_all()
+
+    def _write_part(self, name: str, folder: str, number: int, partition: Any) -> Part:
         _, frame = as_frame(name, partition)
         path = os.path.join(folder, f"part.{number:05d}{OUTPUTS[self.output]}")
         if self.output == "parquet":
@@ -311,7 +328,14 @@ class ResultWriter:
         return len(held)
 
     def abandon(self) -> None:
-        """Remove whatever this job wrote (and the results folder, if it made it)."""
+        """
+        Remove whatever this job wrote (and the results folder, if it made it), once no part is
+        being written.
+        """
+        with self._lock:
+            self._abandoned = True
+            while self._writing:
+                self._idle.wait()
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
             if self._made_results:
